@@ -1,0 +1,90 @@
+"""Evaluate a saved student: accuracy, parameter counts and CPU latency.
+
+    python -m distill.eval student_path=logs/bert_to_tiny/runs/<run>/student
+
+Loads the model with plain ``AutoModelForSequenceClassification.from_pretrained``, so it
+measures exactly what a user of the exported folder gets. Writes eval.json to the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from distill.data.glue import GlueDataModule
+from distill.schemas import register_schemas
+from distill.utils.run_record import count_parameters, write_json
+
+log = logging.getLogger("distill.eval")
+
+
+@torch.inference_mode()
+def accuracy(model: PreTrainedModel, datamodule: GlueDataModule) -> float:
+    correct = total = 0
+    for batch in datamodule.val_dataloader():
+        labels = batch.pop("labels")
+        correct += int((model(**batch).logits.argmax(dim=-1) == labels).sum())
+        total += labels.numel()
+    return correct / total
+
+
+@torch.inference_mode()
+def latency_ms(model: PreTrainedModel, datamodule: GlueDataModule, batch_size: int, warmup: int, repeats: int) -> float:
+    """Median forward time of one dev batch of ``batch_size`` real sentences, in milliseconds."""
+    batch = next(iter(datamodule.dataloader("validation", batch_size, shuffle=False)))
+    batch.pop("labels")
+    for _ in range(warmup):
+        model(**batch)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(**batch)
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    datamodule: GlueDataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.student_path).eval()
+    if cfg.latency.threads:
+        torch.set_num_threads(cfg.latency.threads)
+    counts = count_parameters(model)
+    results: dict[str, Any] = {
+        "student_path": str(cfg.student_path),
+        "task": datamodule.task,
+        "val_examples": len(datamodule.splits["validation"]),
+        "val_acc": accuracy(model, datamodule),
+        "params": counts["params"],
+        "nonzero_params": counts["nonzero_params"],
+        "torch_threads": torch.get_num_threads(),
+    }
+    for batch_size in cfg.latency.batch_sizes:
+        results[f"latency_ms/batch_{batch_size}"] = latency_ms(
+            model, datamodule, batch_size, cfg.latency.warmup, cfg.latency.repeats
+        )
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    results = evaluate(cfg)
+    write_json(Path(cfg.paths.output_dir) / "eval.json", results)
+    for key, value in results.items():
+        print(f"{key:>24}: {value}")
+
+
+if __name__ == "__main__":
+    register_schemas()
+    main()

@@ -1,0 +1,153 @@
+"""The teacher: a Hugging Face classifier, fine-tuned on the task first when asked.
+
+A fine-tuned teacher is stored with ``save_pretrained`` under ``cache_dir`` in a folder keyed
+by model, task and every setting that changes it, so later runs and sweep jobs reuse it. A
+file lock makes concurrent jobs wait for the one that trains it; the folder appears by an
+atomic rename, so a half-written teacher is never read.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from filelock import FileLock
+from lightning.pytorch.loggers import CSVLogger
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from distill.data.glue import GlueDataModule
+
+log = logging.getLogger(__name__)
+INFO_FILE = "teacher_info.json"
+
+
+@dataclass
+class Teacher:
+    """A prepared teacher: the model, where it was loaded from and its dev accuracy if known."""
+
+    model: PreTrainedModel
+    path: str
+    val_acc: float | None = None
+
+
+def teacher_cache_key(name_or_path: str, datamodule: GlueDataModule, settings: dict[str, Any]) -> str:
+    spec = {
+        "model": name_or_path,
+        "task": datamodule.task,
+        "num_labels": datamodule.num_labels,
+        "tokenizer": datamodule.tokenizer_key,
+        "max_length": datamodule.max_length,
+        "train_limit": datamodule.train_limit,
+        "val_limit": datamodule.val_limit,
+        "settings": settings,
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '--', name_or_path)}-{datamodule.task}-{digest}"
+
+
+def prepare_teacher(
+    name_or_path: str,
+    datamodule: GlueDataModule,
+    finetune: bool = False,
+    cache_dir: str = "",
+    finetune_settings: dict[str, Any] | None = None,
+) -> Teacher:
+    """Load the teacher, fine-tuning ``name_or_path`` on the task (or reusing the cached result)."""
+    if not finetune:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
+        if model.config.num_labels != datamodule.num_labels:
+            raise ValueError(
+                f"teacher {name_or_path!r} has num_labels={model.config.num_labels}, the task "
+                f"{datamodule.task!r} has {datamodule.num_labels}; set teacher.finetune=true to fine-tune it"
+            )
+        return Teacher(model=model, path=name_or_path)
+    settings = dict(finetune_settings or {})
+    target = Path(cache_dir).expanduser() / teacher_cache_key(name_or_path, datamodule, settings)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / INFO_FILE).is_file():
+            _finetune_into(target, name_or_path, datamodule, settings)
+        else:
+            log.info("Reusing the fine-tuned teacher in %s", target)
+    info = json.loads((target / INFO_FILE).read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(target)
+    return Teacher(model=model, path=str(target), val_acc=info["val_acc"])
+
+
+def _finetune_into(target: Path, name_or_path: str, datamodule: GlueDataModule, settings: dict[str, Any]) -> None:
+    """Fine-tune with cross-entropy into a scratch folder, then rename it into place."""
+    scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    log.info("Fine-tuning teacher %s on %s (cache: %s)", name_or_path, datamodule.task, target)
+    started = time.time()
+    model, val_acc, steps = finetune_classifier(name_or_path, datamodule, scratch, **settings)
+    model.save_pretrained(scratch)
+    datamodule.tokenizer.save_pretrained(scratch)
+    info = {
+        "source": name_or_path,
+        "task": datamodule.task,
+        "val_acc": val_acc,
+        "steps": steps,
+        "settings": settings,
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    (scratch / INFO_FILE).write_text(json.dumps(info, indent=2))
+    os.replace(scratch, target)
+    log.info("Teacher fine-tuned: val acc %.4f in %.0f s", val_acc, info["wall_time_s"])
+
+
+def finetune_classifier(
+    name_or_path: str,
+    datamodule: GlueDataModule,
+    log_dir: Path,
+    *,
+    epochs: int,
+    max_steps: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    warmup_ratio: float,
+    seed: int,
+) -> tuple[PreTrainedModel, float, int]:
+    """Plain cross-entropy fine-tuning (the distillation module with ``alpha=1`` and no teacher)."""
+    from distill.modules.distillation import DistillationModule
+
+    pl.seed_everything(seed, workers=True)
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=datamodule.num_labels)
+    # from_pretrained returns eval mode (dropout off); Lightning keeps module modes as it finds them.
+    model.train()
+    module = DistillationModule(
+        student=model,
+        teacher=None,
+        num_labels=datamodule.num_labels,
+        temperature=1.0,
+        alpha=1.0,
+        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
+        warmup_ratio=warmup_ratio,
+    )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        max_steps=max_steps,
+        logger=CSVLogger(log_dir, name="finetune_logs"),
+        enable_checkpointing=False,
+        gradient_clip_val=1.0,
+        devices=1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=50,
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    trainer.fit(module, train_dataloaders=datamodule.dataloader("train", batch_size, shuffle=True))
+    (result,) = trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    return module.student.eval(), float(result["val/acc"]), trainer.global_step

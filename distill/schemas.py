@@ -1,0 +1,122 @@
+"""Dataclass schemas for the config groups that distill owns.
+
+Group YAML files list ``<name>_schema`` first in their defaults, so a mistyped key in
+a preset or on the command line fails while Hydra composes the config, and types are
+checked. Value ranges are checked by :func:`validate`, before any data is loaded.
+``register_schemas`` is called by the entry points; nothing registers at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class FinetuneSettings:
+    epochs: int = 1
+    max_steps: int = -1
+    lr: float = 5e-5
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    seed: int = 0
+
+
+@dataclass
+class TeacherSchema:
+    _target_: str = "distill.models.teacher.prepare_teacher"
+    name_or_path: str = MISSING
+    finetune: bool = False
+    cache_dir: str = MISSING
+    finetune_settings: FinetuneSettings = field(default_factory=FinetuneSettings)
+
+
+@dataclass
+class FromTeacherSchema:
+    _target_: str = "distill.models.student.from_teacher"
+    layers: list[int] = MISSING
+
+
+@dataclass
+class FromConfigSchema:
+    _target_: str = "distill.models.student.from_config"
+    num_hidden_layers: int = MISSING
+    hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    intermediate_size: int = MISSING
+
+
+@dataclass
+class PretrainedSchema:
+    _target_: str = "distill.models.student.from_pretrained"
+    name_or_path: str = MISSING
+
+
+@dataclass
+class DistillSchema:
+    temperature: float = 2.0
+    alpha: float = 0.5
+    warmup_ratio: float = 0.06
+    optimizer: Any = MISSING
+
+
+@dataclass
+class DataSchema:
+    _target_: str = "distill.data.glue.GlueDataModule"
+    task: str = MISSING
+    text_fields: list[str] = MISSING
+    label_field: str = "label"
+    num_labels: int = MISSING
+    label_names: list[str] | None = None
+    data_dir: str = MISSING
+    cache_dir: str = MISSING
+    tokenizer: str = MISSING
+    max_length: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    train_limit: int | None = None
+    val_limit: int | None = None
+    seed: int = 0
+
+
+_SCHEMAS = {
+    ("teacher", "teacher_schema"): TeacherSchema,
+    ("student", "from_teacher_schema"): FromTeacherSchema,
+    ("student", "from_config_schema"): FromConfigSchema,
+    ("student", "pretrained_schema"): PretrainedSchema,
+    ("distill", "distill_schema"): DistillSchema,
+    ("data", "data_schema"): DataSchema,
+}
+
+
+def register_schemas() -> None:
+    """Make the schemas available to Hydra's defaults lists (idempotent)."""
+    store = ConfigStore.instance()
+    for (group, name), schema in _SCHEMAS.items():
+        store.store(group=group, name=name, node=schema)
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
+    too_low = value <= low if open_low else value < low
+    if too_low or value > high:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name}={value!r} is outside {bracket}{low}, {high}]")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject out-of-range values that types alone cannot catch, naming the bad value."""
+    if cfg.distill.temperature <= 0:
+        raise ValueError(f"distill.temperature={cfg.distill.temperature!r} must be > 0")
+    _check_range("distill.alpha", cfg.distill.alpha, 0.0, 1.0)
+    _check_range("distill.warmup_ratio", cfg.distill.warmup_ratio, 0.0, 1.0)
+    _check_range("teacher.finetune_settings.warmup_ratio", cfg.teacher.finetune_settings.warmup_ratio, 0.0, 1.0)
+    if cfg.data.max_length < 2:
+        raise ValueError(f"data.max_length={cfg.data.max_length!r} must be >= 2")
+    for key in ("batch_size", "eval_batch_size"):
+        if cfg.data[key] < 1:
+            raise ValueError(f"data.{key}={cfg.data[key]!r} must be >= 1")

@@ -1,0 +1,103 @@
+"""Shared fixtures: config composition, the real SST-2 files and a tiny random teacher.
+
+Tests that need the offline assets read them from the environment the README's test command
+sets (HF_HOME, HF_HUB_OFFLINE, DISTILL_DATA_DIR). Missing assets skip those tests locally and
+fail them under CI, where skipping would hide a broken setup.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from distill.schemas import register_schemas
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+TEACHER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def require(condition: bool, reason: str) -> None:
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is missing a test asset: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("DISTILL_DATA_DIR", "data"))
+    require((path / "sst2" / "train.tsv").is_file(), f"no SST-2 under {path} (set DISTILL_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_teacher_available() -> str:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(TEACHER_ID, "config.json")
+    require(isinstance(found, str), f"{TEACHER_ID} is not in the HF cache (set HF_HOME, HF_HUB_OFFLINE=1)")
+    return TEACHER_ID
+
+
+@pytest.fixture
+def compose_train() -> Callable[..., DictConfig]:
+    """Compose conf/train.yaml with overrides, as `python -m distill.train` would."""
+    register_schemas()
+
+    def _compose(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, hf_teacher_available: str) -> Path:
+    """A randomly initialised 2-layer BERT with the real teacher's tokenizer, saved like a hub model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_teacher_available)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    path = tmp_path_factory.mktemp("tiny_teacher")
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_run_overrides(tmp_path: Path, tiny_teacher_dir: Path, data_dir: Path) -> list[str]:
+    """Overrides for a seconds-long distillation run on a slice of real SST-2."""
+    return [
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.data_dir={data_dir}",
+        f"teacher.name_or_path={tiny_teacher_dir}",
+        "teacher.finetune_settings.max_steps=6",
+        "teacher.finetune_settings.lr=1e-3",
+        "student.layers=[1]",
+        "data.train_limit=192",
+        "data.val_limit=64",
+        "data.max_length=32",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    ]

@@ -1,0 +1,79 @@
+"""The config tree composes, and bad keys or values fail before any training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from distill.schemas import validate
+
+PRESETS = [
+    [],
+    ["experiment=bert_to_tiny"],
+    ["experiment=bert_to_tiny", "debug=smoke"],
+    ["student=bert_config"],
+    ["student=pretrained", "student.name_or_path=x"],
+    ["logger=csv", "callbacks=none", "trainer=cpu"],
+]
+
+
+@pytest.mark.parametrize("overrides", PRESETS, ids=lambda o: " ".join(o) or "defaults")
+def test_presets_compose_and_validate(compose_train, overrides: list[str]) -> None:
+    cfg = compose_train(*overrides, "paths.output_dir=/tmp/unused")
+    validate(cfg)
+    OmegaConf.resolve(cfg)
+    for group in ("data", "teacher", "student", "trainer"):
+        assert "_target_" in cfg[group]
+
+
+def test_experiment_only_overrides(compose_train) -> None:
+    base = compose_train("paths.output_dir=/tmp/unused")
+    experiment = compose_train("experiment=bert_to_tiny", "paths.output_dir=/tmp/unused")
+    base_keys = set(OmegaConf.to_container(base, resolve=False))
+    assert set(OmegaConf.to_container(experiment, resolve=False)) == base_keys
+    assert experiment.student.layers == [0, 5]
+
+
+@pytest.mark.parametrize("override", ["distill.temprature=3", "teacher.finetune_setings.lr=1", "data.batchsize=4"])
+def test_mistyped_command_line_keys_fail_at_compose_time(compose_train, override: str) -> None:
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0]):
+        compose_train(override)
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ("distill:\n  temprature: 3.0", "temprature"),
+        ("teacher:\n  finetune_setings:\n    lr: 1.0", "finetune_setings"),
+        ("data:\n  batchsize: 4", "batchsize"),
+    ],
+)
+def test_mistyped_keys_in_a_preset_fail_at_compose_time(compose_train, tmp_path: Path, body: str, key: str) -> None:
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\n" + body + "\n")
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_train(f"hydra.searchpath=[file://{tmp_path}]", "experiment=typo")
+    assert f"Key '{key}' not in" in str(error.value)
+
+
+def test_wrong_type_fails_at_compose_time(compose_train) -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_train("distill.alpha=high")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("distill.temperature=0", r"distill.temperature=0.0 must be > 0"),
+        ("distill.temperature=-2", r"distill.temperature=-2.0 must be > 0"),
+        ("distill.alpha=1.5", r"distill.alpha=1.5 is outside \[0.0, 1.0\]"),
+        ("distill.alpha=-0.1", r"distill.alpha=-0.1 is outside \[0.0, 1.0\]"),
+    ],
+)
+def test_out_of_range_values_are_named(compose_train, override: str, message: str) -> None:
+    cfg = compose_train(override, "paths.output_dir=/tmp/unused")
+    with pytest.raises(ValueError, match=message):
+        validate(cfg)

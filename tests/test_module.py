@@ -1,0 +1,140 @@
+"""DistillationModule: the teacher stays frozen and out of optimizer, hparams and checkpoints."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import BertConfig, BertForSequenceClassification
+
+from distill.modules.distillation import DistillationModule
+
+
+def tiny_bert(seed: int, layers: int = 2) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.3,
+    )
+    return BertForSequenceClassification(config)
+
+
+def batches(count: int = 8) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    items = [
+        {
+            "input_ids": torch.randint(1, 50, (6,), generator=generator),
+            "attention_mask": torch.ones(6, dtype=torch.long),
+            "labels": torch.randint(0, 3, (), generator=generator),
+        }
+        for _ in range(count)
+    ]
+    return DataLoader(items, batch_size=4)
+
+
+class TeacherWatch(pl.Callback):
+    """Checks the teacher at every training step."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        teacher = module.teacher.model
+        assert not teacher.training and not any(m.training for m in teacher.modules())
+        assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+        optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        assert optimized.isdisjoint(id(p) for p in teacher.parameters())
+        assert all(id(p) in optimized for p in module.student.parameters())
+        self.steps += 1
+
+
+def make_module(alpha: float = 0.5) -> DistillationModule:
+    teacher = tiny_bert(seed=1, layers=2).train()  # left in train mode on purpose
+    return DistillationModule(
+        student=tiny_bert(seed=2, layers=1),
+        teacher=teacher,
+        num_labels=3,
+        temperature=2.0,
+        alpha=alpha,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+    )
+
+
+def fit(module: DistillationModule, tmp_path: Path, callbacks=()) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        callbacks=list(callbacks),
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=batches(), val_dataloaders=batches(4))
+    return trainer
+
+
+def test_teacher_is_frozen_through_fit(tmp_path: Path) -> None:
+    module = make_module()
+    teacher_before = {k: v.clone() for k, v in module.teacher.model.state_dict().items()}
+    watch = TeacherWatch()
+    fit(module, tmp_path, [watch])
+    assert watch.steps == 4
+    after = module.teacher.model.state_dict()
+    assert all(torch.equal(teacher_before[key], after[key]) for key in after)
+
+
+def test_checkpoint_has_no_teacher_and_loads_without_it(tmp_path: Path) -> None:
+    module = make_module()
+    trainer = fit(module, tmp_path)
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert checkpoint["state_dict"] and all(key.startswith("student.") for key in checkpoint["state_dict"])
+    assert "teacher" not in checkpoint["hyper_parameters"] and "student" not in checkpoint["hyper_parameters"]
+    student = DistillationModule.load_student(str(path))
+    inputs = next(iter(batches(4)))
+    inputs.pop("labels")
+    assert torch.allclose(student(**inputs).logits, module.student.eval()(**inputs).logits, atol=1e-6)
+
+
+def test_hard_label_training_skips_the_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = make_module(alpha=1.0)
+    calls = []
+    original = type(module.teacher).__call__
+    monkeypatch.setattr(
+        type(module.teacher), "__call__", lambda self, inputs: calls.append(1) or original(self, inputs)
+    )
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=batches())
+    assert calls == []
+
+
+def test_teacher_required_unless_alpha_is_one() -> None:
+    with pytest.raises(ValueError, match=r"alpha=0.5 needs a teacher"):
+        DistillationModule(
+            student=tiny_bert(0),
+            teacher=None,
+            num_labels=3,
+            temperature=1.0,
+            alpha=0.5,
+            optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        )
