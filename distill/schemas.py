@@ -24,6 +24,7 @@ class FinetuneSettings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     seed: int = 0
+    val_checks_per_epoch: int = 1
 
 
 @dataclass

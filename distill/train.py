@@ -86,8 +86,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_named(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    run_facts = {"teacher/finetune_val_acc": teacher.val_acc, **count_parameters(student)}
     for logger in loggers:
-        logger.log_hyperparams({"teacher/finetune_val_acc": teacher.val_acc, **count_parameters(student)})
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **run_facts})
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))

@@ -55,6 +55,8 @@ class TeacherWatch(pl.Callback):
         optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
         assert optimized.isdisjoint(id(p) for p in teacher.parameters())
         assert all(id(p) in optimized for p in module.student.parameters())
+        with_state = {id(p) for p in trainer.optimizers[0].state}
+        assert with_state and with_state.isdisjoint(id(p) for p in teacher.parameters())
         self.steps += 1
 
 

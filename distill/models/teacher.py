@@ -23,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from filelock import FileLock
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
@@ -119,8 +120,13 @@ def finetune_classifier(
     weight_decay: float,
     warmup_ratio: float,
     seed: int,
+    val_checks_per_epoch: int = 1,
 ) -> tuple[PreTrainedModel, float, int]:
-    """Plain cross-entropy fine-tuning (the distillation module with ``alpha=1`` and no teacher)."""
+    """Cross-entropy fine-tuning (the distillation module with ``alpha=1`` and no teacher).
+
+    The dev set is checked ``val_checks_per_epoch`` times per epoch and the best weights are kept,
+    the same selection the distillation stage applies to its student.
+    """
     from distill.modules.distillation import DistillationModule
 
     pl.seed_everything(seed, workers=True)
@@ -136,11 +142,13 @@ def finetune_classifier(
         optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
         warmup_ratio=warmup_ratio,
     )
+    best = ModelCheckpoint(dirpath=log_dir / "checkpoints", monitor="val/acc", mode="max", save_weights_only=True)
     trainer = pl.Trainer(
         max_epochs=epochs,
         max_steps=max_steps,
         logger=CSVLogger(log_dir, name="finetune_logs"),
-        enable_checkpointing=False,
+        callbacks=[best],
+        val_check_interval=1.0 / val_checks_per_epoch,
         gradient_clip_val=1.0,
         devices=1,
         num_sanity_val_steps=0,
@@ -148,6 +156,11 @@ def finetune_classifier(
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
-    trainer.fit(module, train_dataloaders=datamodule.dataloader("train", batch_size, shuffle=True))
-    (result,) = trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    trainer.fit(
+        module,
+        train_dataloaders=datamodule.dataloader("train", batch_size, shuffle=True),
+        val_dataloaders=datamodule.val_dataloader(),
+    )
+    (result,) = trainer.validate(module, datamodule.val_dataloader(), ckpt_path=best.best_model_path, verbose=False)
+    shutil.rmtree(log_dir / "checkpoints")
     return module.student.eval(), float(result["val/acc"]), trainer.global_step
