@@ -85,6 +85,11 @@ def main(cfg: DictConfig) -> None:
         print(f"{key:>24}: {value}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point (`distill-eval`); the schemas must be known before Hydra composes."""
     register_schemas()
     main()
+
+
+if __name__ == "__main__":
+    cli()

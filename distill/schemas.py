@@ -25,6 +25,7 @@ class FinetuneSettings:
     warmup_ratio: float = 0.06
     seed: int = 0
     val_checks_per_epoch: int = 1
+    dropout: float | None = None
 
 
 @dataclass

@@ -123,6 +123,11 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point (`distill-train`); the schemas must be known before Hydra composes."""
     register_schemas()
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -72,7 +72,7 @@ def make_module(alpha: float = 0.5) -> DistillationModule:
     )
 
 
-def fit(module: DistillationModule, tmp_path: Path, callbacks=()) -> pl.Trainer:
+def fit(module: DistillationModule, tmp_path: Path, callbacks=(), validate: bool = True) -> pl.Trainer:
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -82,7 +82,7 @@ def fit(module: DistillationModule, tmp_path: Path, callbacks=()) -> pl.Trainer:
         callbacks=list(callbacks),
         enable_model_summary=False,
     )
-    trainer.fit(module, train_dataloaders=batches(), val_dataloaders=batches(4))
+    trainer.fit(module, train_dataloaders=batches(), val_dataloaders=batches(4) if validate else None)
     return trainer
 
 
@@ -117,16 +117,7 @@ def test_hard_label_training_skips_the_teacher(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(
         type(module.teacher), "__call__", lambda self, inputs: calls.append(1) or original(self, inputs)
     )
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=batches())
+    fit(module, tmp_path, validate=False)
     assert calls == []
 
 

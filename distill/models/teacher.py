@@ -25,7 +25,7 @@ import torch
 from filelock import FileLock
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from distill.data.glue import GlueDataModule
 
@@ -108,6 +108,15 @@ def _finetune_into(target: Path, name_or_path: str, datamodule: GlueDataModule, 
     log.info("Teacher fine-tuned: val acc %.4f in %.0f s", val_acc, info["wall_time_s"])
 
 
+def set_dropout(config: PretrainedConfig, probability: float) -> None:
+    """Set every dropout probability of a Hugging Face config (hidden, attention, classifier...)."""
+    names = [name for name, value in config.to_dict().items() if "dropout" in name and isinstance(value, float)]
+    if not names:
+        raise ValueError(f"teacher.finetune_settings.dropout={probability!r}: {type(config).__name__} has no dropout")
+    for name in names:
+        setattr(config, name, probability)
+
+
 def finetune_classifier(
     name_or_path: str,
     datamodule: GlueDataModule,
@@ -121,16 +130,21 @@ def finetune_classifier(
     warmup_ratio: float,
     seed: int,
     val_checks_per_epoch: int = 1,
+    dropout: float | None = None,
 ) -> tuple[PreTrainedModel, float, int]:
     """Cross-entropy fine-tuning (the distillation module with ``alpha=1`` and no teacher).
 
     The dev set is checked ``val_checks_per_epoch`` times per epoch and the best weights are kept,
-    the same selection the distillation stage applies to its student.
+    the same selection the distillation stage applies to its student. ``dropout`` (if not None)
+    replaces every dropout probability in the model config; the saved teacher keeps it.
     """
     from distill.modules.distillation import DistillationModule
 
     pl.seed_everything(seed, workers=True)
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=datamodule.num_labels)
+    config = AutoConfig.from_pretrained(name_or_path, num_labels=datamodule.num_labels)
+    if dropout is not None:
+        set_dropout(config, dropout)
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)
     # from_pretrained returns eval mode (dropout off); Lightning keeps module modes as it finds them.
     model.train()
     module = DistillationModule(
