@@ -84,6 +84,7 @@ class DataSchema:
     train_limit: int | None = None
     val_limit: int | None = None
     seed: int = 0
+    group_by_length: bool = False
 
 
 _SCHEMAS = {

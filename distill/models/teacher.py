@@ -53,6 +53,8 @@ def teacher_cache_key(name_or_path: str, datamodule: GlueDataModule, settings: d
         "val_limit": datamodule.val_limit,
         "settings": settings,
     }
+    if datamodule.group_by_length:  # batch composition changes the fine-tuned weights
+        spec["group_by_length"] = True
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '--', name_or_path)}-{datamodule.task}-{digest}"
 

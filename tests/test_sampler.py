@@ -1,0 +1,55 @@
+"""Length-grouped batching: a full permutation per epoch, reshuffled by epoch, far less padding."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from distill.data.glue import GlueDataModule
+from distill.data.sampler import LengthGroupedBatchSampler
+
+
+def padded_tokens(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+
+def test_every_index_once_per_epoch_and_reshuffled() -> None:
+    lengths = [random.Random(0).randint(1, 60) for _ in range(1000)]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=32, group_size=4, seed=3)
+    first = list(sampler)
+    assert sorted(i for batch in first for i in batch) == list(range(1000))
+    assert len(first) == len(sampler) == 32
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="batch_size=0"):
+        LengthGroupedBatchSampler([1, 2], batch_size=0)
+
+
+def test_grouped_batches_pad_much_less_on_sst2(tmp_path: Path, data_dir: Path, hf_teacher_available: str) -> None:
+    settings = dict(
+        task="sst2",
+        text_fields=["sentence"],
+        data_dir=str(data_dir),
+        cache_dir=str(tmp_path),
+        tokenizer=hf_teacher_available,
+        num_labels=2,
+        train_limit=4096,
+    )
+    grouped = GlueDataModule(**settings, group_by_length=True)
+    grouped.setup("fit")
+    plain = GlueDataModule(**settings)
+    plain.setup("fit")
+    lengths = [len(ids) for ids in grouped.splits["train"]["input_ids"]]
+    grouped_batches = list(grouped.train_dataloader().batch_sampler)
+    plain_batches = list(plain.train_dataloader().batch_sampler)
+    assert sorted(i for b in grouped_batches for i in b) == list(range(len(lengths)))
+    assert padded_tokens(grouped_batches, lengths) * 2 < padded_tokens(plain_batches, lengths)
+    batch = next(iter(grouped.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 32 and set(batch) >= {"input_ids", "attention_mask", "labels"}
