@@ -2,7 +2,7 @@
 SHARED ?= ../shared
 OFFLINE = HF_HOME=$(SHARED)/hf HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=$(SHARED)/data
 
-.PHONY: help install test test-fast lint format smoke train clean
+.PHONY: help install test test-fast lint format smoke train bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "%-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ smoke:  ## the whole pipeline on a slice, in under 3 minutes
 
 train:  ## the full bert_to_tiny experiment
 	$(OFFLINE) python -m distill.train experiment=bert_to_tiny
+
+bench:  ## CPU benchmarks (markdown tables; JSON under bench/results/)
+	$(OFFLINE) python bench/group_by_length.py
 
 clean:  ## remove run folders and caches of this checkout
 	rm -rf logs .pytest_cache .ruff_cache

@@ -51,10 +51,10 @@ def compose_train() -> Callable[..., DictConfig]:
     """Compose conf/train.yaml with overrides, as `python -m distill.train` would."""
     register_schemas()
 
-    def _compose(*overrides: str) -> DictConfig:
+    def _compose(*overrides: str, config_name: str = "train") -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
+            return compose(config_name=config_name, overrides=list(overrides))
 
     yield _compose
     GlobalHydra.instance().clear()

@@ -77,3 +77,9 @@ def test_out_of_range_values_are_named(compose_train, override: str, message: st
     cfg = compose_train(override, "paths.output_dir=/tmp/unused")
     with pytest.raises(ValueError, match=message):
         validate(cfg)
+
+
+def test_eval_config_composes_and_resolves(compose_train) -> None:
+    cfg = compose_train("student_path=some/student", "paths.output_dir=/tmp/unused", config_name="eval")
+    OmegaConf.resolve(cfg)
+    assert cfg.data.tokenizer == "some/student" and list(cfg.latency.batch_sizes) == [1, 32]
