@@ -1,0 +1,204 @@
+"""GLUE-style sentence(-pair) classification as a LightningDataModule.
+
+Local GLUE TSVs (``<data_dir>/<task>/{train,dev}.tsv``) are preferred; otherwise the task is
+loaded from the hub (``nyu-mll/glue``). Tokenisation runs once through ``datasets.map`` and
+is cached on disk under a key built from the data, the tokenizer and ``max_length``.
+Batches are padded per batch. The dev split serves as validation and test set, because
+GLUE's test labels are hidden.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import datasets
+import lightning.pytorch as pl
+from filelock import FileLock
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from distill.data.sampler import LengthGroupedBatchSampler
+from distill.data.tsv import check_labels, check_tsv_layout
+
+HUB_DATASET = "nyu-mll/glue"
+SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of the tokenizer as loaded; take it before use, since calls change backend state."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{spec}".encode()).hexdigest()[:16]
+
+
+class GlueDataModule(pl.LightningDataModule):
+    """Tokenised, dynamically padded GLUE classification data.
+
+    Args:
+        task: GLUE task name (``sst2``, ``rte``, ...): the folder under ``data_dir`` and the hub config.
+        text_fields: one column (single sentence) or two (sentence pair) holding the text.
+        label_field: column with the labels.
+        num_labels: number of classes; integer labels must be in ``[0, num_labels)``.
+        label_names: optional string label per class index, for TSVs that spell labels out.
+        data_dir: folder holding ``<task>/train.tsv`` and ``<task>/dev.tsv``.
+        cache_dir: where parsed and tokenised datasets are cached.
+        tokenizer: tokenizer name or path (the teacher's).
+        train_limit / val_limit: keep a random slice of train / the first rows of dev.
+        group_by_length: draw training batches of similar lengths (far less padding, same epoch).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        text_fields: list[str],
+        data_dir: str,
+        cache_dir: str,
+        tokenizer: str,
+        num_labels: int,
+        label_field: str = "label",
+        label_names: list[str] | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+        seed: int = 0,
+        group_by_length: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 1 <= len(text_fields) <= 2:
+            raise ValueError(f"text_fields={list(text_fields)!r} must name one or two columns")
+        self.task = task
+        self.text_fields = list(text_fields)
+        self.label_field = label_field
+        self.num_labels = num_labels
+        self.label_names = list(label_names) if label_names else None
+        self.data_dir = Path(data_dir).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.train_limit = train_limit
+        self.val_limit = val_limit
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.tokenizer_key = tokenizer_fingerprint(self.tokenizer)
+        self.splits: dict[str, datasets.Dataset] = {}
+
+    def local_files(self) -> dict[str, Path]:
+        return {split: self.data_dir / self.task / name for split, name in SPLIT_FILES.items()}
+
+    def _load_raw(self) -> datasets.DatasetDict:
+        files = self.local_files()
+        if all(path.is_file() for path in files.values()):
+            return self._load_local(files)
+        try:
+            return datasets.load_dataset(HUB_DATASET, self.task, cache_dir=str(self.cache_dir / "raw"))
+        except Exception as error:
+            tried = ", ".join(str(path) for path in files.values())
+            raise FileNotFoundError(
+                f"No data for task {self.task!r}: the local files [{tried}] do not exist and loading "
+                f"{HUB_DATASET!r}/{self.task} from the hub failed ({type(error).__name__}: {error}). "
+                "Point DISTILL_DATA_DIR (or paths.data_dir=...) at a folder holding "
+                f"{self.task}/train.tsv and {self.task}/dev.tsv, or go online (unset HF_HUB_OFFLINE, "
+                "set HF_HOME to a writable cache)."
+            ) from error
+
+    def _load_local(self, files: dict[str, Path]) -> datasets.DatasetDict:
+        columns = [*self.text_fields, self.label_field]
+        for path in files.values():
+            check_tsv_layout(path, columns)
+        raw = datasets.load_dataset(
+            "csv",
+            data_files={split: str(path) for split, path in files.items()},
+            delimiter="\t",
+            quoting=csv.QUOTE_NONE,
+            keep_default_na=False,
+            cache_dir=str(self.cache_dir / "raw"),
+        )
+        return datasets.DatasetDict(
+            {split: self._encode_labels(ds, files[split]) for split, ds in raw.items()}
+        )
+
+    def _encode_labels(self, ds: datasets.Dataset, path: Path) -> datasets.Dataset:
+        labels = check_labels(ds[self.label_field], path, self.num_labels, self.label_names)
+        return ds.remove_columns(self.label_field).add_column(self.label_field, labels)
+
+    def _tokenize_batch(self, batch: dict) -> dict:
+        texts = [batch[field] for field in self.text_fields]
+        encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+        encoded["labels"] = batch[self.label_field]
+        return encoded
+
+    def _source_fingerprint(self, split: str, ds: datasets.Dataset) -> str:
+        """Content hash of a local TSV (stable across loads); the hub copy's own fingerprint otherwise."""
+        path = self.local_files()[split]
+        if not path.is_file():
+            return f"{HUB_DATASET}/{self.task}/{ds._fingerprint}"
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def _cache_key(self, split: str, ds: datasets.Dataset) -> str:
+        source = self._source_fingerprint(split, ds)
+        spec = [source, self.label_names, self.tokenizer_key, self.max_length, self.text_fields]
+        return f"{self.task}-{split}-{hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]}"
+
+    def _tokenize(self, raw: datasets.DatasetDict) -> dict[str, datasets.Dataset]:
+        out_dir = self.cache_dir / "tokenized"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenized = {}
+        for split, ds in raw.items():
+            if split not in SPLIT_FILES:
+                continue
+            key = self._cache_key(split, ds)
+            with FileLock(str(out_dir / f"{key}.lock")):
+                tokenized[split] = ds.map(
+                    self._tokenize_batch,
+                    batched=True,
+                    remove_columns=ds.column_names,
+                    cache_file_name=str(out_dir / f"{key}.arrow"),
+                    new_fingerprint=key,
+                    desc=f"Tokenizing {self.task}/{split}",
+                )
+        return tokenized
+
+    def prepare_data(self) -> None:
+        self._tokenize(self._load_raw())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        splits = self._tokenize(self._load_raw())
+        train, validation = splits["train"], splits["validation"]
+        if self.train_limit is not None:
+            train = train.shuffle(seed=self.seed).select(range(min(self.train_limit, len(train))))
+        if self.val_limit is not None:
+            validation = validation.select(range(min(self.val_limit, len(validation))))
+        self.splits = {"train": train, "validation": validation}
+
+    def dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        """A loader over ``split`` ("train" or "validation") after :meth:`setup`."""
+        dataset = self.splits[split]
+        collate = DataCollatorWithPadding(self.tokenizer)
+        if shuffle and self.group_by_length:
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=self.seed)
+            return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate)
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("validation", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
