@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+from distill.data.glue import GlueDataModule
 from distill.schemas import register_schemas
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -44,6 +45,26 @@ def hf_teacher_available() -> str:
     found = try_to_load_from_cache(TEACHER_ID, "config.json")
     require(isinstance(found, str), f"{TEACHER_ID} is not in the HF cache (set HF_HOME, HF_HUB_OFFLINE=1)")
     return TEACHER_ID
+
+
+@pytest.fixture
+def glue_module(hf_teacher_available: str) -> Callable[..., GlueDataModule]:
+    """Build SST-2 data modules with the real tokenizer: glue_module(data_dir, cache_dir, **overrides)."""
+
+    def _make(data_dir: Path, cache_dir: Path, **overrides) -> GlueDataModule:
+        settings = dict(
+            task="sst2",
+            text_fields=["sentence"],
+            data_dir=str(data_dir),
+            cache_dir=str(cache_dir),
+            tokenizer=hf_teacher_available,
+            num_labels=2,
+            batch_size=2,
+            eval_batch_size=2,
+        )
+        return GlueDataModule(**{**settings, **overrides})
+
+    return _make
 
 
 @pytest.fixture

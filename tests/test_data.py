@@ -8,8 +8,6 @@ import datasets
 import huggingface_hub.constants
 import pytest
 
-from distill.data.glue import GlueDataModule
-
 ROWS = [
     ('a "quoted" word , and an apostrophe \'s', "1"),
     ("it 's neither good nor bad", "0"),
@@ -27,23 +25,8 @@ def write_task(root: Path, train_rows=ROWS, dev_rows=ROWS, header="sentence\tlab
     return root
 
 
-def make_module(data_dir: Path, cache_dir: Path, tokenizer: str, **overrides) -> GlueDataModule:
-    settings = dict(
-        task="sst2",
-        text_fields=["sentence"],
-        data_dir=str(data_dir),
-        cache_dir=str(cache_dir),
-        tokenizer=tokenizer,
-        num_labels=2,
-        batch_size=2,
-        eval_batch_size=2,
-    )
-    settings.update(overrides)
-    return GlueDataModule(**settings)
-
-
-def test_literal_quotes_survive_parsing(tmp_path: Path, hf_teacher_available: str) -> None:
-    module = make_module(write_task(tmp_path / "data"), tmp_path / "cache", hf_teacher_available)
+def test_literal_quotes_survive_parsing(tmp_path: Path, glue_module) -> None:
+    module = glue_module(write_task(tmp_path / "data"), tmp_path / "cache")
     module.setup("fit")
     train = module.splits["train"]
     assert len(train) == len(ROWS)
@@ -54,8 +37,8 @@ def test_literal_quotes_survive_parsing(tmp_path: Path, hf_teacher_available: st
     assert train["labels"] == [1, 0, 1, 0]
 
 
-def test_batches_are_padded_per_batch(tmp_path: Path, hf_teacher_available: str) -> None:
-    module = make_module(write_task(tmp_path / "data"), tmp_path / "cache", hf_teacher_available)
+def test_batches_are_padded_per_batch(tmp_path: Path, glue_module) -> None:
+    module = glue_module(write_task(tmp_path / "data"), tmp_path / "cache")
     module.setup("fit")
     batch = next(iter(module.val_dataloader()))
     longest = max(len(ids) for ids in module.splits["validation"]["input_ids"][:2])
@@ -63,26 +46,26 @@ def test_batches_are_padded_per_batch(tmp_path: Path, hf_teacher_available: str)
     assert set(batch) >= {"input_ids", "attention_mask", "labels"}
 
 
-def test_wrong_column_count_names_file_and_line(tmp_path: Path, hf_teacher_available: str) -> None:
+def test_wrong_column_count_names_file_and_line(tmp_path: Path, glue_module) -> None:
     data_dir = write_task(tmp_path / "data", train_rows=[ROWS[0], ("too\tmany", "1")])
-    module = make_module(data_dir, tmp_path / "cache", hf_teacher_available)
+    module = glue_module(data_dir, tmp_path / "cache")
     with pytest.raises(ValueError, match=r"sst2/train\.tsv:3: expected 2 tab-separated columns .* found 3"):
         module.setup("fit")
 
 
-def test_label_outside_label_set_is_named(tmp_path: Path, hf_teacher_available: str) -> None:
+def test_label_outside_label_set_is_named(tmp_path: Path, glue_module) -> None:
     data_dir = write_task(tmp_path / "data", dev_rows=[ROWS[0], ("fine", "2")])
-    module = make_module(data_dir, tmp_path / "cache", hf_teacher_available)
+    module = glue_module(data_dir, tmp_path / "cache")
     with pytest.raises(ValueError, match=r"sst2/dev\.tsv:3: label 2 is not in the task's label set"):
         module.setup("fit")
 
 
 def test_missing_data_offline_names_paths_and_env_vars(
-    tmp_path: Path, hf_teacher_available: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, glue_module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    module = make_module(tmp_path / "nowhere", tmp_path / "cache", hf_teacher_available)
+    module = glue_module(tmp_path / "nowhere", tmp_path / "cache")
     with pytest.raises(FileNotFoundError) as error:
         module.setup("fit")
     message = str(error.value)
@@ -94,25 +77,40 @@ def tokenized_files(cache_dir: Path) -> set[str]:
     return {path.name for path in (cache_dir / "tokenized").glob("*.arrow")}
 
 
-def test_tokenisation_is_cached_and_keyed_by_max_length(tmp_path: Path, hf_teacher_available: str) -> None:
+def test_tokenisation_is_cached_and_keyed_by_max_length(tmp_path: Path, glue_module) -> None:
     data_dir, cache_dir = write_task(tmp_path / "data"), tmp_path / "cache"
-    make_module(data_dir, cache_dir, hf_teacher_available).setup("fit")
+    glue_module(data_dir, cache_dir).setup("fit")
     first = tokenized_files(cache_dir)
     assert len(first) == 2
-    again = make_module(data_dir, cache_dir, hf_teacher_available)
+    again = glue_module(data_dir, cache_dir)
     again.setup("fit")
     assert tokenized_files(cache_dir) == first
     assert again.splits["train"].cache_files[0]["filename"].endswith(tuple(first))
-    make_module(data_dir, cache_dir, hf_teacher_available, max_length=8).setup("fit")
+    glue_module(data_dir, cache_dir, max_length=8).setup("fit")
     assert len(tokenized_files(cache_dir)) == 4
 
 
-def test_real_sst2_sizes_and_slices(tmp_path: Path, data_dir: Path, hf_teacher_available: str) -> None:
-    module = make_module(data_dir, tmp_path / "cache", hf_teacher_available, train_limit=100, val_limit=10)
+def test_real_sst2_sizes_and_slices(tmp_path: Path, data_dir: Path, glue_module) -> None:
+    module = glue_module(data_dir, tmp_path / "cache", train_limit=100, val_limit=10)
     module.setup("fit")
     assert len(module.splits["train"]) == 100
     assert module.splits["validation"]["labels"][:10] == module.splits["validation"]["labels"]
-    full = make_module(data_dir, tmp_path / "cache", hf_teacher_available)
+    full = glue_module(data_dir, tmp_path / "cache")
     full.setup("fit")
     assert len(full.splits["train"]) == 67_349 and len(full.splits["validation"]) == 872
     assert sum(full.splits["validation"]["labels"]) == 444
+
+
+def test_files_are_loaded_and_checked_once_per_module(
+    tmp_path: Path, glue_module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = glue_module(write_task(tmp_path / "data"), tmp_path / "cache", group_by_length=True)
+    loads = []
+    original = module._load_raw
+    monkeypatch.setattr(module, "_load_raw", lambda: loads.append(1) or original())
+    # What the teacher stage and then Trainer.fit / Trainer.test call, in order.
+    for _ in range(3):
+        module.prepare_data()
+        module.setup("fit")
+        module.train_dataloader()
+    assert loads == [1]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from distill.data.glue import GlueDataModule
 from distill.data.sampler import LengthGroupedBatchSampler
 
 
@@ -32,19 +31,11 @@ def test_rejects_bad_sizes() -> None:
         LengthGroupedBatchSampler([1, 2], batch_size=0)
 
 
-def test_grouped_batches_pad_much_less_on_sst2(tmp_path: Path, data_dir: Path, hf_teacher_available: str) -> None:
-    settings = dict(
-        task="sst2",
-        text_fields=["sentence"],
-        data_dir=str(data_dir),
-        cache_dir=str(tmp_path),
-        tokenizer=hf_teacher_available,
-        num_labels=2,
-        train_limit=4096,
-    )
-    grouped = GlueDataModule(**settings, group_by_length=True)
+def test_grouped_batches_pad_much_less_on_sst2(tmp_path: Path, data_dir: Path, glue_module) -> None:
+    settings = dict(train_limit=4096, batch_size=32)
+    grouped = glue_module(data_dir, tmp_path, **settings, group_by_length=True)
     grouped.setup("fit")
-    plain = GlueDataModule(**settings)
+    plain = glue_module(data_dir, tmp_path, **settings)
     plain.setup("fit")
     lengths = [len(ids) for ids in grouped.splits["train"]["input_ids"]]
     grouped_batches = list(grouped.train_dataloader().batch_sampler)

@@ -91,6 +91,9 @@ class GlueDataModule(pl.LightningDataModule):
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer_key = tokenizer_fingerprint(self.tokenizer)
         self.splits: dict[str, datasets.Dataset] = {}
+        # Lightning calls prepare_data/setup for every fit, validate and test; load and check once.
+        self._tokenized: dict[str, datasets.Dataset] | None = None
+        self._lengths: dict[str, list[int]] = {}
 
     def local_files(self) -> dict[str, Path]:
         return {split: self.data_dir / self.task / name for split, name in SPLIT_FILES.items()}
@@ -123,9 +126,7 @@ class GlueDataModule(pl.LightningDataModule):
             keep_default_na=False,
             cache_dir=str(self.cache_dir / "raw"),
         )
-        return datasets.DatasetDict(
-            {split: self._encode_labels(ds, files[split]) for split, ds in raw.items()}
-        )
+        return datasets.DatasetDict({split: self._encode_labels(ds, files[split]) for split, ds in raw.items()})
 
     def _encode_labels(self, ds: datasets.Dataset, path: Path) -> datasets.Dataset:
         labels = check_labels(ds[self.label_field], path, self.num_labels, self.label_names)
@@ -168,13 +169,18 @@ class GlueDataModule(pl.LightningDataModule):
                 )
         return tokenized
 
+    def _tokenized_splits(self) -> dict[str, datasets.Dataset]:
+        if self._tokenized is None:
+            self._tokenized = self._tokenize(self._load_raw())
+        return self._tokenized
+
     def prepare_data(self) -> None:
-        self._tokenize(self._load_raw())
+        self._tokenized_splits()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        splits = self._tokenize(self._load_raw())
+        splits = self._tokenized_splits()
         train, validation = splits["train"], splits["validation"]
         if self.train_limit is not None:
             train = train.shuffle(seed=self.seed).select(range(min(self.train_limit, len(train))))
@@ -187,8 +193,9 @@ class GlueDataModule(pl.LightningDataModule):
         dataset = self.splits[split]
         collate = DataCollatorWithPadding(self.tokenizer)
         if shuffle and self.group_by_length:
-            lengths = [len(ids) for ids in dataset["input_ids"]]
-            sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=self.seed)
+            if split not in self._lengths:
+                self._lengths[split] = [len(ids) for ids in dataset["input_ids"]]
+            sampler = LengthGroupedBatchSampler(self._lengths[split], batch_size, seed=self.seed)
             return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate)
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate

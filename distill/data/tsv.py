@@ -25,9 +25,7 @@ def check_tsv_layout(path: Path, required_columns: Sequence[str]) -> None:
                 )
 
 
-def check_labels(
-    values: Sequence[object], path: Path, num_labels: int, label_names: Sequence[str] | None
-) -> list[int]:
+def check_labels(values: Sequence[object], path: Path, num_labels: int, label_names: Sequence[str] | None) -> list[int]:
     """Map labels to class indices, failing on the first one outside the task's label set."""
     lookup = {str(index): index for index in range(num_labels)}
     if label_names:
@@ -36,8 +34,6 @@ def check_labels(
     for row, value in enumerate(values):
         index = lookup.get(str(value).strip())
         if index is None:
-            raise ValueError(
-                f"{path}:{row + 2}: label {value!r} is not in the task's label set {sorted(lookup)}"
-            )
+            raise ValueError(f"{path}:{row + 2}: label {value!r} is not in the task's label set {sorted(lookup)}")
         encoded.append(index)
     return encoded

@@ -51,10 +51,9 @@ def teacher_cache_key(name_or_path: str, datamodule: GlueDataModule, settings: d
         "max_length": datamodule.max_length,
         "train_limit": datamodule.train_limit,
         "val_limit": datamodule.val_limit,
+        "group_by_length": datamodule.group_by_length,
         "settings": settings,
     }
-    if datamodule.group_by_length:  # batch composition changes the fine-tuned weights
-        spec["group_by_length"] = True
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '--', name_or_path)}-{datamodule.task}-{digest}"
 

@@ -38,7 +38,6 @@ class FrozenTeacher:
         device = next(iter(inputs.values())).device
         if next(self.model.parameters()).device != device:
             self.model.to(device)
-        self.model.eval()
         return self.model(**inputs).logits
 
 
