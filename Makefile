@@ -30,6 +30,7 @@ train:  ## the full bert_to_tiny experiment
 
 bench:  ## CPU benchmarks (markdown tables; JSON under bench/results/)
 	$(OFFLINE) python bench/group_by_length.py
+	python bench/compression_overhead.py
 
 clean:  ## remove run folders and caches of this checkout
 	rm -rf logs .pytest_cache .ruff_cache

@@ -63,6 +63,8 @@ class DistillSchema:
     temperature: float = 2.0
     alpha: float = 0.5
     warmup_ratio: float = 0.06
+    hidden_weight: float = 0.0
+    hidden_layers: list[int] | None = None
     optimizer: Any = MISSING
 
 
@@ -87,6 +89,46 @@ class DataSchema:
     group_by_length: bool = False
 
 
+ENCODER_LINEARS = ["student.*encoder.layer.*"]
+
+
+@dataclass
+class MagnitudePruningSchema:
+    _target_: str = "distill.callbacks.magnitude_pruning.MagnitudePruning"
+    final_sparsity: float = MISSING
+    start_step: int = MISSING
+    end_step: int = MISSING
+    frequency: int = 100
+    initial_sparsity: float = 0.0
+    scope: str = "layer"
+    include: list[str] = field(default_factory=lambda: list(ENCODER_LINEARS))
+    exclude: list[str] = field(default_factory=list)
+    zero_optimizer_state: bool = True
+    allow_overlap: bool = False
+
+
+@dataclass
+class NMSparsitySchema:
+    _target_: str = "distill.callbacks.nm_sparsity.NMSparsity"
+    n: int = 2
+    m: int = 4
+    prune_step: int = 0
+    backend: str = "auto"
+    include: list[str] = field(default_factory=lambda: list(ENCODER_LINEARS))
+    exclude: list[str] = field(default_factory=list)
+    zero_optimizer_state: bool = True
+    allow_overlap: bool = False
+
+
+@dataclass
+class QATSchema:
+    _target_: str = "distill.callbacks.qat.QuantizationAwareTraining"
+    start_step: int = 0
+    weight_bits: int = 8
+    include: list[str] = field(default_factory=lambda: list(ENCODER_LINEARS))
+    exclude: list[str] = field(default_factory=list)
+
+
 _SCHEMAS = {
     ("teacher", "teacher_schema"): TeacherSchema,
     ("student", "from_teacher_schema"): FromTeacherSchema,
@@ -94,6 +136,9 @@ _SCHEMAS = {
     ("student", "pretrained_schema"): PretrainedSchema,
     ("distill", "distill_schema"): DistillSchema,
     ("data", "data_schema"): DataSchema,
+    ("compression_schema", "magnitude_pruning"): MagnitudePruningSchema,
+    ("compression_schema", "nm_sparsity"): NMSparsitySchema,
+    ("compression_schema", "qat"): QATSchema,
 }
 
 
@@ -116,6 +161,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.distill.temperature <= 0:
         raise ValueError(f"distill.temperature={cfg.distill.temperature!r} must be > 0")
     _check_range("distill.alpha", cfg.distill.alpha, 0.0, 1.0)
+    if cfg.distill.hidden_weight < 0:
+        raise ValueError(f"distill.hidden_weight={cfg.distill.hidden_weight!r} must be >= 0")
     _check_range("distill.warmup_ratio", cfg.distill.warmup_ratio, 0.0, 1.0)
     _check_range("teacher.finetune_settings.warmup_ratio", cfg.teacher.finetune_settings.warmup_ratio, 0.0, 1.0)
     if cfg.data.max_length < 2:

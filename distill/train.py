@@ -17,8 +17,11 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from distill.compression_report import report_rows
+from distill.export import export_student
 from distill.models.student import check_same_vocabulary, transformer_layer_params
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
@@ -38,6 +41,8 @@ def build_module(cfg: DictConfig, teacher: Teacher, student: Any, num_labels: in
         alpha=cfg.distill.alpha,
         optimizer=instantiate(cfg.distill.optimizer),
         warmup_ratio=cfg.distill.warmup_ratio,
+        hidden_weight=cfg.distill.hidden_weight,
+        hidden_layers=cfg.distill.hidden_layers,
     )
 
 
@@ -71,6 +76,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json(output_dir / "git.json", git_state())
     pl.seed_everything(cfg.seed, workers=True)
 
+    # Callbacks first: a bad compression setting fails before the teacher stage spends any time.
+    compression = instantiate_named(cfg.get("compression"), "compression")
+    callbacks = instantiate_named(cfg.get("callbacks"), "callbacks") + compression
     log.info("Instantiating data <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
     log.info("Instantiating teacher <%s>", cfg.teacher._target_)
@@ -81,8 +89,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     record_student(output_dir, student)
     module = build_module(cfg, teacher, student, datamodule.num_labels)
 
-    callbacks = instantiate_named(cfg.get("callbacks"), "callbacks")
-    callbacks += instantiate_named(cfg.get("compression"), "compression")
     loggers = instantiate_named(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -91,18 +97,35 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **run_facts})
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))
+    # A compressed student is tested as fit left it: an earlier "best" checkpoint predates the end
+    # of the schedule (less sparse, or not quantized yet).
+    test_from = None if compression else best_checkpoint(trainer)
+    (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=test_from)
 
     metrics = summarize(teacher, module, results, started)
     if trainer.is_global_zero:
-        if cfg.export:
-            module.student.save_pretrained(output_dir / "student")
-            datamodule.tokenizer.save_pretrained(output_dir / "student")
+        report, layers = export_student(module, datamodule, output_dir, callbacks, teacher.model, cfg.export)
+        metrics |= report
         write_json(output_dir / "metrics.json", metrics)
-        for logger in loggers:
-            logger.log_metrics({f"final/{key}": value for key, value in metrics.items() if value is not None})
+        log_final(loggers, metrics, layers)
     log.info("Metrics: %s", metrics)
     return metrics
+
+
+def log_final(loggers: list, metrics: dict[str, Any], layers: list) -> None:
+    """Final metrics to every logger; the per-layer table and the accuracy-vs-size point to W&B."""
+    for logger in loggers:
+        logger.log_metrics({f"final/{key}": value for key, value in metrics.items() if value is not None})
+        if isinstance(logger, WandbLogger) and layers:
+            columns, rows = report_rows(layers)
+            logger.log_table(key="compression/layers", columns=columns, data=rows)
+            point = [
+                "student/val_acc",
+                "compression/size_bytes",
+                "compression/linear_sparsity",
+                "compression/size_ratio",
+            ]
+            logger.log_table(key="compression/frontier_point", columns=point, data=[[metrics.get(k) for k in point]])
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

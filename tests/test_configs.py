@@ -71,6 +71,7 @@ def test_wrong_type_fails_at_compose_time(compose_train) -> None:
         ("distill.temperature=-2", r"distill.temperature=-2.0 must be > 0"),
         ("distill.alpha=1.5", r"distill.alpha=1.5 is outside \[0.0, 1.0\]"),
         ("distill.alpha=-0.1", r"distill.alpha=-0.1 is outside \[0.0, 1.0\]"),
+        ("distill.hidden_weight=-1", r"distill.hidden_weight=-1.0 must be >= 0"),
     ],
 )
 def test_out_of_range_values_are_named(compose_train, override: str, message: str) -> None:

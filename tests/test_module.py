@@ -60,7 +60,7 @@ class TeacherWatch(pl.Callback):
         self.steps += 1
 
 
-def make_module(alpha: float = 0.5) -> DistillationModule:
+def make_module(alpha: float = 0.5, **kwargs) -> DistillationModule:
     teacher = tiny_bert(seed=1, layers=2).train()  # left in train mode on purpose
     return DistillationModule(
         student=tiny_bert(seed=2, layers=1),
@@ -69,6 +69,7 @@ def make_module(alpha: float = 0.5) -> DistillationModule:
         temperature=2.0,
         alpha=alpha,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        **kwargs,
     )
 
 
@@ -111,11 +112,13 @@ def test_checkpoint_has_no_teacher_and_loads_without_it(tmp_path: Path) -> None:
 
 
 def test_hard_label_training_skips_the_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = make_module(alpha=1.0)
+    module = make_module(alpha=1.0, hidden_weight=1.0)
     calls = []
     original = type(module.teacher).__call__
     monkeypatch.setattr(
-        type(module.teacher), "__call__", lambda self, inputs: calls.append(1) or original(self, inputs)
+        type(module.teacher),
+        "__call__",
+        lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs),
     )
     fit(module, tmp_path, validate=False)
     assert calls == []
@@ -131,3 +134,52 @@ def test_teacher_required_unless_alpha_is_one() -> None:
             alpha=0.5,
             optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         )
+
+
+class HiddenLossWatch(pl.Callback):
+    def __init__(self) -> None:
+        self.values = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(trainer.callback_metrics["train/loss_hidden"]))
+
+
+def test_hidden_state_term_trains_the_student_not_the_teacher(tmp_path: Path) -> None:
+    module = make_module(hidden_weight=1.0, hidden_layers=[1])
+    watch, hidden_watch = TeacherWatch(), HiddenLossWatch()
+    fit(module, tmp_path, [watch, hidden_watch])
+    assert watch.steps == 4 and len(hidden_watch.values) == 4
+    assert module.hidden_loss.layer_map == [1]
+    assert hidden_watch.values[-1] < hidden_watch.values[0]
+
+
+def test_hidden_layers_must_match_the_student_depth() -> None:
+    with pytest.raises(ValueError, match=r"hidden_layers=\[0, 1\] needs one teacher layer per student layer \(1\)"):
+        make_module(hidden_weight=1.0, hidden_layers=[0, 1])
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path: Path) -> None:
+    module = make_module()
+    forward = module.loss.forward
+
+    def poisoned(student_logits, teacher_logits, labels):
+        terms = forward(student_logits, teacher_logits, labels)
+        return terms._replace(loss=terms.loss * float("nan")) if module.global_step == 3 else terms
+
+    module.loss.forward = poisoned
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1)
+    trainer = pl.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[saver],
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
+    with pytest.raises(FloatingPointError, match="train/loss is nan at step 3"):
+        trainer.fit(module, train_dataloaders=batches(32))
+    saved = sorted(path.name for path in (tmp_path / "ckpt").iterdir())
+    assert saved[-1] == "epoch=0-step=3.ckpt"
+    weights = torch.load(tmp_path / "ckpt" / saved[-1], weights_only=False)["state_dict"]
+    assert all(torch.isfinite(value).all() for value in weights.values())

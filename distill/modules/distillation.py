@@ -8,6 +8,7 @@ Lightning's ``train()`` calls cannot switch its dropout back on. With ``teacher=
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +22,14 @@ from transformers import (
     PreTrainedModel,
     get_linear_schedule_with_warmup,
 )
+from transformers.utils import ModelOutput
 
+from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
 from distill.losses import KDLoss
 
+# Where on_load_checkpoint leaves masks found as ASP buffers (read by distill.callbacks.nm_sparsity).
+ASP_MASK_KEY = "asp_masks"
+ASP_BUFFER = re.compile(r"__(\w+?)_mma_(?:mask|pruned_p)")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
@@ -34,15 +40,15 @@ class FrozenTeacher:
         self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, inputs: dict[str, Tensor]) -> Tensor:
+    def __call__(self, inputs: dict[str, Tensor], output_hidden_states: bool = False) -> ModelOutput:
         device = next(iter(inputs.values())).device
         if next(self.model.parameters()).device != device:
             self.model.to(device)
-        return self.model(**inputs).logits
+        return self.model(**inputs, output_hidden_states=output_hidden_states)
 
 
 class DistillationModule(pl.LightningModule):
-    """Trains ``student`` on ``alpha * CE + (1 - alpha) * T^2 * KL`` against ``teacher``.
+    """Trains ``student`` on ``alpha * CE + (1 - alpha) * (T^2 * KL + hidden_weight * hidden)``.
 
     Args:
         student: a Hugging Face sequence-classification model (trainable).
@@ -51,6 +57,9 @@ class DistillationModule(pl.LightningModule):
         temperature, alpha: the KD loss settings (see :mod:`distill.losses`).
         optimizer: a partial optimizer taking ``params`` (Hydra ``_partial_: true``).
         warmup_ratio: fraction of the training steps with linear warm-up, then linear decay to 0.
+        hidden_weight: weight of the hidden-state term (:mod:`distill.hidden_loss`); 0 turns it off.
+            Like the KD term it is scaled by ``1 - alpha``, so ``alpha=1`` learns from labels only.
+        hidden_layers: the teacher layer each student layer matches; ``None`` spreads them uniformly.
     """
 
     def __init__(
@@ -62,6 +71,8 @@ class DistillationModule(pl.LightningModule):
         alpha: float,
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_ratio: float = 0.06,
+        hidden_weight: float = 0.0,
+        hidden_layers: list[int] | None = None,
     ) -> None:
         super().__init__()
         if teacher is None and alpha != 1:
@@ -70,6 +81,7 @@ class DistillationModule(pl.LightningModule):
         self.student = student
         self.teacher = FrozenTeacher(teacher) if teacher is not None else None
         self.loss = KDLoss(temperature=temperature, alpha=alpha)
+        self.hidden_loss = self._hidden_loss(student, teacher, hidden_layers) if hidden_weight > 0 else None
         self.optimizer_factory = optimizer
         self.metrics = nn.ModuleDict(
             {
@@ -79,27 +91,48 @@ class DistillationModule(pl.LightningModule):
             }
         )
 
+    @staticmethod
+    def _hidden_loss(student: PreTrainedModel, teacher: nn.Module | None, layers: list[int] | None) -> HiddenStateLoss:
+        if teacher is None:
+            raise ValueError("distill.hidden_weight > 0 needs a teacher")
+        student_layers, teacher_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        layers = list(layers) if layers is not None else uniform_layer_map(student_layers, teacher_layers)
+        if len(layers) != student_layers:
+            raise ValueError(
+                f"distill.hidden_layers={layers} needs one teacher layer per student layer ({student_layers})"
+            )
+        return HiddenStateLoss(layers, student.config.hidden_size, teacher.config.hidden_size, teacher_layers)
+
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         return self.student(**inputs).logits
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         labels = batch.pop("labels")
-        student_logits = self(batch)
-        # With alpha=1 the KD term has weight 0: skip the teacher's forward pass entirely.
-        teacher_logits = self.teacher(batch) if self.teacher is not None and self.loss.alpha < 1 else None
-        terms = self.loss(student_logits, teacher_logits, labels)
-        size = labels.shape[0]
-        self.log("train/loss", terms.loss, prog_bar=True, batch_size=size)
+        # With alpha=1 every teacher term has weight 0: skip the teacher's forward pass entirely.
+        uses_teacher = self.teacher is not None and self.loss.alpha < 1
+        with_hidden = uses_teacher and self.hidden_loss is not None
+        student_out = self.student(**batch, output_hidden_states=with_hidden)
+        teacher_out = self.teacher(batch, output_hidden_states=with_hidden) if uses_teacher else None
+        terms = self.loss(student_out.logits, teacher_out.logits if uses_teacher else None, labels)
+        loss, size = terms.loss, labels.shape[0]
+        if with_hidden:
+            hidden = self.hidden_loss(student_out.hidden_states, teacher_out.hidden_states, batch["attention_mask"])
+            loss = loss + (1 - self.loss.alpha) * self.hparams.hidden_weight * hidden
+            self.log("train/loss_hidden", hidden, batch_size=size)
+        if not torch.isfinite(loss):
+            # Stop before the optimizer step spreads it into the weights; saved checkpoints stay good.
+            raise FloatingPointError(f"train/loss is {loss.item()} at step {self.global_step}; stopping the run")
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/loss_kd", terms.kd, batch_size=size)
         self.log("train/loss_ce", terms.ce, batch_size=size)
-        return terms.loss
+        return loss
 
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
         labels = batch.pop("labels")
         predictions = self(batch).argmax(dim=-1)
         self._update(f"{stage}/acc", predictions, labels)
         if self.teacher is not None:
-            teacher_predictions = self.teacher(batch).argmax(dim=-1)
+            teacher_predictions = self.teacher(batch).logits.argmax(dim=-1)
             self._update(f"{stage}/teacher_acc", teacher_predictions, labels)
             self._update(f"{stage}/agreement", predictions, teacher_predictions)
 
@@ -116,7 +149,10 @@ class DistillationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
-        for name, param in self.student.named_parameters():
+        trainable = list(self.student.named_parameters())
+        if self.hidden_loss is not None:
+            trainable += list(self.hidden_loss.named_parameters())
+        for name, param in trainable:
             if param.requires_grad:
                 (no_decay if name.endswith(NO_DECAY) else decay).append(param)
         optimizer = self.optimizer_factory(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
@@ -128,6 +164,20 @@ class DistillationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The checkpoint describes its own student, so it loads without config files or the teacher.
         checkpoint["student_config"] = self.student.config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # APEX ASP saves its masks as `<layer>.__weight_mma_mask` buffers: move them aside so the
+        # plain student loads strictly and the N:M callback (either backend) can pick them up.
+        state = checkpoint["state_dict"]
+        asp_keys = [key for key in state if ASP_BUFFER.fullmatch(key.rsplit(".", 1)[-1])]
+        masks = {}
+        for key in asp_keys:
+            value = state.pop(key)
+            layer, buffer = key.rsplit(".", 1)
+            if buffer.endswith("_mma_mask"):
+                masks[f"{layer}.{ASP_BUFFER.fullmatch(buffer).group(1)}"] = value.bool()
+        if masks:
+            checkpoint[ASP_MASK_KEY] = masks
 
     @staticmethod
     def load_student(checkpoint_path: str) -> PreTrainedModel:

@@ -1,0 +1,19 @@
+"""Log the student's compression (``compression/*``) at every validation; see distill.compression_report."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+from distill.compression_report import compression_report
+
+
+class CompressionReport(pl.Callback):
+    """Totals of :func:`distill.compression_report.compression_report`, logged as ``compression/<key>``."""
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        teacher = pl_module.teacher.model if getattr(pl_module, "teacher", None) is not None else None
+        _, totals = compression_report(pl_module.student, teacher)
+        # Every rank computes the same numbers from identical (masked) weights: no sync needed.
+        pl_module.log_dict({f"compression/{key}": float(value) for key, value in totals.items()}, sync_dist=False)
