@@ -65,6 +65,7 @@ class DistillSchema:
     warmup_ratio: float = 0.06
     hidden_weight: float = 0.0
     hidden_layers: list[int] | None = None
+    teacher_cache: str = "none"
     optimizer: Any = MISSING
 
 
@@ -161,6 +162,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.distill.temperature <= 0:
         raise ValueError(f"distill.temperature={cfg.distill.temperature!r} must be > 0")
     _check_range("distill.alpha", cfg.distill.alpha, 0.0, 1.0)
+    if cfg.distill.teacher_cache not in ("none", "precompute"):
+        raise ValueError(f"distill.teacher_cache={cfg.distill.teacher_cache!r} must be 'none' or 'precompute'")
     if cfg.distill.hidden_weight < 0:
         raise ValueError(f"distill.hidden_weight={cfg.distill.hidden_weight!r} must be >= 0")
     _check_range("distill.warmup_ratio", cfg.distill.warmup_ratio, 0.0, 1.0)

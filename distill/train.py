@@ -26,23 +26,27 @@ from distill.models.student import check_same_vocabulary, transformer_layer_para
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
 from distill.schemas import register_schemas, validate
+from distill.teacher_logits import precompute_teacher_logits
 from distill.utils.instantiate import instantiate_named
 from distill.utils.run_record import count_parameters, git_state, record_student, write_json
 
 log = logging.getLogger("distill.train")
 
 
-def build_module(cfg: DictConfig, teacher: Teacher, student: Any, num_labels: int) -> DistillationModule:
+def build_module(cfg: DictConfig, teacher: Teacher, student: Any, datamodule: Any) -> DistillationModule:
+    cached = cfg.distill.teacher_cache == "precompute" and cfg.distill.alpha < 1
+    teacher_logits = precompute_teacher_logits(teacher.model, datamodule, cfg.paths.cache_dir) if cached else None
     return DistillationModule(
         student=student,
         teacher=teacher.model,
-        num_labels=num_labels,
+        num_labels=datamodule.num_labels,
         temperature=cfg.distill.temperature,
         alpha=cfg.distill.alpha,
         optimizer=instantiate(cfg.distill.optimizer),
         warmup_ratio=cfg.distill.warmup_ratio,
         hidden_weight=cfg.distill.hidden_weight,
         hidden_layers=cfg.distill.hidden_layers,
+        teacher_logits=teacher_logits,
     )
 
 
@@ -87,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     student = instantiate(cfg.student, teacher=teacher)
     check_same_vocabulary(teacher, student)
     record_student(output_dir, student)
-    module = build_module(cfg, teacher, student, datamodule.num_labels)
+    module = build_module(cfg, teacher, student, datamodule)
 
     loggers = instantiate_named(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)

@@ -34,6 +34,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{spec}".encode()).hexdigest()[:16]
 
 
+EXAMPLE_INDEX = "example_index"
+
+
 class GlueDataModule(pl.LightningDataModule):
     """Tokenised, dynamically padded GLUE classification data.
 
@@ -186,7 +189,21 @@ class GlueDataModule(pl.LightningDataModule):
             train = train.shuffle(seed=self.seed).select(range(min(self.train_limit, len(train))))
         if self.val_limit is not None:
             validation = validation.select(range(min(self.val_limit, len(validation))))
+        # Batches carry each example's row so per-example stores (cached teacher logits) can be read.
+        train = train.add_column(EXAMPLE_INDEX, list(range(len(train))))
         self.splits = {"train": train, "validation": validation}
+
+    def train_fingerprint(self) -> str:
+        """Identity of the training examples as batches see them: source, tokenisation and slice."""
+        self.setup("fit")
+        raw_key = self._cache_key("train", self._tokenized_splits()["train"])
+        spec = [
+            raw_key,
+            self.train_limit,
+            self.seed if self.train_limit is not None else None,
+            len(self.splits["train"]),
+        ]
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
     def dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         """A loader over ``split`` ("train" or "validation") after :meth:`setup`."""

@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
+from distill.data.glue import EXAMPLE_INDEX
 from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
 from distill.losses import KDLoss
 
@@ -60,6 +61,8 @@ class DistillationModule(pl.LightningModule):
         hidden_weight: weight of the hidden-state term (:mod:`distill.hidden_loss`); 0 turns it off.
             Like the KD term it is scaled by ``1 - alpha``, so ``alpha=1`` learns from labels only.
         hidden_layers: the teacher layer each student layer matches; ``None`` spreads them uniformly.
+        teacher_logits: precomputed teacher logits by training-example index
+            (:class:`distill.teacher_logits.TeacherLogitStore`); the teacher then runs for evaluation only.
     """
 
     def __init__(
@@ -73,15 +76,19 @@ class DistillationModule(pl.LightningModule):
         warmup_ratio: float = 0.06,
         hidden_weight: float = 0.0,
         hidden_layers: list[int] | None = None,
+        teacher_logits: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if teacher is None and alpha != 1:
             raise ValueError(f"alpha={alpha!r} needs a teacher; without one only alpha=1 (fine-tuning) works")
-        self.save_hyperparameters(ignore=["student", "teacher", "optimizer"])
+        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "teacher_logits"])
         self.student = student
         self.teacher = FrozenTeacher(teacher) if teacher is not None else None
         self.loss = KDLoss(temperature=temperature, alpha=alpha)
         self.hidden_loss = self._hidden_loss(student, teacher, hidden_layers) if hidden_weight > 0 else None
+        if teacher_logits is not None and self.hidden_loss is not None:
+            raise ValueError("precomputed teacher logits hold no hidden states: set distill.hidden_weight=0")
+        self.teacher_logits = teacher_logits
         self.optimizer_factory = optimizer
         self.metrics = nn.ModuleDict(
             {
@@ -108,15 +115,18 @@ class DistillationModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         labels = batch.pop("labels")
-        # With alpha=1 every teacher term has weight 0: skip the teacher's forward pass entirely.
+        example_index = batch.pop(EXAMPLE_INDEX, None)
+        # With alpha=1 every teacher term has weight 0: skip the teacher entirely.
         uses_teacher = self.teacher is not None and self.loss.alpha < 1
         with_hidden = uses_teacher and self.hidden_loss is not None
         student_out = self.student(**batch, output_hidden_states=with_hidden)
-        teacher_out = self.teacher(batch, output_hidden_states=with_hidden) if uses_teacher else None
-        terms = self.loss(student_out.logits, teacher_out.logits if uses_teacher else None, labels)
+        teacher_logits, teacher_hidden = (
+            self._teacher_outputs(batch, example_index, with_hidden) if uses_teacher else (None, None)
+        )
+        terms = self.loss(student_out.logits, teacher_logits, labels)
         loss, size = terms.loss, labels.shape[0]
         if with_hidden:
-            hidden = self.hidden_loss(student_out.hidden_states, teacher_out.hidden_states, batch["attention_mask"])
+            hidden = self.hidden_loss(student_out.hidden_states, teacher_hidden, batch["attention_mask"])
             loss = loss + (1 - self.loss.alpha) * self.hparams.hidden_weight * hidden
             self.log("train/loss_hidden", hidden, batch_size=size)
         if not torch.isfinite(loss):
@@ -126,6 +136,17 @@ class DistillationModule(pl.LightningModule):
         self.log("train/loss_kd", terms.kd, batch_size=size)
         self.log("train/loss_ce", terms.ce, batch_size=size)
         return loss
+
+    def _teacher_outputs(
+        self, batch: dict[str, Tensor], example_index: Tensor | None, with_hidden: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """Teacher logits (from the precomputed store when there is one) and hidden states if asked."""
+        if self.teacher_logits is not None:
+            if example_index is None:
+                raise ValueError(f"precomputed teacher logits need batches with an {EXAMPLE_INDEX!r} field")
+            return self.teacher_logits(example_index), None
+        out = self.teacher(batch, output_hidden_states=with_hidden)
+        return out.logits, out.hidden_states
 
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
         labels = batch.pop("labels")

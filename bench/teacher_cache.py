@@ -1,0 +1,116 @@
+"""Distillation step time with precomputed teacher logits versus the live teacher, same process.
+
+    HF_HOME=../shared/hf HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=../shared/data python bench/teacher_cache.py
+
+Builds the default ``experiment=bert_to_tiny`` objects (data, cached fine-tuned teacher, student)
+through the same Hydra config as ``distill.train``, then runs ``--steps`` training steps through
+``Trainer.fit`` with the live teacher and with the logit store, alternating arms ``--repeats``
+times. Reports median step times, the steady-state epoch ratio, the first-run ratio (one epoch
+plus building the store) and the largest difference between the arms' first losses (same seed,
+same batches). Prints markdown, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from distill.schemas import register_schemas
+from distill.teacher_logits import precompute_teacher_logits
+from distill.train import build_module
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+class LossTimes(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self.started)
+        self.losses.append(float(outputs["loss"]))
+
+
+def run_arm(cfg, teacher, student, datamodule, steps: int) -> LossTimes:
+    pl.seed_everything(cfg.seed, workers=True)
+    module = build_module(cfg, teacher, copy.deepcopy(student), datamodule)
+    record = LossTimes()
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[record],
+    )
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench/results/teacher_cache.json")
+    args = parser.parse_args()
+    register_schemas()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=bert_to_tiny", "paths.output_dir=/tmp/bench-teacher-cache"])
+    datamodule = instantiate(cfg.data)
+    teacher = instantiate(cfg.teacher, datamodule=datamodule)
+    student = instantiate(cfg.student, teacher=teacher)
+
+    started = time.perf_counter()
+    precompute_teacher_logits(teacher.model, datamodule, cfg.paths.cache_dir)  # build (or reuse) the store
+    build_seconds = time.perf_counter() - started
+    arms = {"live": "none", "cached": "precompute"}
+    records: dict[str, list[LossTimes]] = {name: [] for name in arms}
+    for _ in range(args.repeats):
+        for name, mode in arms.items():
+            cfg.distill.teacher_cache = mode
+            records[name].append(run_arm(cfg, teacher, student, datamodule, args.steps))
+    step = {name: statistics.median(t for r in runs for t in r.times[3:]) for name, runs in records.items()}
+    epoch_steps = len(datamodule.train_dataloader())
+    loss_gap = max(abs(a - b) for a, b in zip(records["live"][0].losses, records["cached"][0].losses, strict=True))
+    result = {
+        "step_seconds": step,
+        "epoch_steps": epoch_steps,
+        "epoch_ratio": step["live"] / step["cached"],
+        "store_seconds_this_run": build_seconds,
+        "first_losses": {name: runs[0].losses[:5] for name, runs in records.items()},
+        "max_first_loss_difference": loss_gap,
+        "threads": torch.get_num_threads(),
+        "args": vars(args),
+    }
+    print(
+        f"\nbert_to_tiny distillation steps, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} alternating repeats x {args.steps} steps\n"
+    )
+    print("| teacher | median step (ms) | epoch estimate (s) |\n|---|---|---|")
+    for name in arms:
+        print(f"| {name} | {1000 * step[name]:.1f} | {step[name] * epoch_steps:.0f} |")
+    print(
+        f"\nepoch ratio live/cached: {result['epoch_ratio']:.2f}x; store build/load this run: {build_seconds:.1f} s; "
+        f"max |loss live - loss cached| over {args.steps} steps: {loss_gap:.2e}"
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
