@@ -1,0 +1,94 @@
+"""Swap 2:4-sparse Linear weights for ``torch.sparse`` semi-structured tensors, layer by layer, on CUDA.
+
+``to_sparse_semi_structured`` is inference-only, CUDA-only (compute capability 8.0+) and needs
+fp16/bf16 weights whose every group of 4 input weights holds at most 2 non-zeros; its packer does
+not check that, so this module does. Each eligible layer is converted only after its output
+matches the dense layer on a representative input, and only if it is faster there: small GEMMs
+are often slower sparse (pytorch#111339), so the per-layer decision is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from distill.kernels import is_nm_sparse
+
+log = logging.getLogger(__name__)
+SPARSE_DTYPES = (torch.float16, torch.bfloat16)
+# cuSPARSELt's minimum weight shape for fp16/bf16 (torch 2.13 table); CUTLASS needs more.
+MIN_ROWS, MIN_COLS = 16, 16
+
+
+@dataclass
+class LayerDecision:
+    name: str
+    converted: bool
+    reason: str
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+
+
+def ineligibility(weight: Tensor) -> str | None:
+    """Why ``weight`` cannot become a semi-structured tensor, or ``None`` if it can."""
+    rows, cols = weight.shape
+    if rows < MIN_ROWS or cols < MIN_COLS or rows % MIN_ROWS or cols % MIN_COLS:
+        return f"shape {tuple(weight.shape)} is not a multiple of ({MIN_ROWS}, {MIN_COLS})"
+    if not is_nm_sparse(weight, 2, 4):
+        return "not 2:4 sparse"
+    if weight.dtype not in SPARSE_DTYPES:
+        return f"dtype {weight.dtype}; needs float16 or bfloat16 (float32 would be a 1:2 pattern)"
+    if weight.device.type != "cuda":
+        return f"on {weight.device.type}; semi-structured sparsity needs CUDA"
+    return None
+
+
+def cuda_time_ms(fn: Callable[[], Tensor], repeats: int = 50) -> float:
+    """Median time of ``fn`` in milliseconds, with CUDA events."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def convert_layer(name: str, layer: nn.Linear, tokens: int, timer=cuda_time_ms) -> LayerDecision:
+    """Convert one layer in place if it is eligible, exact enough and faster on ``tokens`` inputs."""
+    reason = ineligibility(layer.weight)
+    if reason is not None:
+        return LayerDecision(name, False, reason)
+    sample = torch.randn(tokens, layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)
+    dense_out = layer(sample)
+    dense_ms = timer(lambda: layer(sample))
+    dense_weight = layer.weight
+    layer.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(dense_weight), requires_grad=False)
+    sparse_out = layer(sample)
+    if not torch.allclose(sparse_out, dense_out, rtol=1e-2, atol=1e-2):
+        layer.weight = dense_weight
+        return LayerDecision(name, False, "sparse output differs from dense", dense_ms)
+    sparse_ms = timer(lambda: layer(sample))
+    if sparse_ms >= dense_ms:
+        layer.weight = dense_weight
+        return LayerDecision(name, False, "sparse is not faster", dense_ms, sparse_ms)
+    return LayerDecision(name, True, "converted", dense_ms, sparse_ms)
+
+
+def to_semi_structured(model: nn.Module, tokens: int = 2048) -> list[LayerDecision]:
+    """Convert every eligible 2:4 Linear of a CUDA fp16/bf16 ``model`` in place; one decision per Linear."""
+    decisions = [
+        convert_layer(name, module, tokens) for name, module in model.named_modules() if isinstance(module, nn.Linear)
+    ]
+    converted = sum(decision.converted for decision in decisions)
+    log.info("semi-structured 2:4: %d of %d Linear layers converted", converted, len(decisions))
+    return decisions
