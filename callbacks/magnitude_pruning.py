@@ -102,6 +102,10 @@ class MagnitudePruning(MaskingCallback):
         keep = prune_smallest(flat, round(sparsity * flat.numel())).split([s.numel() for s in scores.values()])
         return {name: part.view(score.shape) for (name, score), part in zip(scores.items(), keep, strict=True)}
 
+    def describe(self) -> dict[str, Any]:
+        """For the export manifest."""
+        return {"layers": sorted(self.masks), "sparsity": self.sparsity, "scope": self.scope, **self.schedule}
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "last_update_step": self.last_update_step, "sparsity": self.sparsity}
 

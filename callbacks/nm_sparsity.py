@@ -165,6 +165,10 @@ class NMSparsity(MaskingCallback):
             pl_module.get_submodule(layer)._buffers.pop(f"__{param}_mma_mask", None)
         self._asp = None
 
+    def describe(self) -> dict[str, Any]:
+        """For the export manifest."""
+        return {"pattern": f"{self.n}:{self.m}", "layers": sorted(self.masks), "backend": self.backend}
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "n": self.n, "m": self.m}
 

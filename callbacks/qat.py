@@ -79,6 +79,7 @@ class QuantizationAwareTraining(pl.Callback):
         self.start_step, self.weight_bits = start_step, weight_bits
         self.include, self.exclude = list(include), list(exclude)
         self.active = False
+        self.layers: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         names = {name.removesuffix(".weight") for name in resolve_targets(pl_module, self.include, self.exclude)}
@@ -88,6 +89,7 @@ class QuantizationAwareTraining(pl.Callback):
             log.info(
                 "QAT: %d Linear layers fake-quantized (int%d weights, int8 activations)", len(fresh), self.weight_bits
             )
+        self.layers = sorted(fake_quantized_layers(pl_module))
         set_fake_quant(pl_module, self.active)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
@@ -95,6 +97,15 @@ class QuantizationAwareTraining(pl.Callback):
             self.active = True
             set_fake_quant(pl_module, True)
             log.info("QAT: fake quantization on from step %d", trainer.global_step)
+
+    def describe(self) -> dict[str, Any]:
+        """For the export manifest."""
+        return {
+            "weights": f"int{self.weight_bits} symmetric per output channel",
+            "activations": "int8 asymmetric per token, dynamic",
+            "start_step": self.start_step,
+            "layers": self.layers,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"active": self.active, "start_step": self.start_step, "weight_bits": self.weight_bits}

@@ -20,9 +20,7 @@ from torch import nn
 from torchao.quantization import quantize_
 from torchao.quantization.qat import QATConfig
 
-from distill.callbacks.magnitude_pruning import MagnitudePruning
-from distill.callbacks.nm_sparsity import NMSparsity
-from distill.callbacks.qat import QuantizationAwareTraining, convert_to_int8, fake_quantized_layers
+from distill.callbacks.qat import convert_to_int8, fake_quantized_layers
 from distill.compression_report import LayerReport, compression_report
 from distill.eval import accuracy, latency_ms
 from distill.utils.run_record import write_json
@@ -38,30 +36,12 @@ def float_student(student: nn.Module) -> nn.Module:
     return plain
 
 
-def manifest(callbacks: list[Any], totals: dict[str, Any], student: nn.Module) -> dict[str, Any]:
-    """What was compressed and how, keyed by technique; the report's totals alongside."""
+def manifest(callbacks: list[Any], totals: dict[str, Any]) -> dict[str, Any]:
+    """What was compressed and how: each compression callback's ``describe()``, and the report's totals."""
     entries: dict[str, Any] = {"totals": totals}
     for callback in callbacks:
-        if isinstance(callback, MagnitudePruning):
-            entries["magnitude_pruning"] = {
-                "layers": callback.targets,
-                "sparsity": callback.sparsity,
-                "scope": callback.scope,
-                **callback.schedule,
-            }
-        elif isinstance(callback, NMSparsity):
-            entries["nm_sparsity"] = {
-                "n": callback.n,
-                "m": callback.m,
-                "layers": sorted(callback.masks),
-                "backend": callback.backend,
-            }
-        elif isinstance(callback, QuantizationAwareTraining):
-            entries["quantization"] = {
-                "weights": f"int{callback.weight_bits} symmetric per-channel",
-                "activations": "int8 asymmetric per-token dynamic",
-                "layers": sorted(fake_quantized_layers(student)),
-            }
+        if hasattr(callback, "describe"):
+            entries[type(callback).__name__] = callback.describe()
     return entries
 
 
@@ -108,7 +88,7 @@ def export_student(
         student_dir = output_dir / "student"
         float_student(module.student).save_pretrained(student_dir)
         datamodule.tokenizer.save_pretrained(student_dir)
-        write_json(student_dir / "compression.json", manifest(callbacks, totals, module.student))
+        write_json(student_dir / "compression.json", manifest(callbacks, totals))
         if fake_quantized_layers(module.student):
             metrics |= export_int8(module.student, datamodule, output_dir)
     return metrics, layers

@@ -35,7 +35,8 @@ def test_nm24_with_qat_exports_exact_2_4_and_int8(compose_train, tiny_run_overri
     assert len(weights) == 6
     assert all(is_nm_sparse(w, 2, 4) and (w == 0).float().mean() == 0.5 for w in weights.values())
     manifest = json.loads((run / "student" / "compression.json").read_text())
-    assert len(manifest["nm_sparsity"]["layers"]) == 6 and len(manifest["quantization"]["layers"]) == 6
+    assert len(manifest["NMSparsity"]["layers"]) == 6 and len(manifest["QuantizationAwareTraining"]["layers"]) == 6
+    assert manifest["NMSparsity"]["pattern"] == "2:4"
     assert metrics["compression/nm24_valid_layers"] == 6 and metrics["compression/quantized_layers"] == 6
     assert metrics["student_int8/linear_bytes_vs_fp32"] <= 0.30
     assert abs(metrics["student_int8/val_acc"] - metrics["student/val_acc"]) <= 0.2
