@@ -44,3 +44,12 @@ def test_grouped_batches_pad_much_less_on_sst2(tmp_path: Path, data_dir: Path, g
     assert padded_tokens(grouped_batches, lengths) * 2 < padded_tokens(plain_batches, lengths)
     batch = next(iter(grouped.train_dataloader()))
     assert batch["input_ids"].shape[0] == 32 and set(batch) >= {"input_ids", "attention_mask", "labels"}
+
+
+def test_ranks_split_the_batches_evenly_and_disjointly() -> None:
+    lengths = [i % 13 + 1 for i in range(103)]
+    whole = list(LengthGroupedBatchSampler(lengths, batch_size=4, group_size=3, seed=5))
+    shards = [list(LengthGroupedBatchSampler(lengths, 4, 3, seed=5, rank=r, num_replicas=3)) for r in range(3)]
+    assert len({len(shard) for shard in shards}) == 1 and len(shards[0]) == len(whole) // 3
+    seen = [tuple(batch) for shard in shards for batch in shard]
+    assert len(seen) == len(set(seen)) and set(seen) <= {tuple(batch) for batch in whole}

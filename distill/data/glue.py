@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 import lightning.pytorch as pl
 from filelock import FileLock
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from distill.data.sampler import LengthGroupedBatchSampler
@@ -206,17 +206,36 @@ class GlueDataModule(pl.LightningDataModule):
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
     def dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        """A loader over ``split`` ("train" or "validation") after :meth:`setup`."""
+        """A loader over ``split`` ("train" or "validation") after :meth:`setup`.
+
+        Shuffled (training) loaders shard themselves across data-parallel ranks, so trainers run
+        with ``use_distributed_sampler=False`` (see conf/trainer/ddp*.yaml); evaluation loaders are
+        whole on every rank, which keeps accuracy exact (no padded duplicate examples).
+        """
         dataset = self.splits[split]
         collate = DataCollatorWithPadding(self.tokenizer)
+        rank, replicas = self._data_parallel_rank()
         if shuffle and self.group_by_length:
             if split not in self._lengths:
                 self._lengths[split] = [len(ids) for ids in dataset["input_ids"]]
-            sampler = LengthGroupedBatchSampler(self._lengths[split], batch_size, seed=self.seed)
+            sampler = LengthGroupedBatchSampler(
+                self._lengths[split], batch_size, seed=self.seed, rank=rank, num_replicas=replicas
+            )
             return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate)
+        if shuffle and replicas > 1:
+            sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
+            return DataLoader(
+                dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=collate
+            )
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate
         )
+
+    def _data_parallel_rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", self.batch_size, shuffle=True)

@@ -23,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from filelock import FileLock
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
@@ -166,6 +167,8 @@ def finetune_classifier(
         val_check_interval=1.0 / val_checks_per_epoch,
         gradient_clip_val=1.0,
         devices=1,
+        # One process even inside a multi-task SLURM/torchrun job: the other ranks wait on the cache lock.
+        plugins=[LightningEnvironment()],
         num_sanity_val_steps=0,
         log_every_n_steps=50,
     )
