@@ -15,5 +15,6 @@ class CompressionReport(pl.Callback):
             return
         teacher = pl_module.teacher.model if getattr(pl_module, "teacher", None) is not None else None
         _, totals = compression_report(pl_module.student, teacher)
-        # Every rank computes the same numbers from identical (masked) weights: no sync needed.
-        pl_module.log_dict({f"compression/{key}": float(value) for key, value in totals.items()}, sync_dist=False)
+        # Every rank computes the same numbers from identical (masked) weights, so the mean over
+        # ranks that sync_dist takes (once per validation) changes nothing.
+        pl_module.log_dict({f"compression/{key}": float(value) for key, value in totals.items()}, sync_dist=True)

@@ -27,6 +27,7 @@ from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
 from distill.schemas import register_schemas, validate
 from distill.teacher_logits import precompute_teacher_logits
+from distill.utils.energy import RunMeter
 from distill.utils.instantiate import instantiate_named
 from distill.utils.run_record import count_parameters, git_state, record_student, write_json
 
@@ -68,6 +69,7 @@ def summarize(teacher: Teacher, module: DistillationModule, results: dict[str, f
         "student/params": student_counts["params"],
         "student/nonzero_params": student_counts["nonzero_params"],
         "student/layer_params": transformer_layer_params(module.student),
+        "global_step": module.global_step,
         "wall_time_s": round(time.time() - started, 1),
     }
 
@@ -100,13 +102,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **run_facts})
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    # A compressed student is tested as fit left it: an earlier "best" checkpoint predates the end
-    # of the schedule (less sparse, or not quantized yet).
-    test_from = None if compression else best_checkpoint(trainer)
-    (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=test_from)
+    with RunMeter(trainer.world_size, measure=trainer.is_global_zero) as meter:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # A compressed student is tested as fit left it: an earlier "best" checkpoint predates the end
+        # of the schedule (less sparse, or not quantized yet).
+        test_from = None if compression else best_checkpoint(trainer)
+        (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=test_from)
 
-    metrics = summarize(teacher, module, results, started)
+    metrics = summarize(teacher, module, results, started) | meter.metrics()
     if trainer.is_global_zero:
         report, layers = export_student(module, datamodule, output_dir, callbacks, teacher.model, cfg.export)
         metrics |= report
@@ -132,11 +135,19 @@ def log_final(loggers: list, metrics: dict[str, Any], layers: list) -> None:
             logger.log_table(key="compression/frontier_point", columns=point, data=[[metrics.get(k) for k in point]])
 
 
+def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
+    """The number a sweeper optimises: ``objective.metric``, unless the student is over budget."""
+    budget, size = cfg.objective.max_size_bytes, metrics.get("compression/size_bytes")
+    if budget is not None and size is not None and size > budget:
+        return cfg.objective.over_budget_score
+    return metrics[cfg.objective.metric]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        train(cfg)
+        return objective(cfg, train(cfg))
     finally:
         log.info("Run folder: %s", cfg.paths.output_dir)
         finish_wandb()

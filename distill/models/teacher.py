@@ -179,6 +179,8 @@ def finetune_classifier(
         train_dataloaders=datamodule.dataloader("train", batch_size, shuffle=True),
         val_dataloaders=datamodule.val_dataloader(),
     )
-    (result,) = trainer.validate(module, datamodule.val_dataloader(), ckpt_path=best.best_model_path, verbose=False)
-    shutil.rmtree(log_dir / "checkpoints")
+    # No checkpoint when max_steps ends fine-tuning before the first dev check: keep the final weights.
+    selected = best.best_model_path or None
+    (result,) = trainer.validate(module, datamodule.val_dataloader(), ckpt_path=selected, verbose=False)
+    shutil.rmtree(log_dir / "checkpoints", ignore_errors=True)
     return module.student.eval(), float(result["val/acc"]), trainer.global_step
