@@ -89,6 +89,7 @@ def precompute_teacher_logits(teacher: nn.Module, datamodule: GlueDataModule, ca
             logits = compute_logits(teacher, datamodule, datamodule.eval_batch_size)
             partial = path.with_suffix(f".tmp-{os.getpid()}")
             save_file({"logits": logits.contiguous()}, str(partial), metadata=expected)
+            partial.chmod(0o644)  # readable by every job of a shared cache
             os.replace(partial, path)
         else:
             log.info("Reusing teacher logits %s", path)
