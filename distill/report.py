@@ -84,7 +84,7 @@ def mark_pareto(points: list[Point]) -> None:
 
 def markdown(points: list[Point], failed: list[tuple[str, list[str]]]) -> str:
     lines = [
-        "| Pareto | job | overrides | T | alpha | sparsity | size (MB) | dev acc | retained | energy (Wh) "
+        "| Pareto | job | swept values | T | alpha | sparsity | size (MB) | dev acc | retained | energy (Wh) "
         "| retained / kWh |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -164,6 +164,9 @@ def report(multirun: Path) -> dict[str, Any]:
         else:
             points.append(point)
     mark_pareto(points)
+    shared = set.intersection(*(set(p.overrides) for p in points)) if len(points) > 1 else set()
+    for point in points:  # the table shows what the sweep varied, not what every job shared
+        point.overrides = [o for o in point.overrides if o not in shared]
     (multirun / "frontier.md").write_text(f"# Frontier of {multirun}\n\n" + markdown(points, failed))
     if points:
         plot(points, multirun / "frontier.png")

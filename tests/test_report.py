@@ -1,0 +1,59 @@
+"""distill.report: Pareto marks, swept values, failed jobs, the plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from distill.report import report
+
+
+def fake_job(root: Path, job: str, temperature: float, sparsity: float | None, acc: float | None, size: float) -> None:
+    folder = root / job
+    (folder / ".hydra").mkdir(parents=True)
+    config = {"distill": {"temperature": temperature, "alpha": 0.5}, "logger": {"csv": {}}}
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    overrides = [f"distill.temperature={temperature}", "seed=1", f"compression={'gmp80' if sparsity else 'none'}"]
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if acc is not None:
+        metrics = {
+            "student/val_acc": acc,
+            "teacher/val_acc": 0.9,
+            "student/params": 1000,
+            "compression/size_bytes": size,
+            "compression/linear_sparsity": sparsity or 0.0,
+            "energy/kwh": 0.01,
+            "wall_time_s": 60,
+        }
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_frontier_table_marks_pareto_points_and_names_failures(tmp_path: Path) -> None:
+    fake_job(tmp_path, "0", 1.0, None, 0.85, 4e6)
+    fake_job(tmp_path, "1", 1.0, 0.8, 0.84, 1e6)
+    fake_job(tmp_path, "2", 4.0, None, 0.83, 4e6)  # dominated by job 0
+    fake_job(tmp_path, "3", 4.0, 0.8, None, 1e6)  # failed
+    summary = report(tmp_path)
+    assert summary == {"points": 3, "failed": ["3"]}
+    rows = [line for line in (tmp_path / "frontier.md").read_text().splitlines() if line.startswith("| ")][1:]
+    rows = [row for row in rows if not row.startswith("|---")]
+    assert [row.split("|")[2].strip() for row in rows] == ["1", "0", "2"]  # sorted by size
+    assert [row.split("|")[1].strip() for row in rows] == ["★", "★", ""]
+    assert "seed=1" not in rows[0] and "compression=gmp80" in rows[0]  # only what the sweep varied
+    assert rows[0].endswith("| 93.3 % | 10.00 | 93 |")  # retained, Wh, retained per kWh
+    assert (
+        "**Failed jobs**" in (tmp_path / "frontier.md").read_text()
+        and "- 3: " in (tmp_path / "frontier.md").read_text()
+    )
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+def test_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "distill.report", str(tmp_path)], capture_output=True, text=True)
+    assert (
+        result.returncode == 2 and f"no Hydra job folders (with .hydra/config.yaml) under {tmp_path}" in result.stderr
+    )
