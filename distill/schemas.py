@@ -94,7 +94,21 @@ ENCODER_LINEARS = ["student.*encoder.layer.*"]
 
 
 @dataclass
-class MagnitudePruningSchema:
+class TargetsSchema:
+    """Which Linear layers a compression callback touches (module-name globs)."""
+
+    include: list[str] = field(default_factory=lambda: list(ENCODER_LINEARS))
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MaskingSchema(TargetsSchema):
+    zero_optimizer_state: bool = True
+    allow_overlap: bool = False
+
+
+@dataclass
+class MagnitudePruningSchema(MaskingSchema):
     _target_: str = "distill.callbacks.magnitude_pruning.MagnitudePruning"
     final_sparsity: float = MISSING
     start_step: int = MISSING
@@ -102,32 +116,22 @@ class MagnitudePruningSchema:
     frequency: int = 100
     initial_sparsity: float = 0.0
     scope: str = "layer"
-    include: list[str] = field(default_factory=lambda: list(ENCODER_LINEARS))
-    exclude: list[str] = field(default_factory=list)
-    zero_optimizer_state: bool = True
-    allow_overlap: bool = False
 
 
 @dataclass
-class NMSparsitySchema:
+class NMSparsitySchema(MaskingSchema):
     _target_: str = "distill.callbacks.nm_sparsity.NMSparsity"
     n: int = 2
     m: int = 4
     prune_step: int = 0
     backend: str = "auto"
-    include: list[str] = field(default_factory=lambda: list(ENCODER_LINEARS))
-    exclude: list[str] = field(default_factory=list)
-    zero_optimizer_state: bool = True
-    allow_overlap: bool = False
 
 
 @dataclass
-class QATSchema:
+class QATSchema(TargetsSchema):
     _target_: str = "distill.callbacks.qat.QuantizationAwareTraining"
     start_step: int = 0
     weight_bits: int = 8
-    include: list[str] = field(default_factory=lambda: list(ENCODER_LINEARS))
-    exclude: list[str] = field(default_factory=list)
 
 
 _SCHEMAS = {

@@ -8,10 +8,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification
 
 from distill.modules.distillation import DistillationModule
+from tests.callback_helpers import batches
 
 
 def tiny_bert(seed: int, layers: int = 2) -> BertForSequenceClassification:
@@ -27,19 +27,6 @@ def tiny_bert(seed: int, layers: int = 2) -> BertForSequenceClassification:
         hidden_dropout_prob=0.3,
     )
     return BertForSequenceClassification(config)
-
-
-def batches(count: int = 8) -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    items = [
-        {
-            "input_ids": torch.randint(1, 50, (6,), generator=generator),
-            "attention_mask": torch.ones(6, dtype=torch.long),
-            "labels": torch.randint(0, 3, (), generator=generator),
-        }
-        for _ in range(count)
-    ]
-    return DataLoader(items, batch_size=4)
 
 
 class TeacherWatch(pl.Callback):
