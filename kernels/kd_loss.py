@@ -1,0 +1,160 @@
+"""The KD loss of :func:`distill.losses.kd_loss` for large output spaces, without full-size fp32 copies.
+
+Same contract as the reference (``distill.losses``): per row (position) of ``(..., V)`` logits,
+``alpha * CE(label, s) + (1 - alpha) * T**2 * KL(softmax(t / T) || softmax(s / T))``, fp32 math,
+averaged over rows whose label is not ``ignore_index`` (all rows when ``labels`` is None, which
+requires ``alpha == 0``). Gradients flow to the student logits only.
+
+The reference materialises several fp32 ``N x V`` tensors (log-softmaxes, probabilities, the
+pointwise KL) and autograd keeps some of them for backward. Here the gradient is computed in the
+forward pass, ``chunk_size`` rows at a time, and stored once in the logits' dtype; backward only
+scales it. Per row, with ``p = softmax(s / T)``, ``q = softmax(t / T)``:
+
+    d loss / d s = [alpha * (softmax(s) - onehot(label)) + (1 - alpha) * T * (p - q)] / n_rows
+
+Implementations: ``chunked`` (plain PyTorch, any device), ``triton`` (one program per row,
+online softmax over vocabulary blocks, CUDA or ``TRITON_INTERPRET=1``) and ``reference``
+(``distill.losses.kd_loss``). :func:`fused_kd_loss` picks one; ``impl=`` or the environment
+variable ``DISTILL_KD_IMPL`` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from distill.losses import check_kd_args, kd_loss
+
+IMPLS = ("auto", "reference", "chunked", "triton")
+
+
+def _rows(student: Tensor, teacher: Tensor | None, labels: Tensor | None, ignore_index: int):
+    vocab = student.shape[-1]
+    s = student.reshape(-1, vocab)
+    t = teacher.reshape(-1, vocab) if teacher is not None else None
+    y = labels.reshape(-1) if labels is not None else None
+    keep = (y != ignore_index) if y is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    return s, t, y, keep
+
+
+def _chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) -> tuple[Tensor, Tensor]:
+    """Loss sum (already divided by the row count) and gradient of one chunk of rows, fp32."""
+    s32 = s.float()
+    loss = s32.new_zeros(())
+    grad = s32.new_zeros(s32.shape)
+    if alpha > 0:
+        log_p1 = torch.log_softmax(s32, dim=-1)
+        safe = torch.where(keep, y, 0)
+        ce = -log_p1.gather(1, safe[:, None]).squeeze(1)
+        loss = loss + alpha * (ce * keep).sum()
+        grad += alpha * log_p1.exp()
+        grad.scatter_add_(1, safe[:, None], torch.full_like(ce[:, None], -alpha))
+        del log_p1
+    if alpha < 1:
+        log_p = torch.log_softmax(s32 / temperature, dim=-1)
+        log_q = torch.log_softmax(t.float() / temperature, dim=-1)
+        q = log_q.exp()
+        kl = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(dim=-1)
+        loss = loss + (1 - alpha) * temperature**2 * (kl * keep).sum()
+        grad += (1 - alpha) * temperature * (log_p.exp() - q)
+    grad *= (keep[:, None] * scale).to(grad.dtype)
+    return loss * scale, grad
+
+
+class _ChunkedKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, temperature, alpha, ignore_index, chunk_size):
+        s, t, y, keep = _rows(student, teacher, labels, ignore_index)
+        scale = 1.0 / max(int(keep.sum()), 1)
+        total = s.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(s)
+        for start in range(0, s.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk_loss, chunk_grad = _chunk_terms(
+                s[rows],
+                t[rows] if t is not None else None,
+                y[rows] if y is not None else None,
+                keep[rows],
+                temperature,
+                alpha,
+                scale,
+            )
+            total += chunk_loss
+            grad[rows] = chunk_grad.to(grad.dtype)
+        ctx.save_for_backward(grad.view(student.shape))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None
+
+
+def kd_loss_chunked(
+    student_logits, teacher_logits, labels=None, *, temperature, alpha, ignore_index=-100, chunk_size=1024
+) -> Tensor:
+    """:func:`distill.losses.kd_loss`, computed ``chunk_size`` rows at a time (see module docstring)."""
+    _check(teacher_logits, labels, temperature, alpha)
+    return _ChunkedKD.apply(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, chunk_size)
+
+
+def _check(teacher_logits, labels, temperature: float, alpha: float) -> None:
+    check_kd_args(temperature, alpha)
+    if labels is None and alpha > 0:
+        raise ValueError(f"labels=None requires alpha=0 (got alpha={alpha!r}): CE needs labels")
+    if teacher_logits is None and alpha < 1:
+        raise ValueError(f"teacher_logits=None requires alpha=1 (got alpha={alpha!r})")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick_impl(student_logits: Tensor, impl: str | None = None) -> str:
+    """``impl``, else ``$DISTILL_KD_IMPL``, else triton on CUDA when it imports, else chunked."""
+    choice = impl or os.environ.get("DISTILL_KD_IMPL", "auto")
+    if choice not in IMPLS:
+        raise ValueError(f"KD loss implementation {choice!r} is not one of {IMPLS} (argument impl or DISTILL_KD_IMPL)")
+    if choice != "auto":
+        return choice
+    return "triton" if student_logits.is_cuda and triton_available() else "chunked"
+
+
+def fused_kd_loss(
+    student_logits,
+    teacher_logits,
+    labels=None,
+    *,
+    temperature,
+    alpha,
+    ignore_index=-100,
+    impl: str | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """The KD loss contract through the implementation :func:`pick_impl` chooses."""
+    choice = pick_impl(student_logits, impl)
+    if choice == "reference":
+        return kd_loss(
+            student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index
+        )
+    if choice == "triton":
+        from distill.kernels.kd_loss_triton import kd_loss_triton
+
+        return kd_loss_triton(
+            student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index
+        )
+    return kd_loss_chunked(
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+    )
