@@ -63,6 +63,17 @@ def _chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) 
     return loss * scale, grad
 
 
+def scaled_gradient(ctx, grad_output: Tensor) -> Tensor:
+    """The gradient stored by forward, scaled in place: a second N x V copy would double the peak.
+
+    The buffer is used up, so backward runs once per forward (no ``retain_graph``)."""
+    if getattr(ctx, "used", False):
+        raise RuntimeError("the fused KD loss supports one backward per forward (no retain_graph)")
+    ctx.used = True
+    (grad,) = ctx.saved_tensors
+    return grad.mul_(grad_output.to(grad.dtype))
+
+
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, alpha, ignore_index, chunk_size):
@@ -88,12 +99,11 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None
+        return scaled_gradient(ctx, grad_output), None, None, None, None, None, None
 
 
 def kd_loss_chunked(
-    student_logits, teacher_logits, labels=None, *, temperature, alpha, ignore_index=-100, chunk_size=1024
+    student_logits, teacher_logits, labels=None, *, temperature, alpha, ignore_index=-100, chunk_size=128
 ) -> Tensor:
     """:func:`distill.losses.kd_loss`, computed ``chunk_size`` rows at a time (see module docstring)."""
     _check(teacher_logits, labels, temperature, alpha)
@@ -135,7 +145,7 @@ def fused_kd_loss(
     alpha,
     ignore_index=-100,
     impl: str | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 128,
 ) -> Tensor:
     """The KD loss contract through the implementation :func:`pick_impl` chooses."""
     choice = pick_impl(student_logits, impl)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from distill.kernels.kd_loss import _check
+from distill.kernels.kd_loss import _check, scaled_gradient
 
 
 @triton.jit
@@ -125,8 +125,7 @@ class _TritonKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+        return scaled_gradient(ctx, grad_output), None, None, None, None, None
 
 
 def kd_loss_triton(student_logits, teacher_logits, labels=None, *, temperature, alpha, ignore_index=-100) -> Tensor:

@@ -86,3 +86,11 @@ def test_contract_errors_are_the_reference_ones() -> None:
         kd_loss_chunked(student, teacher, None, temperature=2.0, alpha=0.5)
     with pytest.raises(ValueError, match="temperature=0"):
         kd_loss_chunked(student, teacher, labels, temperature=0, alpha=0.5)
+
+
+def test_backward_runs_once_per_forward() -> None:
+    student, teacher, labels = inputs()
+    loss = kd_loss_chunked(student, teacher, labels, temperature=2.0, alpha=0.5)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
