@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.topk import TopKTargets, kd_loss_topk
+
 
 class KDLossTerms(NamedTuple):
     """The total loss and its two parts, each already weighted by ``alpha`` / ``1 - alpha``.
@@ -115,10 +117,17 @@ def kd_loss(
 
     See the module docstring for the full contract (reduction, masking, T**2).
 
+    ``teacher_logits`` may also be cached top-K targets (:class:`distill.topk.TopKTargets`), for
+    vocabularies too large to store; :func:`distill.topk.kd_loss_topk` states that contract.
+
     >>> s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[2.0, 0.0]])
     >>> float(kd_loss(s, t, temperature=2.0, alpha=0.0))
     0.0
     """
+    if isinstance(teacher_logits, TopKTargets):
+        return kd_loss_topk(
+            student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index
+        )
     return kd_loss_terms(
         student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index
     ).loss

@@ -1,0 +1,105 @@
+"""Top-K teacher targets: what a teacher-logit cache keeps for language-model vocabularies.
+
+Storing ``N x V`` teacher logits is out of the question at V = 32k-256k, so a cache keeps, per
+position, the teacher's K largest logits and their class indices. Contract of the targets made
+by :func:`topk_targets` and read by :func:`kd_loss_topk` (``distill.losses.kd_loss`` routes
+:class:`TopKTargets` here):
+
+* ``q_k = softmax(t / T)_k`` for the K kept classes, from the full-vocabulary softmax at the
+  temperature the targets were made with (``TopKTargets.temperature``; using them at another T
+  is an error, since the missing mass depends on T).
+* ``rest=True`` (default): the mass outside the top K, ``r = 1 - sum_k q_k``, is kept as one
+  "rest" bucket; the student's matching bucket is ``1 - sum_k p_k``. The KD term is then the KL
+  between two (K + 1)-way distributions, exact when the teacher puts no mass outside its top K.
+* ``rest=False``: ``q`` is renormalised over the K classes and compared with the student's
+  distribution renormalised over the same K classes.
+* Reduction, masking, ``T**2`` and the CE term are those of ``distill.losses.kd_loss``; all math in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class TopKTargets(NamedTuple):
+    """Per position: the teacher's K largest logits, their indices, and log of the rest mass at ``temperature``."""
+
+    values: Tensor  # (..., K) teacher logits
+    indices: Tensor  # (..., K) int64 class ids
+    rest_log_mass: Tensor  # (...) log(1 - sum_k q_k) at `temperature`; -inf when nothing is left
+    temperature: float
+
+
+def topk_targets(teacher_logits: Tensor, k: int, temperature: float) -> TopKTargets:
+    """Keep the ``k`` largest teacher logits per position and the log of the mass they leave out."""
+    if not 0 < k <= teacher_logits.shape[-1]:
+        raise ValueError(f"k={k!r} must be in [1, vocabulary size {teacher_logits.shape[-1]}]")
+    scaled = teacher_logits.float() / temperature
+    _, indices = scaled.topk(k, dim=-1)
+    values = teacher_logits.float().gather(-1, indices)
+    return TopKTargets(values, indices, outside_log_mass(scaled, indices), temperature)
+
+
+def outside_log_mass(scaled_logits: Tensor, indices: Tensor) -> Tensor:
+    """log of the softmax mass outside ``indices``, summed directly (exactly -inf when nothing is outside)."""
+    outside = scaled_logits.scatter(-1, indices, float("-inf"))
+    return outside.logsumexp(-1) - scaled_logits.logsumexp(-1)
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate near 0 and -inf (Maechler 2012)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _topk_kl(student: Tensor, targets: TopKTargets, temperature: float, rest: bool) -> Tensor:
+    """Per-position KL between the teacher's top-K (+ rest) distribution and the student's."""
+    scaled = student / temperature
+    log_p = F.log_softmax(scaled, dim=-1).gather(-1, targets.indices)
+    log_q = targets.values / temperature - (targets.values / temperature).logsumexp(-1, keepdim=True)
+    if rest:
+        log_kept = log1mexp(targets.rest_log_mass)  # log sum_k q_k
+        log_q = log_q + log_kept.unsqueeze(-1)
+        log_q = torch.cat([log_q, targets.rest_log_mass.unsqueeze(-1)], dim=-1)
+        log_p = torch.cat([log_p, outside_log_mass(scaled, targets.indices).unsqueeze(-1)], dim=-1)
+    else:
+        log_p = log_p - log_p.logsumexp(-1, keepdim=True)
+    q = log_q.exp()
+    return torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
+
+
+def kd_loss_topk(
+    student_logits: Tensor,
+    targets: TopKTargets,
+    labels: Tensor | None = None,
+    *,
+    temperature: float,
+    alpha: float,
+    ignore_index: int = -100,
+    rest: bool = True,
+) -> Tensor:
+    """``alpha * CE + (1 - alpha) * T**2 * KL(top-K teacher || student)``; see the module docstring."""
+    from distill.losses import check_kd_args
+
+    check_kd_args(temperature, alpha)
+    if abs(targets.temperature - temperature) > 1e-12:
+        raise ValueError(f"top-K targets were made at T={targets.temperature!r}, not T={temperature!r}")
+    if labels is None and alpha > 0:
+        raise ValueError(f"labels=None requires alpha=0 (got alpha={alpha!r}): CE needs labels")
+    student = student_logits.float()
+    mask = (
+        (labels != ignore_index).float()
+        if labels is not None
+        else torch.ones(student.shape[:-1], device=student.device)
+    )
+    count = mask.sum().clamp(min=1)
+    loss = (1 - alpha) * temperature**2 * (_topk_kl(student, targets, temperature, rest) * mask).sum() / count
+    if alpha > 0:
+        safe = torch.where(labels == ignore_index, 0, labels)
+        ce = F.cross_entropy(student.reshape(-1, student.shape[-1]), safe.reshape(-1), reduction="none")
+        loss = loss + alpha * (ce.reshape(mask.shape) * mask).sum() / count
+    return loss
