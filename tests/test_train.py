@@ -53,6 +53,8 @@ def test_tiny_distillation_end_to_end(
     assert set(metrics) >= METRIC_KEYS
     assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["student/params"] < metrics["teacher/params"]
+    assert metrics["global_step"] == 6 and metrics["energy/device_hours"] > 0
+    assert metrics["energy/kwh"] is None or metrics["energy/kwh"] > 0  # None where CodeCarbon cannot start
     assert json.loads((run / "git.json").read_text()).keys() >= {"commit", "dirty"}
     assert "BertForSequenceClassification" in (run / "student_architecture.txt").read_text()
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "csv" / "metrics.csv").is_file()
