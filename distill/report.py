@@ -164,9 +164,11 @@ def report(multirun: Path) -> dict[str, Any]:
         else:
             points.append(point)
     mark_pareto(points)
-    shared = set.intersection(*(set(p.overrides) for p in points)) if len(points) > 1 else set()
+    every_job = [set(p.overrides) for p in points] + [set(overrides) for _, overrides in failed]
+    shared = set.intersection(*every_job) if len(every_job) > 1 else set()
     for point in points:  # the table shows what the sweep varied, not what every job shared
         point.overrides = [o for o in point.overrides if o not in shared]
+    failed = [(job, [o for o in overrides if o not in shared]) for job, overrides in failed]
     (multirun / "frontier.md").write_text(f"# Frontier of {multirun}\n\n" + markdown(points, failed))
     if points:
         plot(points, multirun / "frontier.png")
