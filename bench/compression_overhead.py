@@ -7,7 +7,8 @@ bert_to_tiny student (2 layers, H384) on batches of 32 x 64 tokens, through Trai
 callback set per arm. Arms are interleaved repeat by repeat so machine noise hits all of them;
 each arm's step time is the median over steps (first 5 dropped) of every repeat, and the table
 gives the median ratio to the no-callback arm. GMP updates masks every 10 steps here (the preset
-uses 100), so its mask-update cost is counted generously. Prints markdown, writes JSON.
+uses 100), so its mask-update cost is counted generously. Arms: none, gmp80, nm24 (masks held),
+gmp80+nm24 (GMP on attention, 2:4 on the FFN), qat8, nm24+qat8. Prints markdown, writes JSON.
 """
 
 from __future__ import annotations
@@ -32,18 +33,18 @@ from distill.modules.distillation import DistillationModule
 WARMUP_STEPS = 5
 ARMS = {
     "none": lambda: [],
-    "gmp80 (update every 10 steps)": lambda: [
+    "gmp80": lambda: [
         MagnitudePruning(final_sparsity=0.8, start_step=0, end_step=1000, frequency=10)
     ],
-    "nm24 (masks held)": lambda: [NMSparsity(backend="native")],
-    "gmp80 + nm24 masks, no QAT": lambda: [
+    "nm24": lambda: [NMSparsity(backend="native")],
+    "gmp80+nm24": lambda: [
         MagnitudePruning(
             final_sparsity=0.8, start_step=0, end_step=1000, frequency=10, include=["student.*attention*"]
         ),
         NMSparsity(backend="native", include=["student.*intermediate.dense", "student.*layer.?.output.dense"]),
     ],
     "qat8": lambda: [QuantizationAwareTraining()],
-    "nm24 + qat8": lambda: [NMSparsity(backend="native"), QuantizationAwareTraining()],
+    "nm24+qat8": lambda: [NMSparsity(backend="native"), QuantizationAwareTraining()],
 }
 
 
@@ -111,12 +112,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(ARMS),
+        choices=list(ARMS),
+        metavar="ARM",
+        help=f"subset of: {', '.join(ARMS)} ('none' is always run)",
+    )
     parser.add_argument("--out", default="bench/results/compression_overhead.json")
     args = parser.parse_args()
     data = batches(args.steps)
-    medians: dict[str, list[float]] = {name: [] for name in ARMS}
+    arms = ["none", *[name for name in args.arms if name != "none"]]
+    medians: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.repeats):
-        for name in ARMS:
+        for name in arms:
             medians[name].append(run_arm(name, args.steps, data))
     ratios = {
         name: statistics.median(a / b for a, b in zip(times, medians["none"], strict=True))
