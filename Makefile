@@ -33,6 +33,7 @@ bench:  ## CPU benchmarks (markdown tables; JSON under bench/results/); GPU: ben
 	python bench/compression_overhead.py
 	$(OFFLINE) python bench/teacher_cache.py
 	python bench/kd_loss.py
+	python bench/framework_overhead.py
 
 clean:  ## remove run folders and caches of this checkout
 	rm -rf logs .pytest_cache .ruff_cache

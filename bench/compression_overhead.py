@@ -33,9 +33,7 @@ from distill.modules.distillation import DistillationModule
 WARMUP_STEPS = 5
 ARMS = {
     "none": lambda: [],
-    "gmp80": lambda: [
-        MagnitudePruning(final_sparsity=0.8, start_step=0, end_step=1000, frequency=10)
-    ],
+    "gmp80": lambda: [MagnitudePruning(final_sparsity=0.8, start_step=0, end_step=1000, frequency=10)],
     "nm24": lambda: [NMSparsity(backend="native")],
     "gmp80+nm24": lambda: [
         MagnitudePruning(
