@@ -57,3 +57,18 @@ def test_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     assert (
         result.returncode == 2 and f"no Hydra job folders (with .hydra/config.yaml) under {tmp_path}" in result.stderr
     )
+
+
+def test_a_shared_wandb_group_gets_the_table_and_plot(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    (tmp_path / "wandb-dir").mkdir()
+    sweep = tmp_path / "sweep"
+    for job, sparsity in (("0", None), ("1", 0.8)):
+        fake_job(sweep, job, 2.0, sparsity, 0.84, 4e6 if sparsity is None else 1e6)
+        config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
+        config["logger"] = {"wandb": {"project": "distill-test", "group": "sweep-a"}}
+        (sweep / job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    report(sweep)
+    runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
