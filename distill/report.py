@@ -110,11 +110,15 @@ def plot(points: list[Point], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (by_size, by_sparsity) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for temperature in sorted({p.temperature for p in points}):
+    for index, temperature in enumerate(sorted({p.temperature for p in points})):
         series = sorted((p for p in points if p.temperature == temperature), key=lambda p: p.size_bytes)
+        # Hollow markers of shrinking size: series that land on the same point stay visible.
+        style = dict(marker="osD^v"[index % 5], markersize=max(12 - 3 * index, 4), markerfacecolor="none", mew=2)
         label = f"T = {temperature:g}"
-        by_size.plot([p.size_bytes / 1e6 for p in series], [100 * p.val_acc for p in series], "o-", label=label)
-        by_sparsity.plot([100 * p.sparsity for p in series], [100 * p.val_acc for p in series], "o", label=label)
+        by_size.plot([p.size_bytes / 1e6 for p in series], [100 * p.val_acc for p in series], "-", label=label, **style)
+        by_sparsity.plot(
+            [100 * p.sparsity for p in series], [100 * p.val_acc for p in series], ls="", label=label, **style
+        )
     front = sorted((p for p in points if p.pareto), key=lambda p: p.size_bytes)
     by_size.plot(
         [p.size_bytes / 1e6 for p in front], [100 * p.val_acc for p in front], "k--", lw=1, label="Pareto front"
