@@ -59,8 +59,10 @@ def quantized_weight_bytes(model: nn.Module) -> tuple[int, int]:
     return stored, fp32
 
 
-def export_int8(student: nn.Module, datamodule, output_dir: Path, latency_batch_sizes=(1, 32)) -> dict[str, Any]:
-    """Convert, save, and measure the int8 student against its float weights' storage."""
+def export_int8(
+    student: nn.Module, float_model: nn.Module, datamodule, output_dir: Path, latency_batch_sizes=(1, 32)
+) -> dict[str, Any]:
+    """Convert, save, and measure the int8 student against its float weights (storage and latency)."""
     int8 = convert_to_int8(student)
     torch.save(int8.state_dict(), output_dir / "student_int8.pt")
     int8_bytes, fp32_bytes = quantized_weight_bytes(int8)
@@ -70,7 +72,6 @@ def export_int8(student: nn.Module, datamodule, output_dir: Path, latency_batch_
         "student_int8/linear_bytes_vs_fp32": int8_bytes / fp32_bytes,
         "student_int8/file_bytes": (output_dir / "student_int8.pt").stat().st_size,
     }
-    float_model = float_student(student)
     for batch_size in latency_batch_sizes:
         results[f"student_int8/latency_ms_b{batch_size}"] = latency_ms(int8, datamodule, batch_size, 2, 10)
         results[f"student_fp32/latency_ms_b{batch_size}"] = latency_ms(float_model, datamodule, batch_size, 2, 10)
@@ -86,9 +87,10 @@ def export_student(
     metrics = {f"compression/{key}": value for key, value in totals.items()}
     if save:
         student_dir = output_dir / "student"
-        float_student(module.student).save_pretrained(student_dir)
+        plain = float_student(module.student)
+        plain.save_pretrained(student_dir)
         datamodule.tokenizer.save_pretrained(student_dir)
         write_json(student_dir / "compression.json", manifest(callbacks, totals))
         if fake_quantized_layers(module.student):
-            metrics |= export_int8(module.student, datamodule, output_dir)
+            metrics |= export_int8(module.student, plain, datamodule, output_dir)
     return metrics, layers

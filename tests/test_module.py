@@ -170,3 +170,23 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path: Path) ->
     assert saved[-1] == "epoch=0-step=3.ckpt"
     weights = torch.load(tmp_path / "ckpt" / saved[-1], weights_only=False)["state_dict"]
     assert all(torch.isfinite(value).all() for value in weights.values())
+
+
+def test_teacher_answers_each_dev_batch_once(tmp_path: Path) -> None:
+    module = make_module()
+    calls = []
+    module.teacher.model.register_forward_hook(lambda *args: calls.append(1))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
+    dev = batches(8)  # 2 batches
+    trainer.validate(module, dev, verbose=False)
+    first = trainer.callback_metrics["val/teacher_acc"].item()
+    trainer.validate(module, dev, verbose=False)
+    assert len(calls) == 2 and trainer.callback_metrics["val/teacher_acc"].item() == first

@@ -39,6 +39,7 @@ class FrozenTeacher:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval().requires_grad_(False)
+        self._predictions: dict[bytes, Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, Tensor], output_hidden_states: bool = False) -> ModelOutput:
@@ -46,6 +47,17 @@ class FrozenTeacher:
         if next(self.model.parameters()).device != device:
             self.model.to(device)
         return self.model(**inputs, output_hidden_states=output_hidden_states)
+
+    def predictions(self, inputs: dict[str, Tensor]) -> Tensor:
+        """Predicted classes, memoised by the exact inputs: a frozen teacher's answer never changes,
+        and every validation check sends it the same dev batches again."""
+        key = b"".join(
+            name.encode() + str(tuple(value.shape)).encode() + value.cpu().numpy().tobytes()
+            for name, value in sorted(inputs.items())
+        )
+        if key not in self._predictions:
+            self._predictions[key] = self(inputs).logits.argmax(dim=-1).cpu()
+        return self._predictions[key].to(next(iter(inputs.values())).device)
 
 
 class DistillationModule(pl.LightningModule):
@@ -153,7 +165,7 @@ class DistillationModule(pl.LightningModule):
         predictions = self(batch).argmax(dim=-1)
         self._update(f"{stage}/acc", predictions, labels)
         if self.teacher is not None:
-            teacher_predictions = self.teacher(batch).logits.argmax(dim=-1)
+            teacher_predictions = self.teacher.predictions(batch)
             self._update(f"{stage}/teacher_acc", teacher_predictions, labels)
             self._update(f"{stage}/agreement", predictions, teacher_predictions)
 
