@@ -70,6 +70,17 @@ class DistillSchema:
 
 
 @dataclass
+class AugmentSchema:
+    """Perturbed, unlabelled copies of each training example (distill.data.augment); 0 copies = off."""
+
+    copies: int = 0
+    mask_prob: float = 0.1
+    replace_prob: float = 0.1
+    span_prob: float = 0.25
+    max_span: int = 5
+
+
+@dataclass
 class DataSchema:
     _target_: str = "distill.data.glue.GlueDataModule"
     task: str = MISSING
@@ -88,6 +99,7 @@ class DataSchema:
     val_limit: int | None = None
     seed: int = 0
     group_by_length: bool = False
+    augment: AugmentSchema = field(default_factory=AugmentSchema)
 
 
 ENCODER_LINEARS = ["student.*encoder.layer.*"]

@@ -123,6 +123,7 @@ def tiny_run_overrides(tmp_path: Path, tiny_teacher_dir: Path, data_dir: Path) -
         "data.train_limit=192",
         "data.val_limit=64",
         "data.max_length=32",
+        "data.augment.copies=1",
         "trainer.max_steps=6",
         "trainer.val_check_interval=3",
         "trainer.accelerator=cpu",

@@ -37,7 +37,10 @@ def test_experiment_only_overrides(compose_train) -> None:
     assert experiment.student.layers == [0, 5]
 
 
-@pytest.mark.parametrize("override", ["distill.temprature=3", "teacher.finetune_setings.lr=1", "data.batchsize=4"])
+MISTYPED = ["distill.temprature=3", "teacher.finetune_setings.lr=1", "data.batchsize=4", "data.augment.copys=1"]
+
+
+@pytest.mark.parametrize("override", MISTYPED)
 def test_mistyped_command_line_keys_fail_at_compose_time(compose_train, override: str) -> None:
     with pytest.raises(ConfigCompositionException, match=override.split("=")[0]):
         compose_train(override)

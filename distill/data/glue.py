@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import datasets
 import lightning.pytorch as pl
@@ -20,6 +21,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from distill.data.augment import AugmentingCollator, build_augmenter
 from distill.data.sampler import LengthGroupedBatchSampler
 from distill.data.tsv import check_labels, check_tsv_layout
 
@@ -51,6 +53,8 @@ class GlueDataModule(pl.LightningDataModule):
         tokenizer: tokenizer name or path (the teacher's).
         train_limit / val_limit: keep a random slice of train / the first rows of dev.
         group_by_length: draw training batches of similar lengths (far less padding, same epoch).
+        augment: settings of :class:`distill.data.augment.TokenAugmenter`; with ``copies >= 1``
+            training batches also carry unlabelled, perturbed copies of their examples for the teacher.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class GlueDataModule(pl.LightningDataModule):
         val_limit: int | None = None,
         seed: int = 0,
         group_by_length: bool = False,
+        augment: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= len(text_fields) <= 2:
@@ -93,6 +98,7 @@ class GlueDataModule(pl.LightningDataModule):
         self.group_by_length = group_by_length
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer_key = tokenizer_fingerprint(self.tokenizer)
+        self.augmenter = build_augmenter(self.tokenizer, len(self.text_fields) == 2, **(augment or {"copies": 0}))
         self.splits: dict[str, datasets.Dataset] = {}
         # Lightning calls prepare_data/setup for every fit, validate and test; load and check once.
         self._tokenized: dict[str, datasets.Dataset] | None = None
@@ -205,8 +211,11 @@ class GlueDataModule(pl.LightningDataModule):
         ]
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
-    def dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def dataloader(self, split: str, batch_size: int, shuffle: bool, augment: bool = False) -> DataLoader:
         """A loader over ``split`` ("train" or "validation") after :meth:`setup`.
+
+        ``augment`` adds the perturbed copies of ``augment=`` (the distillation loader only: the
+        teacher's own fine-tuning and its logit pass read plain batches).
 
         Shuffled (training) loaders shard themselves across data-parallel ranks, so trainers run
         with ``use_distributed_sampler=False`` (see conf/trainer/ddp*.yaml); evaluation loaders are
@@ -214,6 +223,8 @@ class GlueDataModule(pl.LightningDataModule):
         """
         dataset = self.splits[split]
         collate = DataCollatorWithPadding(self.tokenizer)
+        if augment and self.augmenter is not None:
+            collate = AugmentingCollator(collate, self.tokenizer, self.augmenter, self.seed)
         rank, replicas = self._data_parallel_rank()
         if shuffle and self.group_by_length:
             if split not in self._lengths:
@@ -238,7 +249,7 @@ class GlueDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", self.batch_size, shuffle=True)
+        return self.dataloader("train", self.batch_size, shuffle=True, augment=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("validation", self.eval_batch_size, shuffle=False)

@@ -24,9 +24,10 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
+from distill.data.augment import AUGMENTED_PREFIX
 from distill.data.glue import EXAMPLE_INDEX
 from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
-from distill.losses import KDLoss
+from distill.losses import KDLoss, kd_loss_terms
 
 # Where on_load_checkpoint leaves masks found as ASP buffers (read by distill.callbacks.nm_sparsity).
 ASP_MASK_KEY = "asp_masks"
@@ -128,7 +129,9 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         labels = batch.pop("labels")
         example_index = batch.pop(EXAMPLE_INDEX, None)
-        # With alpha=1 every teacher term has weight 0: skip the teacher entirely.
+        copy_keys = [key for key in batch if key.startswith(AUGMENTED_PREFIX)]
+        copies = {key.removeprefix(AUGMENTED_PREFIX): batch.pop(key) for key in copy_keys}
+        # With alpha=1 every teacher term has weight 0: skip the teacher (and the unlabelled copies).
         uses_teacher = self.teacher is not None and self.loss.alpha < 1
         with_hidden = uses_teacher and self.hidden_loss is not None
         student_out = self.student(**batch, output_hidden_states=with_hidden)
@@ -136,7 +139,12 @@ class DistillationModule(pl.LightningModule):
             self._teacher_outputs(batch, example_index, with_hidden) if uses_teacher else (None, None)
         )
         terms = self.loss(student_out.logits, teacher_logits, labels)
-        loss, size = terms.loss, labels.shape[0]
+        loss, kd, size = terms.loss, terms.kd, labels.shape[0]
+        if uses_teacher and copies:
+            # The KL is averaged over the whole transfer set: the examples and their perturbed copies.
+            copies_size = copies["input_ids"].shape[0]
+            kd = (size * kd + copies_size * self._copies_kd(copies)) / (size + copies_size)
+            loss = self.loss.alpha * terms.ce + (1 - self.loss.alpha) * kd
         if with_hidden:
             hidden = self.hidden_loss(student_out.hidden_states, teacher_hidden, batch["attention_mask"])
             loss = loss + (1 - self.loss.alpha) * self.hparams.hidden_weight * hidden
@@ -145,9 +153,15 @@ class DistillationModule(pl.LightningModule):
             # Stop before the optimizer step spreads it into the weights; saved checkpoints stay good.
             raise FloatingPointError(f"train/loss is {loss.item()} at step {self.global_step}; stopping the run")
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/loss_kd", terms.kd, batch_size=size)
+        self.log("train/loss_kd", kd, batch_size=size)
         self.log("train/loss_ce", terms.ce, batch_size=size)
         return loss
+
+    def _copies_kd(self, copies: dict[str, Tensor]) -> Tensor:
+        """T^2 * KL on the unlabelled perturbed copies (distill.data.augment): the live teacher labels them."""
+        teacher_logits = self.teacher(copies).logits
+        student_logits = self.student(**copies).logits
+        return kd_loss_terms(student_logits, teacher_logits, None, temperature=self.loss.temperature, alpha=0.0).kd
 
     def _teacher_outputs(
         self, batch: dict[str, Tensor], example_index: Tensor | None, with_hidden: bool
