@@ -26,7 +26,7 @@ from distill.models.student import check_same_vocabulary, transformer_layer_para
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
 from distill.schemas import register_schemas, validate
-from distill.teacher_logits import precompute_teacher_logits
+from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits
 from distill.utils.energy import RunMeter
 from distill.utils.instantiate import instantiate_named
 from distill.utils.run_record import count_parameters, git_state, record_student, write_json
@@ -34,9 +34,14 @@ from distill.utils.run_record import count_parameters, git_state, record_student
 log = logging.getLogger("distill.train")
 
 
-def build_module(cfg: DictConfig, teacher: Teacher, student: Any, datamodule: Any) -> DistillationModule:
+def teacher_logit_store(cfg: DictConfig, teacher: Teacher, datamodule: Any) -> TeacherLogitStore | None:
     cached = cfg.distill.teacher_cache == "precompute" and cfg.distill.alpha < 1
-    teacher_logits = precompute_teacher_logits(teacher.model, datamodule, cfg.paths.cache_dir) if cached else None
+    return precompute_teacher_logits(teacher.model, datamodule, cfg.paths.cache_dir) if cached else None
+
+
+def build_module(
+    cfg: DictConfig, teacher: Teacher, student: Any, datamodule: Any, teacher_logits: TeacherLogitStore | None
+) -> DistillationModule:
     return DistillationModule(
         student=student,
         teacher=teacher.model,
@@ -89,11 +94,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     log.info("Instantiating teacher <%s>", cfg.teacher._target_)
     teacher = instantiate(cfg.teacher, datamodule=datamodule)
+    teacher_logits = teacher_logit_store(cfg, teacher, datamodule)
+    # The teacher stage and the logit pass run only when their caches are empty: reseed so that the
+    # student's run is the same whether they ran in this process or not.
+    pl.seed_everything(cfg.seed, workers=True)
     log.info("Instantiating student <%s>", cfg.student._target_)
     student = instantiate(cfg.student, teacher=teacher)
     check_same_vocabulary(teacher, student)
     record_student(output_dir, student)
-    module = build_module(cfg, teacher, student, datamodule)
+    module = build_module(cfg, teacher, student, datamodule, teacher_logits)
 
     loggers = instantiate_named(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)

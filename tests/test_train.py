@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
@@ -77,6 +78,10 @@ def test_tiny_distillation_end_to_end(
     assert "Reusing the fine-tuned teacher" in caplog.text and "Fine-tuning teacher" not in caplog.text
     assert (teacher_dirs[0] / "teacher_info.json").stat().st_mtime_ns == stamp
     assert second["teacher/finetune_val_acc"] == metrics["teacher/finetune_val_acc"]
+    # Same seed, same student, whether the teacher stage ran in this process or came from the cache.
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run2" / "student")
+    for (name, value), (_, other) in zip(exported.state_dict().items(), again.state_dict().items(), strict=True):
+        torch.testing.assert_close(other, value, msg=name)
 
 
 def run_cli(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
