@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from distill.data.augment import AUGMENTED_PREFIX, TokenAugmenter
+from distill.data.augment import AUGMENTED_PREFIX, AugmentingCollator, TokenAugmenter
 from distill.losses import kd_loss_terms
 from tests.test_data import write_task
 from tests.test_module import make_module
@@ -82,6 +83,13 @@ def test_training_loader_alone_carries_copies(tmp_path: Path, glue_module) -> No
     # The teacher's fine-tuning, its logit pass and evaluation read plain batches.
     for loader in (module.dataloader("train", 2, shuffle=True), module.val_dataloader()):
         assert not any(key.startswith(AUGMENTED_PREFIX) for key in next(iter(loader)))
+
+
+def test_each_dataloader_worker_draws_its_own_stream(monkeypatch, tmp_path: Path, glue_module) -> None:
+    module = glue_module(write_task(tmp_path / "data"), tmp_path / "cache", augment={"copies": 1, "mask_prob": 0.5})
+    collate = AugmentingCollator(lambda features: {}, module.tokenizer, module.augmenter, seed=0)
+    monkeypatch.setattr("distill.data.augment.get_worker_info", lambda: SimpleNamespace(seed=1234))
+    assert collate._generator().random() == random.Random(1234).random()
 
 
 def test_pair_tasks_refuse_cropping(tmp_path: Path, glue_module) -> None:
