@@ -11,7 +11,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from distill.modules.distillation import DistillationModule
-from tests.callback_helpers import batches
+from tests.callback_helpers import batches, make_trainer
 
 
 def tiny_bert(seed: int, layers: int = 2) -> BertForSequenceClassification:
@@ -176,15 +176,7 @@ def test_teacher_answers_each_dev_batch_once(tmp_path: Path) -> None:
     module = make_module()
     calls = []
     module.teacher.model.register_forward_hook(lambda *args: calls.append(1))
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer(tmp_path, [], max_steps=1)
     dev = batches(8)  # 2 batches
     trainer.validate(module, dev, verbose=False)
     first = trainer.callback_metrics["val/teacher_acc"].item()
