@@ -123,7 +123,7 @@ def test_usr1_requeues_and_resumes_at_the_saved_step(slurm, tmp_path: Path, tiny
     run = tmp_path / "logs" / "train" / "runs" / job
     deadline = time.monotonic() + 300
     while not (run / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
-        time.sleep(0.5)  # training is under way (Lightning's USR1 handler is installed)
+        time.sleep(0.5)  # training is under way (SlurmRequeue's USR1 handler is installed)
     assert job_state(job) == "RUNNING", (tmp_path / f"job-{job}.out").read_text()[-3000:]
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     state = wait_for(job)
@@ -131,6 +131,7 @@ def test_usr1_requeues_and_resumes_at_the_saved_step(slurm, tmp_path: Path, tiny
     assert state == "COMPLETED", output[-4000:]
     saved = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)["global_step"]
     assert 0 < saved < 400
+    assert f"Requeued SLURM job {job}; the restart resumes from {run / 'hpc_ckpt_1.ckpt'}" in output
     assert f"Restoring states from the checkpoint path at {run / 'hpc_ckpt_1.ckpt'}" in output
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 400
     assert last_logged_step(run) >= 399  # logging went on after the restart
