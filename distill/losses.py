@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.topk import TopKTargets, kd_loss_topk
+from distill.topk import TopKTargets, topk_kl
 
 
 class KDLossTerms(NamedTuple):
@@ -74,7 +74,8 @@ def kd_loss_terms(
 
     Args:
         student_logits: ``(..., C)`` logits of the trainable student.
-        teacher_logits: ``(..., C)`` logits of the frozen teacher; ``None`` only if ``alpha == 1``.
+        teacher_logits: ``(..., C)`` logits of the frozen teacher, or its cached top-K targets
+            (:class:`distill.topk.TopKTargets`); ``None`` only if ``alpha == 1``.
         labels: ``(...)`` integer class labels, ``ignore_index`` where an example must not count.
         temperature: softmax temperature ``T > 0`` of the KD term.
         alpha: weight of the hard-label CE term, in ``[0, 1]``.
@@ -99,7 +100,10 @@ def kd_loss_terms(
         ce = _masked_mean(per_example.reshape(batch_shape), mask)
     kd = zero
     if alpha < 1:
-        kl = _soft_kl(student, teacher_logits.float(), temperature)
+        if isinstance(teacher_logits, TopKTargets):
+            kl = topk_kl(student, teacher_logits, temperature)
+        else:
+            kl = _soft_kl(student, teacher_logits.float(), temperature)
         kd = temperature**2 * _masked_mean(kl, mask)
     return KDLossTerms(loss=alpha * ce + (1 - alpha) * kd, ce=ce, kd=kd)
 
@@ -118,16 +122,12 @@ def kd_loss(
     See the module docstring for the full contract (reduction, masking, T**2).
 
     ``teacher_logits`` may also be cached top-K targets (:class:`distill.topk.TopKTargets`), for
-    vocabularies too large to store; :func:`distill.topk.kd_loss_topk` states that contract.
+    vocabularies too large to store; :mod:`distill.topk` states that contract.
 
     >>> s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[2.0, 0.0]])
     >>> float(kd_loss(s, t, temperature=2.0, alpha=0.0))
     0.0
     """
-    if isinstance(teacher_logits, TopKTargets):
-        return kd_loss_topk(
-            student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index
-        )
     return kd_loss_terms(
         student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index
     ).loss

@@ -66,6 +66,8 @@ class DistillSchema:
     hidden_weight: float = 0.0
     hidden_layers: list[int] | None = None
     teacher_cache: str = "none"
+    # With teacher_cache=precompute: store only the teacher's K largest logits per example (distill.topk).
+    teacher_cache_topk: int | None = None
     optimizer: Any = MISSING
 
 
@@ -180,6 +182,7 @@ def validate(cfg: DictConfig) -> None:
     _check_range("distill.alpha", cfg.distill.alpha, 0.0, 1.0)
     if cfg.distill.teacher_cache not in ("none", "precompute"):
         raise ValueError(f"distill.teacher_cache={cfg.distill.teacher_cache!r} must be 'none' or 'precompute'")
+    _check_teacher_cache_topk(cfg)
     if cfg.distill.hidden_weight < 0:
         raise ValueError(f"distill.hidden_weight={cfg.distill.hidden_weight!r} must be >= 0")
     _check_range("distill.warmup_ratio", cfg.distill.warmup_ratio, 0.0, 1.0)
@@ -189,3 +192,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size"):
         if cfg.data[key] < 1:
             raise ValueError(f"data.{key}={cfg.data[key]!r} must be >= 1")
+
+
+def _check_teacher_cache_topk(cfg: DictConfig) -> None:
+    topk = cfg.distill.teacher_cache_topk
+    if topk is None:
+        return
+    if cfg.distill.teacher_cache != "precompute":
+        raise ValueError(f"distill.teacher_cache_topk={topk!r} needs distill.teacher_cache=precompute")
+    if not 0 < topk <= cfg.data.num_labels:
+        raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, data.num_labels={cfg.data.num_labels}]")

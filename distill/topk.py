@@ -1,14 +1,15 @@
 """Top-K teacher targets: what a teacher-logit cache keeps for language-model vocabularies.
 
 Storing ``N x V`` teacher logits is out of the question at V = 32k-256k, so a cache keeps, per
-position, the teacher's K largest logits and their class indices. Contract of the targets made
-by :func:`topk_targets` and read by :func:`kd_loss_topk` (``distill.losses.kd_loss`` routes
-:class:`TopKTargets` here):
+position, the teacher's K largest logits and their class indices (``distill.teacher_cache_topk``
+has :mod:`distill.teacher_logits` store exactly these). Contract of the targets made by
+:func:`topk_targets` and read by :func:`topk_kl` (``distill.losses.kd_loss`` and ``KDLoss`` take
+:class:`TopKTargets` wherever they take teacher logits):
 
 * ``q_k = softmax(t / T)_k`` for the K kept classes, from the full-vocabulary softmax at the
   temperature the targets were made with (``TopKTargets.temperature``; using them at another T
   is an error, since the missing mass depends on T).
-* ``rest=True`` (default): the mass outside the top K, ``r = 1 - sum_k q_k``, is kept as one
+* ``TopKTargets.rest=True`` (default): the mass outside the top K, ``r = 1 - sum_k q_k``, is kept as one
   "rest" bucket; the student's matching bucket is ``1 - sum_k p_k``. The KD term is then the KL
   between two (K + 1)-way distributions, exact when the teacher puts no mass outside its top K.
 * ``rest=False``: ``q`` is renormalised over the K classes and compared with the student's
@@ -32,6 +33,7 @@ class TopKTargets(NamedTuple):
     indices: Tensor  # (..., K) int64 class ids
     rest_log_mass: Tensor  # (...) log(1 - sum_k q_k) at `temperature`; -inf when nothing is left
     temperature: float
+    rest: bool = True  # compare (K + 1)-way with a rest bucket; False: renormalise both over the K classes
 
 
 def topk_targets(teacher_logits: Tensor, k: int, temperature: float) -> TopKTargets:
@@ -56,12 +58,14 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _topk_kl(student: Tensor, targets: TopKTargets, temperature: float, rest: bool) -> Tensor:
-    """Per-position KL between the teacher's top-K (+ rest) distribution and the student's."""
+def topk_kl(student: Tensor, targets: TopKTargets, temperature: float) -> Tensor:
+    """Per-position KL between the teacher's top-K (+ rest) distribution and the student's fp32 logits."""
+    if abs(targets.temperature - temperature) > 1e-12:
+        raise ValueError(f"top-K targets were made at T={targets.temperature!r}, not T={temperature!r}")
     scaled = student / temperature
     log_p = F.log_softmax(scaled, dim=-1).gather(-1, targets.indices)
     log_q = targets.values / temperature - (targets.values / temperature).logsumexp(-1, keepdim=True)
-    if rest:
+    if targets.rest:
         log_kept = log1mexp(targets.rest_log_mass)  # log sum_k q_k
         log_q = log_q + log_kept.unsqueeze(-1)
         log_q = torch.cat([log_q, targets.rest_log_mass.unsqueeze(-1)], dim=-1)
@@ -83,23 +87,13 @@ def kd_loss_topk(
     rest: bool = True,
 ) -> Tensor:
     """``alpha * CE + (1 - alpha) * T**2 * KL(top-K teacher || student)``; see the module docstring."""
-    from distill.losses import check_kd_args
+    from distill.losses import kd_loss_terms  # distill.losses routes TopKTargets back to topk_kl
 
-    check_kd_args(temperature, alpha)
-    if abs(targets.temperature - temperature) > 1e-12:
-        raise ValueError(f"top-K targets were made at T={targets.temperature!r}, not T={temperature!r}")
-    if labels is None and alpha > 0:
-        raise ValueError(f"labels=None requires alpha=0 (got alpha={alpha!r}): CE needs labels")
-    student = student_logits.float()
-    mask = (
-        (labels != ignore_index).float()
-        if labels is not None
-        else torch.ones(student.shape[:-1], device=student.device)
-    )
-    count = mask.sum().clamp(min=1)
-    loss = (1 - alpha) * temperature**2 * (_topk_kl(student, targets, temperature, rest) * mask).sum() / count
-    if alpha > 0:
-        safe = torch.where(labels == ignore_index, 0, labels)
-        ce = F.cross_entropy(student.reshape(-1, student.shape[-1]), safe.reshape(-1), reduction="none")
-        loss = loss + alpha * (ce.reshape(mask.shape) * mask).sum() / count
-    return loss
+    return kd_loss_terms(
+        student_logits,
+        targets._replace(rest=rest),
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+    ).loss

@@ -36,7 +36,10 @@ log = logging.getLogger("distill.train")
 
 def teacher_logit_store(cfg: DictConfig, teacher: Teacher, datamodule: Any) -> TeacherLogitStore | None:
     cached = cfg.distill.teacher_cache == "precompute" and cfg.distill.alpha < 1
-    return precompute_teacher_logits(teacher.model, datamodule, cfg.paths.cache_dir) if cached else None
+    if not cached:
+        return None
+    topk, temperature = cfg.distill.teacher_cache_topk, cfg.distill.temperature
+    return precompute_teacher_logits(teacher.model, datamodule, cfg.paths.cache_dir, topk, temperature)
 
 
 def build_module(

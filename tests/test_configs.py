@@ -75,11 +75,19 @@ def test_wrong_type_fails_at_compose_time(compose_train) -> None:
         ("distill.alpha=1.5", r"distill.alpha=1.5 is outside \[0.0, 1.0\]"),
         ("distill.alpha=-0.1", r"distill.alpha=-0.1 is outside \[0.0, 1.0\]"),
         ("distill.hidden_weight=-1", r"distill.hidden_weight=-1.0 must be >= 0"),
+        ("distill.teacher_cache_topk=1", r"distill.teacher_cache_topk=1 needs distill.teacher_cache=precompute"),
     ],
 )
 def test_out_of_range_values_are_named(compose_train, override: str, message: str) -> None:
     cfg = compose_train(override, "paths.output_dir=/tmp/unused")
     with pytest.raises(ValueError, match=message):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("topk", [0, 3])
+def test_top_k_store_size_is_checked_against_the_classes(compose_train, topk: int) -> None:
+    cfg = compose_train("distill.teacher_cache=precompute", f"distill.teacher_cache_topk={topk}")
+    with pytest.raises(ValueError, match=rf"distill.teacher_cache_topk={topk} must be in \[1, data.num_labels=2\]"):
         validate(cfg)
 
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from distill.data.glue import EXAMPLE_INDEX
 from distill.modules.distillation import DistillationModule
 from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits
+from distill.topk import TopKTargets, topk_targets
 from distill.train import train
 
 
@@ -37,7 +38,7 @@ def data_and_teacher(glue_module, data_dir: Path, tmp_path: Path, tiny_teacher_d
 def test_store_equals_the_live_teacher_and_is_reused(data_and_teacher, tmp_path: Path) -> None:
     datamodule, teacher = data_and_teacher
     store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
-    assert store.logits.shape == (96, 2)
+    assert store.tensors["logits"].shape == (96, 2)
     for batch in datamodule.dataloader("train", 7, shuffle=False):
         index = batch.pop(EXAMPLE_INDEX)
         batch.pop("labels")
@@ -66,9 +67,31 @@ def test_a_store_built_for_other_data_is_refused(data_and_teacher, tmp_path: Pat
         precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
 
 
-def test_cached_logits_give_the_live_losses(data_and_teacher, tmp_path: Path) -> None:
+def test_top_k_store_holds_the_live_teachers_top_k_and_has_its_own_key(data_and_teacher, tmp_path: Path) -> None:
     datamodule, teacher = data_and_teacher
-    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
+    precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
+    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), topk=1, temperature=2.0)
+    assert sorted(store.tensors) == ["indices", "rest_log_mass", "values"]  # no full logits stored
+    assert len(list((tmp_path / "cache" / "teacher_logits").glob("*.safetensors"))) == 2
+    batch = next(iter(datamodule.dataloader("train", 16, shuffle=False)))
+    index = batch.pop(EXAMPLE_INDEX)
+    batch.pop("labels")
+    cached = store(index)
+    with torch.no_grad():
+        live = topk_targets(teacher(**batch).logits, 1, 2.0)
+    assert isinstance(cached, TopKTargets) and cached.temperature == 2.0
+    assert torch.equal(cached.indices, live.indices)
+    assert torch.allclose(cached.values, live.values, atol=1e-5)
+    assert torch.allclose(cached.rest_log_mass, live.rest_log_mass, atol=1e-5)
+    with pytest.raises(ValueError, match=r"distill.teacher_cache_topk=3 must be in \[1, 2\]"):
+        precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), topk=3, temperature=2.0)
+
+
+@pytest.mark.parametrize("topk", [None, 1])
+def test_cached_targets_give_the_live_losses(data_and_teacher, tmp_path: Path, topk: int | None) -> None:
+    # Two classes: the top-1 logit plus the rest bucket is the whole distribution, so K=1 is exact too.
+    datamodule, teacher = data_and_teacher
+    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), topk=topk, temperature=2.0)
     losses = {}
     for name, logits in (("live", None), ("cached", store)):
         torch.manual_seed(0)
@@ -83,7 +106,7 @@ def test_cached_logits_give_the_live_losses(data_and_teacher, tmp_path: Path) ->
 
 def test_hidden_states_need_the_live_teacher(data_and_teacher) -> None:
     _, teacher = data_and_teacher
-    store = TeacherLogitStore(torch.zeros(4, 2), {})
+    store = TeacherLogitStore({"logits": torch.zeros(4, 2)}, {})
     with pytest.raises(ValueError, match=r"set distill\.hidden_weight=0"):
         DistillationModule(teacher, teacher, 2, 2.0, 0.5, torch.optim.AdamW, hidden_weight=1.0, teacher_logits=store)
 
