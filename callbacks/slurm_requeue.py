@@ -52,6 +52,18 @@ def slurm_job_id() -> str:
     return os.environ["SLURM_JOB_ID"]
 
 
+def requeue(command_prefix: Sequence[str], checkpoint: Path) -> None:
+    command = [*command_prefix, slurm_job_id()]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        problem = f"failed ({result.returncode}): {result.stderr.strip()}" if result.returncode else None
+    except OSError as error:  # e.g. scontrol missing inside a container
+        problem = f"could not run: {error}"
+    if problem:
+        raise RuntimeError(f"{' '.join(command)} {problem}; resume by hand with ckpt_path={checkpoint}")
+    log.info("Requeued SLURM job %s; the restart resumes from %s", command[-1], checkpoint)
+
+
 class SlurmRequeue(pl.Callback):
     """On ``signal_name`` (the templates' ``--signal=SIGUSR1@90``): checkpoint, requeue, exit.
 
@@ -100,14 +112,7 @@ class SlurmRequeue(pl.Callback):
         trainer.save_checkpoint(path)  # every rank takes part; ends with a barrier
         if trainer.is_global_zero:
             log.info("%s: saved %s at step %d", self.signum.name, path, trainer.global_step)
-            command = [*self.requeue_command, slurm_job_id()]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}; "
-                    f"resume by hand with ckpt_path={path}"
-                )
-            log.info("Requeued SLURM job %s; the restart resumes from %s", command[-1], path)
+            requeue(self.requeue_command, path)
         raise SlurmRequeued
 
     def _restore(self) -> None:

@@ -68,9 +68,15 @@ def test_the_restart_resumes_from_the_saved_step(tmp_path: Path, in_slurm_job) -
     assert next_hpc_checkpoint(tmp_path).name == "hpc_ckpt_2.ckpt"
 
 
-def test_a_failed_requeue_names_the_command_and_the_checkpoint(tmp_path: Path, in_slurm_job) -> None:
-    callback = SignalAtStep(check_every_n_steps=1, requeue_command=[sys.executable, "-c", "raise SystemExit(3)"])
-    with pytest.raises(RuntimeError, match=r"failed \(3\).*ckpt_path=.*hpc_ckpt_1\.ckpt"):
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [([sys.executable, "-c", "raise SystemExit(3)"], r"failed \(3\)"), (["no-such-scontrol"], "could not run")],
+)
+def test_a_failed_requeue_names_the_command_and_the_checkpoint(
+    tmp_path: Path, in_slurm_job, command: list[str], message: str
+) -> None:
+    callback = SignalAtStep(check_every_n_steps=1, requeue_command=command)
+    with pytest.raises(RuntimeError, match=rf"{message}.*ckpt_path=.*hpc_ckpt_1\.ckpt"):
         make_trainer(tmp_path, [callback], max_steps=10).fit(tiny_module(), train_dataloaders=batches(count=64))
     assert (tmp_path / "hpc_ckpt_1.ckpt").is_file()
 
