@@ -117,7 +117,8 @@ class SlurmRequeue(pl.Callback):
 
     def _restore(self) -> None:
         if self._installed:
-            signal.signal(self.signum, self._previous_handler)
+            # None: the previous handler was not set from Python; SIG_DFL is the closest we can restore.
+            signal.signal(self.signum, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
             self._installed = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
