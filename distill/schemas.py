@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -175,8 +175,20 @@ def _check_range(name: str, value: float, low: float, high: float, *, open_low: 
         raise ValueError(f"{name}={value!r} is outside {bracket}{low}, {high}]")
 
 
+def unset_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is still ``???`` in an unresolved config container."""
+    if isinstance(node, dict):
+        return [key for name, value in node.items() for key in unset_keys(value, f"{prefix}{name}.")]
+    if isinstance(node, list):
+        return [key for i, value in enumerate(node) for key in unset_keys(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if node == MISSING else []
+
+
 def validate(cfg: DictConfig) -> None:
     """Reject out-of-range values that types alone cannot catch, naming the bad value."""
+    missing = unset_keys(OmegaConf.to_container(cfg, resolve=False))
+    if missing:  # before any stage runs: a `???` found at instantiation would come after the teacher's
+        raise ValueError(f"{', '.join(missing)} must be set (the config leaves it `???`), e.g. {missing[0]}=<value>")
     if cfg.distill.temperature <= 0:
         raise ValueError(f"distill.temperature={cfg.distill.temperature!r} must be > 0")
     _check_range("distill.alpha", cfg.distill.alpha, 0.0, 1.0)

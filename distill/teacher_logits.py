@@ -11,14 +11,20 @@ With ``topk`` set the store holds, per example, the teacher's K largest logits, 
 the log of the softmax mass they leave out at the run's temperature (:mod:`distill.topk`), computed
 batch by batch: the full ``N x C`` logits never exist, which is what a language-model vocabulary
 needs. Such a store is keyed by K and the temperature too.
+
+With ``data.augment`` on, a second store holds the teacher's targets on the perturbed copies the
+training loader draws (:class:`CopyLogitStore`), so that no training step runs the teacher.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from distill.data.augment import AUGMENTED_PREFIX, COPY_FINGERPRINT
 from distill.data.glue import EXAMPLE_INDEX, GlueDataModule
 from distill.topk import TopKTargets, topk_targets
 
@@ -52,6 +59,8 @@ class TeacherLogitStore:
     def __init__(self, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
         self.tensors = tensors
         self.metadata = metadata
+        # The targets on the training loader's perturbed copies, when the run has copies and they replay.
+        self.copies: CopyLogitStore | None = None
 
     def __call__(self, example_index: Tensor) -> Tensor | TopKTargets:
         rows = {name: tensor[example_index.cpu()].to(example_index.device) for name, tensor in self.tensors.items()}
@@ -70,6 +79,43 @@ class TeacherLogitStore:
         return cls(tensors, metadata)
 
 
+def copy_rows(epoch: int, example_index: Tensor, copies: int, count: int) -> Tensor:
+    """Store rows of a batch's copies, laid out copy after copy as the collator builds them:
+    copy ``c`` of example ``i`` drawn in ``epoch`` is row ``(epoch * copies + c) * count + i``."""
+    copy_number = torch.arange(copies).repeat_interleave(len(example_index))
+    return (epoch * copies + copy_number) * count + example_index.cpu().repeat(copies)
+
+
+class CopyLogitStore(TeacherLogitStore):
+    """Teacher targets on the perturbed copies of the training loader, by epoch, copy and example.
+
+    The copies are random but reproducible: the loader draws them from one stream seeded by the
+    data seed (:mod:`distill.data.augment`) over batches fixed by the seed and the epoch, so replaying
+    the loader yields the very copies a run trains on. Each row keeps the copy's fingerprint, and a
+    batch whose copies differ from the stored ones (a mid-epoch resume, DataLoader workers, data
+    parallelism, more epochs than stored) gets ``None``: the live teacher labels it instead.
+    """
+
+    def lookup(self, epoch: int, example_index: Tensor, fingerprint: Tensor) -> Tensor | TopKTargets | None:
+        epochs, copies, count = (int(self.metadata[key]) for key in ("epochs", "copies", "num_examples"))
+        if epoch >= epochs:
+            return None
+        rows = copy_rows(epoch, example_index, copies, count)
+        if not torch.equal(self.tensors["fingerprint"][rows], fingerprint.cpu()):
+            return None
+        return self(rows.to(example_index.device))
+
+
+def write_targets(
+    tensors: dict[str, Tensor], rows: Tensor, logits: Tensor, count: int, topk: int | None, temperature: float
+) -> None:
+    """Put the targets of ``logits`` (full, or top-K at ``temperature``) at ``rows`` of ``count``-row tensors."""
+    targets = {"logits": logits.float()} if topk is None else topk_targets(logits, topk, temperature)._asdict()
+    for name, value in targets.items():
+        if isinstance(value, Tensor):
+            tensors.setdefault(name, value.new_zeros((count, *value.shape[1:])))[rows] = value
+
+
 @torch.inference_mode()
 def compute_targets(
     teacher: nn.Module, datamodule: GlueDataModule, batch_size: int, topk: int | None = None, temperature: float = 1.0
@@ -82,21 +128,78 @@ def compute_targets(
     for batch in datamodule.dataloader("train", batch_size, shuffle=True):  # grouped by length: less padding
         index = batch.pop(EXAMPLE_INDEX)
         batch.pop("labels")
-        logits = teacher(**batch).logits.float()
-        rows = {"logits": logits} if topk is None else topk_targets(logits, topk, temperature)._asdict()
-        for name, row in rows.items():
-            if isinstance(row, Tensor):
-                tensors.setdefault(name, row.new_zeros((count, *row.shape[1:])))[index] = row
+        write_targets(tensors, index, teacher(**batch).logits, count, topk, temperature)
         filled[index] = True
     if not filled.all():
         raise RuntimeError(f"the teacher pass left {int((~filled).sum())} examples without logits")
     return tensors
 
 
-def precompute_teacher_logits(
-    teacher: nn.Module, datamodule: GlueDataModule, cache_dir: str, topk: int | None = None, temperature: float = 1.0
+@torch.inference_mode()
+def compute_copy_targets(
+    teacher: nn.Module, datamodule: GlueDataModule, epochs: int, topk: int | None = None, temperature: float = 1.0
+) -> dict[str, Tensor]:
+    """Replay ``epochs`` epochs of the training loader and label every perturbed copy it draws."""
+    teacher.eval()
+    count, copies = len(datamodule.splits["train"]), datamodule.augmenter.copies
+    total = epochs * copies * count
+    loader = datamodule.dataloader("train", datamodule.batch_size, shuffle=True, augment=True)
+    tensors: dict[str, Tensor] = {"fingerprint": torch.zeros(total, dtype=torch.long)}
+    filled = torch.zeros(total, dtype=torch.bool)
+    for epoch in range(epochs):
+        loader.batch_sampler.set_epoch(epoch)  # as Lightning does at each epoch start
+        for batch in loader:
+            rows = copy_rows(epoch, batch[EXAMPLE_INDEX], copies, count)
+            inputs = {k.removeprefix(AUGMENTED_PREFIX): v for k, v in batch.items() if k.startswith(AUGMENTED_PREFIX)}
+            write_targets(tensors, rows, teacher(**inputs).logits, total, topk, temperature)
+            tensors["fingerprint"][rows] = batch[COPY_FINGERPRINT]
+            filled[rows] = True
+    if not filled.all():
+        raise RuntimeError(f"the replay left {int((~filled).sum())} perturbed copies without logits")
+    return tensors
+
+
+def copies_replay(datamodule: GlueDataModule) -> bool:
+    """Whether a replay of the training loader draws the copies training will: one stream, fixed batches."""
+    return datamodule.augmenter is not None and datamodule.group_by_length and datamodule.num_workers == 0
+
+
+def load_or_build(
+    store_type: type[TeacherLogitStore], path: Path, expected: dict[str, str], build: Callable[[], dict[str, Tensor]]
 ) -> TeacherLogitStore:
-    """Load the store for this teacher and training set, building it first if it does not exist."""
+    """Load the store at ``path``, first building it with ``build()`` (one process at a time) if absent."""
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            examples = f"{expected['num_examples']} training examples"
+            if "copies" in expected:
+                examples = f"{expected['copies']} perturbed copies of {examples}, {expected['epochs']} epoch(s)"
+            log.info("Computing teacher logits for %s -> %s", examples, path)
+            unfinished = path.with_suffix(f".tmp-{os.getpid()}")
+            tensors = {name: tensor.contiguous() for name, tensor in build().items()}
+            save_file(tensors, str(unfinished), metadata=expected)
+            unfinished.chmod(0o644)  # readable by every job of a shared cache
+            os.replace(unfinished, path)
+        else:
+            log.info("Reusing teacher logits %s", path)
+    return store_type.load(path, expected)
+
+
+def store_path(cache_dir: str, name: str, expected: dict[str, str]) -> Path:
+    key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir).expanduser() / "teacher_logits"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}-{key}.safetensors"
+
+
+def precompute_teacher_logits(
+    teacher: nn.Module,
+    datamodule: GlueDataModule,
+    cache_dir: str,
+    topk: int | None = None,
+    temperature: float = 1.0,
+    epochs: int = 1,
+) -> TeacherLogitStore:
+    """Load the stores for this teacher and training set (the copies' for ``epochs``), building them if absent."""
     if topk is not None and not 0 < topk <= datamodule.num_labels:
         raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, {datamodule.num_labels}] (the classes)")
     expected = {
@@ -107,18 +210,25 @@ def precompute_teacher_logits(
     }
     if topk is not None:  # full-logit stores keep their key: top-K adds its own fields
         expected |= {"topk": str(topk), "temperature": repr(float(temperature))}
-    key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir).expanduser() / "teacher_logits"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{datamodule.task}-{key}.safetensors"
-    with FileLock(str(path) + ".lock"):
-        if not path.is_file():
-            log.info("Computing teacher logits for %s training examples -> %s", expected["num_examples"], path)
-            tensors = compute_targets(teacher, datamodule, datamodule.eval_batch_size, topk, temperature)
-            partial = path.with_suffix(f".tmp-{os.getpid()}")
-            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(partial), metadata=expected)
-            partial.chmod(0o644)  # readable by every job of a shared cache
-            os.replace(partial, path)
-        else:
-            log.info("Reusing teacher logits %s", path)
-    return TeacherLogitStore.load(path, expected)
+    path = store_path(cache_dir, datamodule.task, expected)
+    build = partial(compute_targets, teacher, datamodule, datamodule.eval_batch_size, topk, temperature)
+    store = load_or_build(TeacherLogitStore, path, expected, build)
+    if copies_replay(datamodule):
+        copy_expected = expected | copies_key(datamodule, epochs)
+        path = store_path(cache_dir, f"{datamodule.task}-copies", copy_expected)
+        build = partial(compute_copy_targets, teacher, datamodule, epochs, topk, temperature)
+        store.copies = load_or_build(CopyLogitStore, path, copy_expected, build)
+    return store
+
+
+def copies_key(datamodule: GlueDataModule, epochs: int) -> dict[str, str]:
+    """What decides the copies a training loader draws: perturbation settings, seed and batches."""
+    augmenter = dataclasses.asdict(datamodule.augmenter)
+    augmenter["special_ids"] = sorted(augmenter["special_ids"])
+    return {
+        "augment": json.dumps(augmenter, sort_keys=True),
+        "copies": str(datamodule.augmenter.copies),
+        "seed": str(datamodule.seed),
+        "batch_size": str(datamodule.batch_size),
+        "epochs": str(epochs),
+    }

@@ -39,7 +39,9 @@ def teacher_logit_store(cfg: DictConfig, teacher: Teacher, datamodule: Any) -> T
     if not cached:
         return None
     topk, temperature = cfg.distill.teacher_cache_topk, cfg.distill.temperature
-    return precompute_teacher_logits(teacher.model, datamodule, cfg.paths.cache_dir, topk, temperature)
+    # The perturbed copies differ every epoch: the store labels as many epochs as the run trains.
+    epochs = max(cfg.trainer.get("max_epochs") or 1, 1)
+    return precompute_teacher_logits(teacher.model, datamodule, cfg.paths.cache_dir, topk, temperature, epochs)
 
 
 def build_module(

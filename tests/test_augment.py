@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distill.data.augment import AUGMENTED_PREFIX, AugmentingCollator, TokenAugmenter
+from distill.data.augment import AUGMENTED_PREFIX, AugmentingCollator, TokenAugmenter, sequence_fingerprint
 from distill.losses import kd_loss_terms
 from tests.test_data import write_task
 from tests.test_module import make_module
@@ -127,3 +127,18 @@ def test_hard_label_training_ignores_copies() -> None:
     torch.testing.assert_close(
         module.training_step(with_copies(plain_batch(), copies), 0), module.training_step(plain_batch(), 0)
     )
+
+
+def test_fingerprint_sees_every_token_and_no_padding() -> None:
+    ids = torch.tensor([[101, 7, 8, 102, 0], [101, 7, 8, 9, 102]])
+    mask = (ids != 0).long()
+    fingerprint = sequence_fingerprint(ids, mask)
+    assert fingerprint[0] != fingerprint[1]
+    padded = sequence_fingerprint(
+        torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], 1),
+        torch.cat([mask, torch.zeros(2, 3, dtype=torch.long)], 1),
+    )
+    assert torch.equal(padded, fingerprint)
+    swapped = ids.clone()
+    swapped[0, 1:3] = torch.tensor([8, 7])  # same tokens, other order
+    assert sequence_fingerprint(swapped, mask)[0] != fingerprint[0]

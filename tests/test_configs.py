@@ -16,6 +16,8 @@ PRESETS = [
     ["experiment=bert_to_tiny", "debug=smoke"],
     ["student=bert_config"],
     ["student=pretrained", "student.name_or_path=x"],
+    ["experiment=bert_to_tiny", "student=pretrained", "student.name_or_path=x"],
+    ["experiment=bert_to_tiny_gmp80", "student.name_or_path=x"],
     ["logger=csv", "callbacks=none", "trainer=cpu"],
 ]
 
@@ -35,6 +37,15 @@ def test_experiment_only_overrides(compose_train) -> None:
     base_keys = set(OmegaConf.to_container(base, resolve=False))
     assert set(OmegaConf.to_container(experiment, resolve=False)) == base_keys
     assert experiment.student.layers == [0, 5]
+
+
+def test_the_pruning_stage_prunes_a_given_student_with_the_first_stages_recipe(compose_train) -> None:
+    first = compose_train("experiment=bert_to_tiny", "paths.output_dir=/tmp/unused")
+    second = compose_train("experiment=bert_to_tiny_gmp80", "student.name_or_path=run/student")
+    assert second.student.name_or_path == "run/student" and second.compression.magnitude_pruning.final_sparsity == 0.8
+    assert second.data == first.data and second.distill.temperature == first.distill.temperature
+    with pytest.raises(ValueError, match=r"student\.name_or_path must be set .*student\.name_or_path=<value>"):
+        validate(compose_train("experiment=bert_to_tiny_gmp80"))
 
 
 MISTYPED = ["distill.temprature=3", "teacher.finetune_setings.lr=1", "data.batchsize=4", "data.augment.copys=1"]

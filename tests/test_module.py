@@ -60,7 +60,9 @@ def make_module(alpha: float = 0.5, **kwargs) -> DistillationModule:
     )
 
 
-def fit(module: DistillationModule, tmp_path: Path, callbacks=(), validate: bool = True) -> pl.Trainer:
+def fit(
+    module: DistillationModule, tmp_path: Path, callbacks=(), validate: bool = True, train_loader=None
+) -> pl.Trainer:
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -70,7 +72,8 @@ def fit(module: DistillationModule, tmp_path: Path, callbacks=(), validate: bool
         callbacks=list(callbacks),
         enable_model_summary=False,
     )
-    trainer.fit(module, train_dataloaders=batches(), val_dataloaders=batches(4) if validate else None)
+    train_loader = train_loader if train_loader is not None else batches()
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=batches(4) if validate else None)
     return trainer
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from distill.data.sampler import LengthGroupedBatchSampler
 
@@ -24,6 +27,35 @@ def test_every_index_once_per_epoch_and_reshuffled() -> None:
     assert list(sampler) != first
     sampler.set_epoch(0)
     assert list(sampler) == first
+
+
+class RecordBatches(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[list[int]]] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.seen.setdefault(self.current_epoch, []).append(batch.tolist())
+        return self.weight.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_reshuffles_every_epoch() -> None:
+    # Lightning calls set_epoch on batch_sampler.sampler only: a regression replayed epoch 0 each epoch.
+    sampler = LengthGroupedBatchSampler(list(range(1, 41)), batch_size=4, group_size=2, seed=0)
+    module = RecordBatches()
+    trainer = pl.Trainer(
+        max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(module, DataLoader(torch.arange(40), batch_sampler=sampler))
+    orders = [module.seen[epoch] for epoch in range(3)]
+    assert orders[0] != orders[1] != orders[2]
+    for epoch, order in enumerate(orders):
+        sampler.set_epoch(epoch)
+        assert order == list(sampler)
 
 
 def test_rejects_bad_sizes() -> None:

@@ -2,37 +2,55 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
+from distill.data.augment import AUGMENTED_PREFIX, COPY_FINGERPRINT
 from distill.data.glue import EXAMPLE_INDEX
 from distill.modules.distillation import DistillationModule
 from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits
 from distill.topk import TopKTargets, topk_targets
 from distill.train import train
+from tests.test_module import fit
 
 
-@pytest.fixture
-def data_and_teacher(glue_module, data_dir: Path, tmp_path: Path, tiny_teacher_dir: Path):
+def tiny_data_and_teacher(glue_module, data_dir: Path, cache_dir: Path, teacher_dir: Path, **settings):
     datamodule = glue_module(
         data_dir,
-        tmp_path / "cache",
+        cache_dir,
         train_limit=96,
         max_length=32,
         group_by_length=True,
         eval_batch_size=16,
-        tokenizer=str(tiny_teacher_dir),
+        tokenizer=str(teacher_dir),
+        **settings,
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
-    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir).eval()
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
     return datamodule, teacher
+
+
+@pytest.fixture
+def data_and_teacher(glue_module, data_dir: Path, tmp_path: Path, tiny_teacher_dir: Path):
+    return tiny_data_and_teacher(glue_module, data_dir, tmp_path / "cache", tiny_teacher_dir)
+
+
+@pytest.fixture
+def data_with_copies(glue_module, data_dir: Path, tmp_path: Path, tiny_teacher_dir: Path):
+    """Batches of 8 with two perturbed copies each, as bert_to_tiny draws them."""
+    augment = {"copies": 2}
+    return tiny_data_and_teacher(
+        glue_module, data_dir, tmp_path / "cache", tiny_teacher_dir, batch_size=8, augment=augment
+    )
 
 
 def test_store_equals_the_live_teacher_and_is_reused(data_and_teacher, tmp_path: Path) -> None:
@@ -115,3 +133,90 @@ def test_training_with_precomputed_logits(compose_train, tiny_run_overrides, tmp
     metrics = train(compose_train(*tiny_run_overrides, "distill.teacher_cache=precompute"))
     assert list((tmp_path / "cache" / "teacher_logits").glob("sst2-*.safetensors"))
     assert 0.0 <= metrics["student/val_acc"] <= 1.0
+
+
+def split_copies(batch: dict) -> dict:
+    return {
+        key.removeprefix(AUGMENTED_PREFIX): value for key, value in batch.items() if key.startswith(AUGMENTED_PREFIX)
+    }
+
+
+def test_copy_store_holds_the_copies_each_epoch_of_training_draws(data_with_copies, tmp_path: Path) -> None:
+    datamodule, teacher = data_with_copies
+    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2).copies
+    assert store.tensors["logits"].shape == (2 * 2 * 96, 2)
+    loader = datamodule.train_dataloader()  # a fresh loader, as fit builds it
+    for epoch in range(2):
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            cached = store.lookup(epoch, batch[EXAMPLE_INDEX], batch[COPY_FINGERPRINT])
+            with torch.no_grad():
+                live = teacher(**split_copies(batch)).logits
+            assert cached is not None and torch.allclose(cached, live, atol=1e-5)
+    batch = next(iter(loader))  # a third epoch: not stored
+    assert store.lookup(2, batch[EXAMPLE_INDEX], batch[COPY_FINGERPRINT]) is None
+
+    restarted = datamodule.train_dataloader()  # e.g. a resumed run: epoch 1 drawn from a restarted stream
+    restarted.batch_sampler.set_epoch(1)
+    batch = next(iter(restarted))
+    assert store.lookup(1, batch[EXAMPLE_INDEX], batch[COPY_FINGERPRINT]) is None
+
+
+def test_copy_store_is_keyed_by_the_augmentation(data_with_copies, tmp_path: Path) -> None:
+    datamodule, teacher = data_with_copies
+    precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
+    datamodule.augmenter.mask_prob = 0.3
+    precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
+    precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2)
+    assert len(list((tmp_path / "cache" / "teacher_logits").glob("sst2-copies-*.safetensors"))) == 3
+    assert len(list((tmp_path / "cache" / "teacher_logits").glob("sst2-*.safetensors"))) == 4
+
+
+class CountTeacherCalls(pl.Callback):
+    def __init__(self, teacher) -> None:
+        self.calls = 0
+        self.hook = teacher.register_forward_hook(self.count)
+        self.losses: list[float] = []
+
+    def count(self, *args) -> None:
+        self.calls += 1
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit_two_epochs(datamodule, teacher, store, tmp_path: Path) -> tuple[DistillationModule, CountTeacherCalls]:
+    pl.seed_everything(0)
+    student = AutoModelForSequenceClassification.from_pretrained(teacher.name_or_path)
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+    module = DistillationModule(student, teacher, 2, 2.0, 0.5, optimizer, teacher_logits=store)
+    counter = CountTeacherCalls(teacher)
+    fit(module, tmp_path, [counter], validate=False, train_loader=datamodule.train_dataloader())
+    counter.hook.remove()
+    return module, counter
+
+
+def test_training_with_the_copy_store_runs_no_teacher_and_gives_the_live_losses(data_with_copies, tmp_path) -> None:
+    datamodule, teacher = data_with_copies
+    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2)
+    cached, cached_calls = fit_two_epochs(datamodule, teacher, store, tmp_path / "cached")
+    _, live_calls = fit_two_epochs(datamodule, teacher, None, tmp_path / "live")
+    assert cached.copies_labelled_live == 0 and cached_calls.calls == 0
+    assert live_calls.calls == 2 * 2 * 12  # originals and copies, 12 batches an epoch
+    assert cached_calls.losses == pytest.approx(live_calls.losses, abs=1e-5)
+
+
+def test_copies_the_store_lacks_are_labelled_live(data_with_copies, tmp_path: Path) -> None:
+    datamodule, teacher = data_with_copies
+    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
+    losses = {}
+    for name, logits in (("live", None), ("store", store)):
+        torch.manual_seed(0)
+        student = AutoModelForSequenceClassification.from_pretrained(teacher.name_or_path)
+        module = DistillationModule(student, teacher, 2, 2.0, 0.5, torch.optim.AdamW, teacher_logits=logits)
+        batch = next(iter(datamodule.train_dataloader()))
+        batch[COPY_FINGERPRINT] = batch[COPY_FINGERPRINT] + 1  # not the copies the store was built on
+        with pytest.warns(UserWarning, match="not in the teacher-logit store") if logits else contextlib.nullcontext():
+            losses[name] = module.training_step(batch, 0).item()
+    assert module.copies_labelled_live == 1
+    assert losses["store"] == pytest.approx(losses["live"], abs=1e-5)

@@ -28,6 +28,20 @@ from torch.utils.data import get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 AUGMENTED_PREFIX = "augmented_"
+# One int64 per perturbed copy (:func:`sequence_fingerprint`): lets a store of the teacher's logits on
+# the copies (distill.teacher_logits) check that it holds the very copies a batch carries.
+COPY_FINGERPRINT = "copy_fingerprint"
+
+
+def sequence_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` int64 that changes with any token or the length of a row of ``(R, L)`` token ids.
+
+    A weighted sum with fixed per-position weights below 2**28, so ids below 2**24 and rows up to
+    1024 tokens cannot overflow; padding (``attention_mask`` 0) never counts.
+    """
+    positions = torch.arange(input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+    weights = (positions * 2654435761 + 97) % (2**28 - 57) + 1
+    return ((input_ids.long() + 1) * attention_mask.long() * weights).sum(dim=1)
 
 
 @dataclass
@@ -110,6 +124,7 @@ class AugmentingCollator:
         copies = self.tokenizer.pad(encoded, return_tensors="pt")
         for name, value in copies.items():
             batch[AUGMENTED_PREFIX + name] = value
+        batch[COPY_FINGERPRINT] = sequence_fingerprint(copies["input_ids"], copies["attention_mask"])
         return batch
 
 

@@ -45,6 +45,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> LengthGroupedBatchSampler:
+        """Lightning calls ``set_epoch`` on a loader's ``sampler`` and ``batch_sampler.sampler``, never on
+        the batch sampler itself: without this every epoch would replay the first epoch's order."""
+        return self
+
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size) // self.num_replicas
 

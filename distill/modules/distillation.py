@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import (
@@ -22,43 +23,18 @@ from transformers import (
     PreTrainedModel,
     get_linear_schedule_with_warmup,
 )
-from transformers.utils import ModelOutput
 
-from distill.data.augment import AUGMENTED_PREFIX
+from distill.data.augment import AUGMENTED_PREFIX, COPY_FINGERPRINT
 from distill.data.glue import EXAMPLE_INDEX
 from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
 from distill.losses import KDLoss, kd_loss_terms
+from distill.modules.frozen_teacher import FrozenTeacher
+from distill.topk import TopKTargets
 
 # Where on_load_checkpoint leaves masks found as ASP buffers (read by distill.callbacks.nm_sparsity).
 ASP_MASK_KEY = "asp_masks"
 ASP_BUFFER = re.compile(r"__(\w+?)_mma_(?:mask|pruned_p)")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-
-
-class FrozenTeacher:
-    """Wraps the teacher: eval mode, no grad, follows the device of its inputs."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model.eval().requires_grad_(False)
-        self._predictions: dict[bytes, Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, inputs: dict[str, Tensor], output_hidden_states: bool = False) -> ModelOutput:
-        device = next(iter(inputs.values())).device
-        if next(self.model.parameters()).device != device:
-            self.model.to(device)
-        return self.model(**inputs, output_hidden_states=output_hidden_states)
-
-    def predictions(self, inputs: dict[str, Tensor]) -> Tensor:
-        """Predicted classes, memoised by the exact inputs: a frozen teacher's answer never changes,
-        and every validation check sends it the same dev batches again."""
-        key = b"".join(
-            name.encode() + str(tuple(value.shape)).encode() + value.cpu().numpy().tobytes()
-            for name, value in sorted(inputs.items())
-        )
-        if key not in self._predictions:
-            self._predictions[key] = self(inputs).logits.argmax(dim=-1).cpu()
-        return self._predictions[key].to(next(iter(inputs.values())).device)
 
 
 class DistillationModule(pl.LightningModule):
@@ -75,7 +51,8 @@ class DistillationModule(pl.LightningModule):
             Like the KD term it is scaled by ``1 - alpha``, so ``alpha=1`` learns from labels only.
         hidden_layers: the teacher layer each student layer matches; ``None`` spreads them uniformly.
         teacher_logits: precomputed teacher logits by training-example index
-            (:class:`distill.teacher_logits.TeacherLogitStore`); the teacher then runs for evaluation only.
+            (:class:`distill.teacher_logits.TeacherLogitStore`), with those on the perturbed copies in
+            its ``copies``; the teacher then runs for evaluation and for copies the store lacks.
     """
 
     def __init__(
@@ -102,6 +79,7 @@ class DistillationModule(pl.LightningModule):
         if teacher_logits is not None and self.hidden_loss is not None:
             raise ValueError("precomputed teacher logits hold no hidden states: set distill.hidden_weight=0")
         self.teacher_logits = teacher_logits
+        self.copies_labelled_live = 0
         self.optimizer_factory = optimizer
         self.metrics = nn.ModuleDict(
             {
@@ -129,6 +107,7 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         labels = batch.pop("labels")
         example_index = batch.pop(EXAMPLE_INDEX, None)
+        copy_fingerprint = batch.pop(COPY_FINGERPRINT, None)
         copy_keys = [key for key in batch if key.startswith(AUGMENTED_PREFIX)]
         copies = {key.removeprefix(AUGMENTED_PREFIX): batch.pop(key) for key in copy_keys}
         # With alpha=1 every teacher term has weight 0: skip the teacher (and the unlabelled copies).
@@ -143,7 +122,8 @@ class DistillationModule(pl.LightningModule):
         if uses_teacher and copies:
             # The KL is averaged over the whole transfer set: the examples and their perturbed copies.
             copies_size = copies["input_ids"].shape[0]
-            kd = (size * kd + copies_size * self._copies_kd(copies)) / (size + copies_size)
+            copies_kd = self._copies_kd(copies, example_index, copy_fingerprint)
+            kd = (size * kd + copies_size * copies_kd) / (size + copies_size)
             loss = self.loss.alpha * terms.ce + (1 - self.loss.alpha) * kd
         if with_hidden:
             hidden = self.hidden_loss(student_out.hidden_states, teacher_hidden, batch["attention_mask"])
@@ -157,11 +137,31 @@ class DistillationModule(pl.LightningModule):
         self.log("train/loss_ce", terms.ce, batch_size=size)
         return loss
 
-    def _copies_kd(self, copies: dict[str, Tensor]) -> Tensor:
-        """T^2 * KL on the unlabelled perturbed copies (distill.data.augment): the live teacher labels them."""
-        teacher_logits = self.teacher(copies).logits
+    def _copies_kd(self, copies: dict[str, Tensor], example_index: Tensor | None, fingerprint: Tensor | None) -> Tensor:
+        """T^2 * KL on the unlabelled perturbed copies (distill.data.augment), labelled by the teacher's
+        stored answers when the store holds these very copies, else by the live teacher."""
+        teacher_targets = self._stored_copy_targets(example_index, fingerprint)
+        if teacher_targets is None:
+            teacher_targets = self.teacher(copies).logits
         student_logits = self.student(**copies).logits
-        return kd_loss_terms(student_logits, teacher_logits, None, temperature=self.loss.temperature, alpha=0.0).kd
+        return kd_loss_terms(student_logits, teacher_targets, None, temperature=self.loss.temperature, alpha=0.0).kd
+
+    def _stored_copy_targets(
+        self, example_index: Tensor | None, fingerprint: Tensor | None
+    ) -> Tensor | TopKTargets | None:
+        store = getattr(self.teacher_logits, "copies", None)
+        if store is None or example_index is None or fingerprint is None:
+            return None
+        targets = store.lookup(self.current_epoch, example_index, fingerprint)
+        if targets is None:
+            if self.copies_labelled_live == 0:
+                rank_zero_warn(
+                    f"the perturbed copies of step {self.global_step} are not in the teacher-logit store (resumed"
+                    " mid-run, DataLoader workers, data parallelism or more epochs than stored): the live teacher"
+                    " labels copies the store lacks"
+                )
+            self.copies_labelled_live += 1
+        return targets
 
     def _teacher_outputs(
         self, batch: dict[str, Tensor], example_index: Tensor | None, with_hidden: bool
