@@ -28,11 +28,12 @@ smoke:  ## the whole pipeline on a slice, in under 3 minutes
 train:  ## the full bert_to_tiny experiment
 	$(OFFLINE) python -m distill.train experiment=bert_to_tiny
 
-bench:  ## CPU benchmarks (markdown tables; JSON under bench/results/); GPU: bench/sparse24.py, bench/kd_loss.py --device cuda
+bench:  ## CPU benchmarks (markdown tables; JSON under bench/results/); GPU: bench/sparse24.py, bench/kd_loss.py --device cuda [--inputs hidden]
 	$(OFFLINE) python bench/group_by_length.py
 	python bench/compression_overhead.py
 	$(OFFLINE) python bench/teacher_cache.py
 	python bench/kd_loss.py
+	python bench/kd_loss.py --inputs hidden --vocab 32768
 	python bench/framework_overhead.py
 
 clean:  ## remove run folders and caches of this checkout

@@ -2,17 +2,26 @@
 
     python bench/kd_loss.py                      # CPU: vocab 32k and 128k, 4096 positions, fp32
     python bench/kd_loss.py --device cuda --dtype bfloat16 --vocab 131072 --positions 8192
+    python bench/kd_loss.py --inputs hidden ...  # from hidden states and LM heads, Liger-Kernel too
 
-Each arm (forward + backward of the loss on the same inputs) runs in a fresh subprocess so that
-peaks do not mix: on CPU the peak is the resident memory (sampled every 0.2 ms) above what the
-inputs already took, on CUDA ``max_memory_allocated`` above the inputs. Times are medians of ``--repeats`` runs
-after one warm-up. Values and gradients are compared with the reference's. Prints markdown,
-writes JSON.
+``--inputs logits`` times the loss on given student and teacher logits (``fused_kd_loss``).
+``--inputs hidden`` starts from both models' hidden states and LM heads (``--hidden`` wide), so
+the projections are part of the work: the reference projects and calls ``kd_loss``, the fused
+paths project chunk by chunk (``kd_loss_linear``), and Liger-Kernel's fused-linear distillation
+loss (``LigerFusedLinearJSDLoss`` at beta=0: forward KL, the same contract; compiled), when it
+imports, does the same work its own way. Each arm (forward + backward on the same inputs) runs in
+a fresh subprocess so that peaks do not mix, after one warm-up call (compilation): on CPU the peak
+is the resident memory (sampled every 0.2 ms) above what the inputs already took, on CUDA
+``max_memory_allocated`` above the inputs. Times are medians of ``--repeats`` runs. Values and
+gradients are compared with the reference's. Prints markdown, writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
@@ -24,23 +33,53 @@ from pathlib import Path
 
 import torch
 
-ARMS = {"cpu": ["reference", "chunked"], "cuda": ["reference", "chunked", "triton"]}
+TEMPERATURE, ALPHA = 2.0, 0.5
 
 
-def make_inputs(positions: int, vocab: int, device: str, dtype: torch.dtype):
+def arms(device: str, inputs: str) -> list[str]:
+    names = ["reference", "chunked"] + (["triton"] if device == "cuda" else [])
+    if inputs == "hidden" and importlib.util.find_spec("liger_kernel") is not None:
+        names.append("liger")
+    return names
+
+
+def make_inputs(inputs: str, positions: int, vocab: int, hidden: int, device: str, dtype: torch.dtype):
+    """``(student tensors that get gradients, teacher tensors, labels)``; logits, or hidden states and heads."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    # In place, so that no freed temporary raises the memory high-water mark before the arm runs.
-    student = torch.randn(positions, vocab, generator=generator).mul_(2).to(device, dtype).requires_grad_()
-    teacher = torch.randn(positions, vocab, generator=generator).mul_(2).to(device, dtype)
+
+    def make(*shape, scale=1.0):
+        # In place, so that no freed temporary raises the memory high-water mark before the arm runs.
+        return torch.randn(*shape, generator=generator).mul_(scale).to(device, dtype)
+
+    if inputs == "logits":
+        student, teacher = [make(positions, vocab, scale=2).requires_grad_()], [make(positions, vocab, scale=2)]
+    else:
+        head_scale = 2 / hidden**0.5  # logits of about the spread above
+        student = [make(positions, hidden).requires_grad_(), make(vocab, hidden, scale=head_scale).requires_grad_()]
+        teacher = [make(positions, hidden), make(vocab, hidden, scale=head_scale)]
     labels = torch.randint(0, vocab, (positions,), generator=generator).to(device)
     labels[::7] = -100
     return student, teacher, labels
 
 
-def loss_fn(arm: str):
-    from distill.kernels.kd_loss import fused_kd_loss
+def loss_fn(arm: str, inputs: str):
+    """``f(student_tensors, teacher_tensors, labels) -> loss`` for one arm."""
+    settings = dict(temperature=TEMPERATURE, alpha=ALPHA)
+    if arm == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    return lambda s, t, y: fused_kd_loss(s, t, y, temperature=2.0, alpha=0.5, impl=arm)
+        soft_weight = (1 - ALPHA) * TEMPERATURE**2  # Liger leaves out the T^2 of this contract
+        liger = LigerFusedLinearJSDLoss(ALPHA, soft_weight, beta=0.0, temperature=TEMPERATURE)
+        return lambda student, teacher, labels: liger(*student, *teacher, labels)
+    if inputs == "logits":
+        from distill.kernels.kd_loss import fused_kd_loss
+
+        return lambda student, teacher, labels: fused_kd_loss(*student, *teacher, labels, impl=arm, **settings)
+    from distill.kernels.kd_loss_linear import kd_loss_linear
+
+    return lambda student, teacher, labels: kd_loss_linear(
+        student[0], student[1], teacher[0], teacher[1], labels, impl=arm, **settings
+    )
 
 
 class RssPeak:
@@ -75,83 +114,74 @@ class RssPeak:
 
 
 def measure_extra(fn, student, teacher, labels, device: str):
-    """Run forward + backward once; return the gradient and the memory it took beyond the inputs."""
+    """Run forward + backward once; return the gradients and the memory they took beyond the inputs."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        (grad,) = torch.autograd.grad(fn(student, teacher, labels), student)
+        grads = torch.autograd.grad(fn(student, teacher, labels), student)
         torch.cuda.synchronize()
-        return grad, torch.cuda.max_memory_allocated() - before
+        return grads, torch.cuda.max_memory_allocated() - before
     with RssPeak() as peak:
-        (grad,) = torch.autograd.grad(fn(student, teacher, labels), student)
-    return grad, peak.extra
+        grads = torch.autograd.grad(fn(student, teacher, labels), student)
+    return grads, peak.extra
 
 
-def run_arm(arm: str, positions: int, vocab: int, device: str, dtype_name: str, repeats: int) -> dict:
-    dtype = getattr(torch, dtype_name)
-    student, teacher, labels = make_inputs(positions, vocab, device, dtype)
-    fn = loss_fn(arm)
-    grad, extra = measure_extra(fn, student, teacher, labels, device)
+def run_arm(arm: str, args: argparse.Namespace, vocab: int) -> dict:
+    student, teacher, labels = make_inputs(
+        args.inputs, args.positions, vocab, args.hidden, args.device, getattr(torch, args.dtype)
+    )
+    fn = loss_fn(arm, args.inputs)
+    torch.autograd.grad(fn(student, teacher, labels), student)  # warm-up: compilation, lazy initialisation
+    grads, extra = measure_extra(fn, student, teacher, labels, args.device)
     times = []
-    for _ in range(repeats):
-        del grad
+    for _ in range(args.repeats):
+        del grads
         started = time.perf_counter()
         loss = fn(student, teacher, labels)
-        (grad,) = torch.autograd.grad(loss, student)
-        if device == "cuda":
+        grads = torch.autograd.grad(loss, student)
+        if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    torch.save({"loss": loss.detach().float().cpu(), "grad": grad.float().cpu()}, f"/tmp/kd_bench_{arm}.pt")
+    result = {"loss": loss.detach().float().cpu(), "grads": [grad.float().cpu() for grad in grads]}
+    torch.save(result, f"/tmp/kd_bench_{arm}.pt")
     return {"arm": arm, "peak_extra_bytes": extra, "seconds": statistics.median(times)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--positions", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--arm", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="bench/results/kd_loss.json")
-    args = parser.parse_args()
-    if args.arm:  # a child process: one arm, one vocabulary size
-        print(json.dumps(run_arm(args.arm, args.positions, args.vocab[0], args.device, args.dtype, args.repeats)))
-        return
-    results = []
-    for vocab in args.vocab:
-        for arm in ARMS[args.device]:
-            child = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--arm",
-                    arm,
-                    "--vocab",
-                    str(vocab),
-                    "--positions",
-                    str(args.positions),
-                    "--device",
-                    args.device,
-                    "--dtype",
-                    args.dtype,
-                    "--repeats",
-                    str(args.repeats),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if child.returncode != 0:
-                print(f"{arm} @ {vocab}: skipped ({child.stderr.strip().splitlines()[-1] if child.stderr else '?'})")
-                continue
-            row = json.loads(child.stdout.strip().splitlines()[-1]) | {"vocab": vocab}
-            reference = torch.load("/tmp/kd_bench_reference.pt")
-            mine = torch.load(f"/tmp/kd_bench_{arm}.pt")
-            row["loss_abs_diff"] = float((mine["loss"] - reference["loss"]).abs())
-            row["grad_rel_diff"] = float((mine["grad"] - reference["grad"]).abs().max() / reference["grad"].abs().max())
-            results.append(row)
-    print(f"\nKD loss fwd+bwd, {args.positions} positions, {args.dtype} on {args.device}, torch {torch.__version__}\n")
+def differences(arm: str) -> dict[str, float]:
+    """Loss and largest relative gradient difference of ``arm`` from the reference arm."""
+    reference, mine = torch.load("/tmp/kd_bench_reference.pt"), torch.load(f"/tmp/kd_bench_{arm}.pt")
+    grad_rel = max(
+        float((grad - want).abs().max() / want.abs().max())
+        for grad, want in zip(mine["grads"], reference["grads"], strict=True)
+    )
+    return {"loss_abs_diff": float((mine["loss"] - reference["loss"]).abs()), "grad_rel_diff": grad_rel}
+
+
+def versions(device: str) -> dict[str, str]:
+    found = {"torch": torch.__version__}
+    for package in ("triton", "liger-kernel"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[package] = importlib.metadata.version(package)
+    if device == "cuda":
+        found["gpu"] = torch.cuda.get_device_name()
+    return found
+
+
+def run_child(arm: str, vocab: int, args: argparse.Namespace) -> dict | None:
+    options = ["--positions", str(args.positions), "--device", args.device, "--dtype", args.dtype]
+    options += ["--repeats", str(args.repeats), "--inputs", args.inputs, "--hidden", str(args.hidden)]
+    command = [sys.executable, __file__, "--arm", arm, "--vocab", str(vocab), *options]
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode != 0:
+        print(f"{arm} @ {vocab}: skipped ({child.stderr.strip().splitlines()[-1] if child.stderr else '?'})")
+        return None
+    return json.loads(child.stdout.strip().splitlines()[-1]) | {"vocab": vocab} | differences(arm)
+
+
+def print_table(results: list[dict], args: argparse.Namespace, found: dict[str, str]) -> None:
+    source = "logits" if args.inputs == "logits" else f"hidden states ({args.hidden}) and LM heads"
+    print(f"\nKD loss fwd+bwd from {source}, {args.positions} positions, {args.dtype} on {args.device}, {found}\n")
     print(
         "| vocab | impl | peak extra memory (MiB) | vs reference | time (ms) | speed-up | loss diff | grad rel diff |"
     )
@@ -163,8 +193,30 @@ def main() -> None:
             f"| {row['peak_extra_bytes'] / ref['peak_extra_bytes']:.3f} | {1000 * row['seconds']:.0f} "
             f"| {ref['seconds'] / row['seconds']:.2f}x | {row['loss_abs_diff']:.1e} | {row['grad_rel_diff']:.1e} |"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"results": results, "args": vars(args)}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--positions", type=int, default=4096)
+    parser.add_argument("--inputs", default="logits", choices=["logits", "hidden"])
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size with --inputs hidden")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arm", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/kd_loss[_hidden].json)")
+    args = parser.parse_args()
+    if args.arm:  # a child process: one arm, one vocabulary size
+        print(json.dumps(run_arm(args.arm, args, args.vocab[0])))
+        return
+    rows = (run_child(arm, vocab, args) for vocab in args.vocab for arm in arms(args.device, args.inputs))
+    results = [row for row in rows if row is not None]
+    found = versions(args.device)
+    print_table(results, args, found)
+    out = Path(args.out or f"bench/results/kd_loss{'_hidden' if args.inputs == 'hidden' else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results, "args": vars(args), "versions": found}, indent=2))
 
 
 if __name__ == "__main__":

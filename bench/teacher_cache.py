@@ -46,7 +46,7 @@ class LossTimes(pl.Callback):
 
 
 def run_arm(cfg, teacher, student, datamodule, steps: int) -> LossTimes:
-    store = teacher_logit_store(cfg, teacher, datamodule)
+    store = teacher_logit_store(cfg, teacher, datamodule, world_size=1)
     pl.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, teacher, copy.deepcopy(student), datamodule, store)
     record = LossTimes()
@@ -83,7 +83,7 @@ def main() -> None:
 
     started = time.perf_counter()
     cfg.distill.teacher_cache = "precompute"
-    teacher_logit_store(cfg, teacher, datamodule)  # build (or reuse) the stores
+    teacher_logit_store(cfg, teacher, datamodule, world_size=1)  # build (or reuse) the stores
     build_seconds = time.perf_counter() - started
     arms = {"live": "none", "cached": "precompute"}
     records: dict[str, list[LossTimes]] = {name: [] for name in arms}

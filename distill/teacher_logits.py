@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -32,8 +32,9 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from distill.data.augment import AUGMENTED_PREFIX, COPY_FINGERPRINT
+from distill.data.augment import COPY_FINGERPRINT, pop_copies
 from distill.data.glue import EXAMPLE_INDEX, GlueDataModule
 from distill.topk import TopKTargets, topk_targets
 
@@ -89,11 +90,12 @@ def copy_rows(epoch: int, example_index: Tensor, copies: int, count: int) -> Ten
 class CopyLogitStore(TeacherLogitStore):
     """Teacher targets on the perturbed copies of the training loader, by epoch, copy and example.
 
-    The copies are random but reproducible: the loader draws them from one stream seeded by the
-    data seed (:mod:`distill.data.augment`) over batches fixed by the seed and the epoch, so replaying
-    the loader yields the very copies a run trains on. Each row keeps the copy's fingerprint, and a
-    batch whose copies differ from the stored ones (a mid-epoch resume, DataLoader workers, data
-    parallelism, more epochs than stored) gets ``None``: the live teacher labels it instead.
+    The copies are random but reproducible: each rank's loader draws them from one stream seeded by
+    the data seed (:mod:`distill.data.augment`) over batches fixed by the seed, the epoch and the
+    rank, so replaying the loaders yields the very copies a run trains on. Each row keeps the copy's
+    fingerprint, and a batch whose copies differ from the stored ones (a mid-epoch resume, DataLoader
+    workers, another number of ranks, more epochs than stored) gets ``None``: the live teacher labels
+    it instead.
     """
 
     def lookup(self, epoch: int, example_index: Tensor, fingerprint: Tensor) -> Tensor | TopKTargets | None:
@@ -137,30 +139,45 @@ def compute_targets(
 
 @torch.inference_mode()
 def compute_copy_targets(
-    teacher: nn.Module, datamodule: GlueDataModule, epochs: int, topk: int | None = None, temperature: float = 1.0
+    teacher: nn.Module,
+    datamodule: GlueDataModule,
+    epochs: int,
+    topk: int | None = None,
+    temperature: float = 1.0,
+    replicas: int = 1,
 ) -> dict[str, Tensor]:
-    """Replay ``epochs`` epochs of the training loader and label every perturbed copy it draws."""
+    """Replay ``epochs`` epochs of the training loader of each of ``replicas`` data-parallel ranks
+    and label every perturbed copy they draw."""
     teacher.eval()
     count, copies = len(datamodule.splits["train"]), datamodule.augmenter.copies
     total = epochs * copies * count
-    loader = datamodule.dataloader("train", datamodule.batch_size, shuffle=True, augment=True)
     tensors: dict[str, Tensor] = {"fingerprint": torch.zeros(total, dtype=torch.long)}
     filled = torch.zeros(total, dtype=torch.bool)
-    for epoch in range(epochs):
-        loader.batch_sampler.set_epoch(epoch)  # as Lightning does at each epoch start
-        for batch in loader:
+    for rank in range(replicas):
+        # Each rank's loader has its own collator, so its copies come from its own stream.
+        loader = datamodule.dataloader("train", datamodule.batch_size, True, augment=True, shard=(rank, replicas))
+        for epoch, batch in replay(loader, epochs):
             rows = copy_rows(epoch, batch[EXAMPLE_INDEX], copies, count)
-            inputs = {k.removeprefix(AUGMENTED_PREFIX): v for k, v in batch.items() if k.startswith(AUGMENTED_PREFIX)}
-            write_targets(tensors, rows, teacher(**inputs).logits, total, topk, temperature)
+            write_targets(tensors, rows, teacher(**pop_copies(batch)).logits, total, topk, temperature)
             tensors["fingerprint"][rows] = batch[COPY_FINGERPRINT]
             filled[rows] = True
-    if not filled.all():
+    # Data parallelism trims the batches that do not divide among the ranks: their rows stay empty.
+    if replicas == 1 and not filled.all():
         raise RuntimeError(f"the replay left {int((~filled).sum())} perturbed copies without logits")
     return tensors
 
 
+def replay(loader: DataLoader, epochs: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """``(epoch, batch)`` over ``epochs`` epochs of a length-grouped training loader."""
+    for epoch in range(epochs):
+        loader.batch_sampler.set_epoch(epoch)  # as Lightning does at each epoch start
+        for batch in loader:
+            yield epoch, batch
+
+
 def copies_replay(datamodule: GlueDataModule) -> bool:
-    """Whether a replay of the training loader draws the copies training will: one stream, fixed batches."""
+    """Whether a replay of the training loaders draws the copies training will: one stream per rank,
+    fixed batches (DataLoader workers draw from streams seeded per worker and epoch)."""
     return datamodule.augmenter is not None and datamodule.group_by_length and datamodule.num_workers == 0
 
 
@@ -198,8 +215,10 @@ def precompute_teacher_logits(
     topk: int | None = None,
     temperature: float = 1.0,
     epochs: int = 1,
+    replicas: int = 1,
 ) -> TeacherLogitStore:
-    """Load the stores for this teacher and training set (the copies' for ``epochs``), building them if absent."""
+    """Load the stores for this teacher and training set, building them if absent; the copies' store
+    holds the copies ``replicas`` data-parallel ranks draw in ``epochs`` epochs."""
     if topk is not None and not 0 < topk <= datamodule.num_labels:
         raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, {datamodule.num_labels}] (the classes)")
     expected = {
@@ -214,21 +233,24 @@ def precompute_teacher_logits(
     build = partial(compute_targets, teacher, datamodule, datamodule.eval_batch_size, topk, temperature)
     store = load_or_build(TeacherLogitStore, path, expected, build)
     if copies_replay(datamodule):
-        copy_expected = expected | copies_key(datamodule, epochs)
+        copy_expected = expected | copies_key(datamodule, epochs, replicas)
         path = store_path(cache_dir, f"{datamodule.task}-copies", copy_expected)
-        build = partial(compute_copy_targets, teacher, datamodule, epochs, topk, temperature)
+        build = partial(compute_copy_targets, teacher, datamodule, epochs, topk, temperature, replicas)
         store.copies = load_or_build(CopyLogitStore, path, copy_expected, build)
     return store
 
 
-def copies_key(datamodule: GlueDataModule, epochs: int) -> dict[str, str]:
-    """What decides the copies a training loader draws: perturbation settings, seed and batches."""
+def copies_key(datamodule: GlueDataModule, epochs: int, replicas: int = 1) -> dict[str, str]:
+    """What decides the copies the training loaders draw: perturbation settings, seed, batches, ranks."""
     augmenter = dataclasses.asdict(datamodule.augmenter)
     augmenter["special_ids"] = sorted(augmenter["special_ids"])
-    return {
+    key = {
         "augment": json.dumps(augmenter, sort_keys=True),
         "copies": str(datamodule.augmenter.copies),
         "seed": str(datamodule.seed),
         "batch_size": str(datamodule.batch_size),
         "epochs": str(epochs),
     }
+    if replicas > 1:  # single-process stores keep their key
+        key["data_parallel_ranks"] = str(replicas)
+    return key

@@ -34,14 +34,19 @@ from distill.utils.run_record import count_parameters, git_state, record_student
 log = logging.getLogger("distill.train")
 
 
-def teacher_logit_store(cfg: DictConfig, teacher: Teacher, datamodule: Any) -> TeacherLogitStore | None:
+def teacher_logit_store(
+    cfg: DictConfig, teacher: Teacher, datamodule: Any, world_size: int
+) -> TeacherLogitStore | None:
     cached = cfg.distill.teacher_cache == "precompute" and cfg.distill.alpha < 1
     if not cached:
         return None
     topk, temperature = cfg.distill.teacher_cache_topk, cfg.distill.temperature
-    # The perturbed copies differ every epoch: the store labels as many epochs as the run trains.
+    # The perturbed copies differ every epoch and rank: the store labels as many epochs as the run
+    # trains, drawn by as many ranks.
     epochs = max(cfg.trainer.get("max_epochs") or 1, 1)
-    return precompute_teacher_logits(teacher.model, datamodule, cfg.paths.cache_dir, topk, temperature, epochs)
+    return precompute_teacher_logits(
+        teacher.model, datamodule, cfg.paths.cache_dir, topk, temperature, epochs, world_size
+    )
 
 
 def build_module(
@@ -99,7 +104,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     log.info("Instantiating teacher <%s>", cfg.teacher._target_)
     teacher = instantiate(cfg.teacher, datamodule=datamodule)
-    teacher_logits = teacher_logit_store(cfg, teacher, datamodule)
+    loggers = instantiate_named(cfg.get("logger"), "logger")
+    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    teacher_logits = teacher_logit_store(cfg, teacher, datamodule, trainer.world_size)
     # The teacher stage and the logit pass run only when their caches are empty: reseed so that the
     # student's run is the same whether they ran in this process or not.
     pl.seed_everything(cfg.seed, workers=True)
@@ -109,9 +117,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     record_student(output_dir, student)
     module = build_module(cfg, teacher, student, datamodule, teacher_logits)
 
-    loggers = instantiate_named(cfg.get("logger"), "logger")
-    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     run_facts = {"teacher/finetune_val_acc": teacher.val_acc, **count_parameters(student)}
     for logger in loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **run_facts})

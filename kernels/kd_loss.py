@@ -63,15 +63,14 @@ def _chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) 
     return loss * scale, grad
 
 
-def scaled_gradient(ctx, grad_output: Tensor) -> Tensor:
-    """The gradient stored by forward, scaled in place: a second N x V copy would double the peak.
+def scaled_gradients(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients stored by forward, scaled in place: a second N x V copy would double the peak.
 
-    The buffer is used up, so backward runs once per forward (no ``retain_graph``)."""
+    The buffers are used up, so backward runs once per forward (no ``retain_graph``)."""
     if getattr(ctx, "used", False):
         raise RuntimeError("the fused KD loss supports one backward per forward (no retain_graph)")
     ctx.used = True
-    (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_output.to(grad.dtype))
+    return tuple(grad.mul_(grad_output.to(grad.dtype)) if grad is not None else None for grad in ctx.saved_tensors)
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -99,7 +98,7 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return scaled_gradient(ctx, grad_output), None, None, None, None, None, None
+        return *scaled_gradients(ctx, grad_output), None, None, None, None, None, None
 
 
 def kd_loss_chunked(

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from distill.kernels.kd_loss import _check, scaled_gradient
+from distill.kernels.kd_loss import _check, scaled_gradients
 
 
 @triton.jit
@@ -90,42 +90,53 @@ def _kd_rows_kernel(
     tl.store(loss_ptr + row, loss * scale * keep)
 
 
+def kd_rows(
+    s: Tensor, t: Tensor | None, y: Tensor | None, temperature: float, alpha: float, ignore_index: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Loss (fp32, each row's term times ``scale``, summed) and ``d loss / d s`` of ``(N, V)`` rows."""
+    s = s.contiguous()
+    t = t.contiguous() if t is not None else s
+    y = y.contiguous() if y is not None else None
+    rows, vocab = s.shape
+    grad = torch.empty_like(s)
+    losses = torch.empty(rows, dtype=torch.float32, device=s.device)
+    _kd_rows_kernel[(rows,)](
+        s,
+        t,
+        y if y is not None else s,
+        grad,
+        losses,
+        vocab,
+        s.stride(0),
+        t.stride(0),
+        grad.stride(0),
+        float(temperature),
+        float(alpha),
+        scale,
+        ignore_index,
+        HAS_KD=alpha < 1,
+        HAS_CE=alpha > 0,
+        HAS_LABELS=y is not None,
+        BLOCK=min(4096, triton.next_power_of_2(vocab)),
+    )
+    return losses.sum(), grad
+
+
 class _TritonKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, alpha, ignore_index):
         vocab = student.shape[-1]
-        s = student.reshape(-1, vocab).contiguous()
-        t = teacher.reshape(-1, vocab).contiguous() if teacher is not None else s
-        y = labels.reshape(-1).contiguous() if labels is not None else None
-        rows = s.shape[0]
-        count = int((y != ignore_index).sum()) if y is not None else rows
-        grad = torch.empty_like(s)
-        losses = torch.empty(rows, dtype=torch.float32, device=s.device)
-        _kd_rows_kernel[(rows,)](
-            s,
-            t,
-            y if y is not None else s,
-            grad,
-            losses,
-            vocab,
-            s.stride(0),
-            t.stride(0),
-            grad.stride(0),
-            float(temperature),
-            float(alpha),
-            1.0 / max(count, 1),
-            ignore_index,
-            HAS_KD=alpha < 1,
-            HAS_CE=alpha > 0,
-            HAS_LABELS=y is not None,
-            BLOCK=min(4096, triton.next_power_of_2(vocab)),
-        )
+        s = student.reshape(-1, vocab)
+        t = teacher.reshape(-1, vocab) if teacher is not None else None
+        y = labels.reshape(-1) if labels is not None else None
+        count = int((y != ignore_index).sum()) if y is not None else s.shape[0]
+        loss, grad = kd_rows(s, t, y, temperature, alpha, ignore_index, 1.0 / max(count, 1))
         ctx.save_for_backward(grad.view(student.shape))
-        return losses.sum()
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        return scaled_gradient(ctx, grad_output), None, None, None, None, None
+        return *scaled_gradients(ctx, grad_output), None, None, None, None, None
 
 
 def kd_loss_triton(student_logits, teacher_logits, labels=None, *, temperature, alpha, ignore_index=-100) -> Tensor:

@@ -92,6 +92,15 @@ def test_each_dataloader_worker_draws_its_own_stream(monkeypatch, tmp_path: Path
     assert collate._generator().random() == random.Random(1234).random()
 
 
+def test_each_data_parallel_rank_draws_its_own_stream(tmp_path: Path, glue_module) -> None:
+    module = glue_module(write_task(tmp_path / "data"), tmp_path / "cache", augment={"copies": 1, "mask_prob": 0.5})
+    streams = [AugmentingCollator(None, module.tokenizer, module.augmenter, 7, rank)._generator() for rank in (0, 1)]
+    draws = [[stream.random() for _ in range(4)] for stream in streams]
+    single_process = random.Random(7 * 1009)
+    assert draws[0] == [single_process.random() for _ in range(4)]  # rank 0 keeps a single process's stream
+    assert draws[0] != draws[1]
+
+
 def test_pair_tasks_refuse_cropping(tmp_path: Path, glue_module) -> None:
     with pytest.raises(ValueError, match=re.escape("data.augment.span_prob=0.25")):
         glue_module(tmp_path / "data", tmp_path / "cache", text_fields=["a", "b"], augment={"copies": 1})

@@ -141,18 +141,23 @@ def split_copies(batch: dict) -> dict:
     }
 
 
-def test_copy_store_holds_the_copies_each_epoch_of_training_draws(data_with_copies, tmp_path: Path) -> None:
-    datamodule, teacher = data_with_copies
-    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2).copies
-    assert store.tensors["logits"].shape == (2 * 2 * 96, 2)
-    loader = datamodule.train_dataloader()  # a fresh loader, as fit builds it
-    for epoch in range(2):
+def assert_store_serves_every_copy(store, teacher, loader, epochs: int) -> None:
+    """The store's targets for every copy ``loader`` draws in ``epochs`` epochs are the live teacher's."""
+    for epoch in range(epochs):
         loader.batch_sampler.set_epoch(epoch)
         for batch in loader:
             cached = store.lookup(epoch, batch[EXAMPLE_INDEX], batch[COPY_FINGERPRINT])
             with torch.no_grad():
                 live = teacher(**split_copies(batch)).logits
             assert cached is not None and torch.allclose(cached, live, atol=1e-5)
+
+
+def test_copy_store_holds_the_copies_each_epoch_of_training_draws(data_with_copies, tmp_path: Path) -> None:
+    datamodule, teacher = data_with_copies
+    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2).copies
+    assert store.tensors["logits"].shape == (2 * 2 * 96, 2)
+    loader = datamodule.train_dataloader()  # a fresh loader, as fit builds it
+    assert_store_serves_every_copy(store, teacher, loader, epochs=2)
     batch = next(iter(loader))  # a third epoch: not stored
     assert store.lookup(2, batch[EXAMPLE_INDEX], batch[COPY_FINGERPRINT]) is None
 
@@ -162,14 +167,30 @@ def test_copy_store_holds_the_copies_each_epoch_of_training_draws(data_with_copi
     assert store.lookup(1, batch[EXAMPLE_INDEX], batch[COPY_FINGERPRINT]) is None
 
 
+def rank_loader(datamodule, rank: int):
+    return datamodule.dataloader("train", datamodule.batch_size, True, augment=True, shard=(rank, 2))
+
+
+def test_copy_store_for_two_ranks_holds_the_copies_each_rank_draws(data_with_copies, tmp_path: Path) -> None:
+    datamodule, teacher = data_with_copies
+    single = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2).copies
+    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2, replicas=2).copies
+    for rank in (0, 1):
+        assert_store_serves_every_copy(store, teacher, rank_loader(datamodule, rank), epochs=2)
+    # One process draws every batch from one stream: rank 1 starts its own, which that store lacks.
+    batch = next(iter(rank_loader(datamodule, 1)))
+    assert single.lookup(0, batch[EXAMPLE_INDEX], batch[COPY_FINGERPRINT]) is None
+
+
 def test_copy_store_is_keyed_by_the_augmentation(data_with_copies, tmp_path: Path) -> None:
     datamodule, teacher = data_with_copies
     precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
+    precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), replicas=2)
     datamodule.augmenter.mask_prob = 0.3
     precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
     precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2)
-    assert len(list((tmp_path / "cache" / "teacher_logits").glob("sst2-copies-*.safetensors"))) == 3
-    assert len(list((tmp_path / "cache" / "teacher_logits").glob("sst2-*.safetensors"))) == 4
+    assert len(list((tmp_path / "cache" / "teacher_logits").glob("sst2-copies-*.safetensors"))) == 4
+    assert len(list((tmp_path / "cache" / "teacher_logits").glob("sst2-*.safetensors"))) == 5
 
 
 class CountTeacherCalls(pl.Callback):
@@ -220,3 +241,41 @@ def test_copies_the_store_lacks_are_labelled_live(data_with_copies, tmp_path: Pa
             losses[name] = module.training_step(batch, 0).item()
     assert module.copies_labelled_live == 1
     assert losses["store"] == pytest.approx(losses["live"], abs=1e-5)
+
+
+class DumpLiveLabels(pl.Callback):
+    """Each rank writes how many batches it trained on and how many of their copies the teacher labelled."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+    def on_train_end(self, trainer, module) -> None:
+        counts = {"batches": self.batches, "labelled_live": module.copies_labelled_live}
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(counts))
+
+
+def test_two_rank_training_reads_every_copy_from_the_store(data_with_copies, tmp_path: Path) -> None:
+    datamodule, teacher = data_with_copies
+    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2, replicas=2)
+    student = AutoModelForSequenceClassification.from_pretrained(teacher.name_or_path)
+    module = DistillationModule(student, teacher, 2, 2.0, 0.5, torch.optim.AdamW, teacher_logits=store)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        strategy="ddp_spawn",
+        devices=2,
+        use_distributed_sampler=False,  # the datamodule's loaders shard themselves, as conf/trainer/ddp*.yaml set
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[DumpLiveLabels(tmp_path)],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    counts = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert counts == [{"batches": 12, "labelled_live": 0}] * 2  # 2 epochs of 6 of the 12 batches each

@@ -33,6 +33,12 @@ AUGMENTED_PREFIX = "augmented_"
 COPY_FINGERPRINT = "copy_fingerprint"
 
 
+def pop_copies(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Take the perturbed copies out of a collated batch, as model inputs (``input_ids``, ...)."""
+    keys = [key for key in batch if key.startswith(AUGMENTED_PREFIX)]
+    return {key.removeprefix(AUGMENTED_PREFIX): batch.pop(key) for key in keys}
+
+
 def sequence_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``(R,)`` int64 that changes with any token or the length of a row of ``(R, L)`` token ids.
 
@@ -96,21 +102,25 @@ class TokenAugmenter:
 class AugmentingCollator:
     """Pads a batch as ``collate`` does and adds ``augmented_*`` tensors: the perturbed copies."""
 
-    def __init__(self, collate: Any, tokenizer: PreTrainedTokenizerBase, augmenter: TokenAugmenter, seed: int):
+    def __init__(
+        self, collate: Any, tokenizer: PreTrainedTokenizerBase, augmenter: TokenAugmenter, seed: int, rank: int = 0
+    ):
         self.collate = collate
         self.tokenizer = tokenizer
         self.augmenter = augmenter
         self.seed = seed
+        self.rank = rank
         self._rng: random.Random | None = None
 
     def _generator(self) -> random.Random:
         if self._rng is None:
             # A DataLoader worker holds its own copy of this collator and takes PyTorch's per-worker
             # seed (derived from the run's seed, new each epoch), so workers and epochs draw different
-            # copies. The main process (num_workers=0) draws one stream from the data seed; seed * 1009
-            # is the stream the figures in docs/results were measured with.
+            # copies. The main process (num_workers=0) draws one stream from the data seed and its
+            # data-parallel rank, so ranks perturb differently; seed * 1009 (rank 0) is the stream
+            # the figures in docs/results were measured with.
             info = get_worker_info()
-            self._rng = random.Random(info.seed if info is not None else self.seed * 1009)
+            self._rng = random.Random(info.seed if info is not None else self.seed * 1009 + self.rank)
         return self._rng
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

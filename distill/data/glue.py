@@ -211,7 +211,9 @@ class GlueDataModule(pl.LightningDataModule):
         ]
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
-    def dataloader(self, split: str, batch_size: int, shuffle: bool, augment: bool = False) -> DataLoader:
+    def dataloader(
+        self, split: str, batch_size: int, shuffle: bool, augment: bool = False, shard: tuple[int, int] | None = None
+    ) -> DataLoader:
         """A loader over ``split`` ("train" or "validation") after :meth:`setup`.
 
         ``augment`` adds the perturbed copies of ``augment=`` (the distillation loader only: the
@@ -219,13 +221,15 @@ class GlueDataModule(pl.LightningDataModule):
 
         Shuffled (training) loaders shard themselves across data-parallel ranks, so trainers run
         with ``use_distributed_sampler=False`` (see conf/trainer/ddp*.yaml); evaluation loaders are
-        whole on every rank, which keeps accuracy exact (no padded duplicate examples).
+        whole on every rank, which keeps accuracy exact (no padded duplicate examples). ``shard``
+        (rank, number of ranks) replaces the attached trainer's: the teacher-logit store replays
+        every rank's loader from one process.
         """
         dataset = self.splits[split]
         collate = DataCollatorWithPadding(self.tokenizer)
+        rank, replicas = shard or self._data_parallel_rank()
         if augment and self.augmenter is not None:
-            collate = AugmentingCollator(collate, self.tokenizer, self.augmenter, self.seed)
-        rank, replicas = self._data_parallel_rank()
+            collate = AugmentingCollator(collate, self.tokenizer, self.augmenter, self.seed, rank)
         if shuffle and self.group_by_length:
             if split not in self._lengths:
                 self._lengths[split] = [len(ids) for ids in dataset["input_ids"]]

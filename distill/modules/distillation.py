@@ -24,7 +24,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from distill.data.augment import AUGMENTED_PREFIX, COPY_FINGERPRINT
+from distill.data.augment import COPY_FINGERPRINT, pop_copies
 from distill.data.glue import EXAMPLE_INDEX
 from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
 from distill.losses import KDLoss, kd_loss_terms
@@ -108,8 +108,7 @@ class DistillationModule(pl.LightningModule):
         labels = batch.pop("labels")
         example_index = batch.pop(EXAMPLE_INDEX, None)
         copy_fingerprint = batch.pop(COPY_FINGERPRINT, None)
-        copy_keys = [key for key in batch if key.startswith(AUGMENTED_PREFIX)]
-        copies = {key.removeprefix(AUGMENTED_PREFIX): batch.pop(key) for key in copy_keys}
+        copies = pop_copies(batch)
         # With alpha=1 every teacher term has weight 0: skip the teacher (and the unlabelled copies).
         uses_teacher = self.teacher is not None and self.loss.alpha < 1
         with_hidden = uses_teacher and self.hidden_loss is not None
@@ -157,8 +156,8 @@ class DistillationModule(pl.LightningModule):
             if self.copies_labelled_live == 0:
                 rank_zero_warn(
                     f"the perturbed copies of step {self.global_step} are not in the teacher-logit store (resumed"
-                    " mid-run, DataLoader workers, data parallelism or more epochs than stored): the live teacher"
-                    " labels copies the store lacks"
+                    " mid-run, DataLoader workers, another number of ranks or more epochs than stored): the live"
+                    " teacher labels copies the store lacks"
                 )
             self.copies_labelled_live += 1
         return targets

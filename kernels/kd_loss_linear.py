@@ -1,0 +1,118 @@
+"""The KD loss fused with the output projections, so that neither model's logits exist whole.
+
+:func:`kd_loss_linear` equals ``kd_loss(F.linear(h_s, W_s, b_s), F.linear(h_t, W_t, b_t), labels, ...)``
+(the :mod:`distill.kernels.kd_loss` contract: fp32 math, mean over rows whose label is kept) for
+hidden states ``(..., H)`` and language-model heads ``W`` ``(V, H)``. At a 128k vocabulary the
+logits are the largest tensors of a step (8192 positions x 131072 in bf16: 2 GiB per model, four
+times that in fp32), so here ``chunk_size`` rows are projected at a time: the chunk's loss and its
+gradient with respect to the student's logits come from the ``chunked`` or ``triton`` row
+implementation, and are turned at once into gradients for the student's hidden states, weight and
+bias, accumulated in their own dtypes; backward only scales them. The teacher's projection runs
+without gradient. ``impl="reference"`` projects everything and calls the reference ``kd_loss``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.kernels.kd_loss import _check, _chunk_terms, pick_impl, scaled_gradients
+from distill.losses import kd_loss
+
+DEFAULT_CHUNK_ROWS = {"triton": 1024, "chunked": 256}
+
+
+class Settings(NamedTuple):
+    temperature: float
+    alpha: float
+    ignore_index: int
+    impl: str
+    chunk_size: int
+
+
+def _row_terms(s: Tensor, t: Tensor, y: Tensor | None, settings: Settings, scale: float) -> tuple[Tensor, Tensor]:
+    """One chunk's loss (times ``scale``) and its gradient with respect to the student's logits ``s``."""
+    if settings.impl == "triton":
+        from distill.kernels.kd_loss_triton import kd_rows
+
+        return kd_rows(s, t, y, settings.temperature, settings.alpha, settings.ignore_index, scale)
+    keep = y != settings.ignore_index if y is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    loss, grad = _chunk_terms(s, t, y, keep, settings.temperature, settings.alpha, scale)
+    return loss, grad.to(s.dtype)
+
+
+class _LinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, settings: Settings):
+        hidden_s, hidden_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
+        y = labels.reshape(-1) if labels is not None else None
+        count = int((y != settings.ignore_index).sum()) if y is not None else hidden_s.shape[0]
+        scale = 1.0 / max(count, 1)
+        total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        grad_h, grad_w = torch.empty_like(hidden_s), torch.zeros_like(w_s)
+        grad_b = torch.zeros_like(b_s) if b_s is not None else None
+        for start in range(0, hidden_s.shape[0], settings.chunk_size):
+            rows = slice(start, start + settings.chunk_size)
+            student_logits = F.linear(hidden_s[rows], w_s, b_s)
+            teacher_logits = F.linear(hidden_t[rows], w_t, b_t)
+            loss, grad = _row_terms(student_logits, teacher_logits, y[rows] if y is not None else None, settings, scale)
+            del student_logits, teacher_logits
+            total += loss
+            torch.matmul(grad, w_s, out=grad_h[rows])
+            grad_w.addmm_(grad.t(), hidden_s[rows])
+            if grad_b is not None:
+                grad_b += grad.sum(dim=0, dtype=torch.float32).to(grad_b.dtype)
+        ctx.save_for_backward(grad_h.view(h_s.shape), grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w, grad_b = scaled_gradients(ctx, grad_output)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def kd_loss_linear(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor | None = None,
+    *,
+    temperature: float,
+    alpha: float,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The KD loss of the two heads' logits, ``chunk_size`` rows at a time (see the module docstring).
+
+    ``impl`` (or ``$DISTILL_KD_IMPL``) as for :func:`distill.kernels.kd_loss.fused_kd_loss`.
+    ``chunk_size`` defaults to 1024 rows for Triton (one GPU program per row: enough rows to fill
+    the GPU) and 256 for the PyTorch loop, whose fp32 temporaries are several times a chunk's logits.
+    """
+    _check(teacher_hidden, labels, temperature, alpha)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"the student's head has {student_weight.shape[0]} outputs and the teacher's {teacher_weight.shape[0]}:"
+            " KD needs one vocabulary"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be >= 1")
+    choice = pick_impl(student_hidden, impl)
+    if choice == "reference":
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+        student_logits = F.linear(student_hidden, student_weight, student_bias)
+        return kd_loss(
+            student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index
+        )
+    rows = chunk_size or DEFAULT_CHUNK_ROWS[choice]
+    settings = Settings(float(temperature), float(alpha), ignore_index, choice, rows)
+    return _LinearKD.apply(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, settings
+    )

@@ -1,0 +1,129 @@
+"""The KD loss fused with the output projections, against the reference on full logits.
+
+The Triton rows run under TRITON_INTERPRET=1 without a GPU (conftest.py). Liger-Kernel's fused
+linear distillation loss is checked against the same contract, so that bench/kd_loss.py compares
+equal work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.kernels.kd_loss import triton_available
+from distill.kernels.kd_loss_linear import kd_loss_linear
+from distill.losses import kd_loss
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
+
+
+def heads(dtype=torch.float32, rows=21, hidden=16, vocab=300, bias=True, seed=0):
+    """Student and teacher hidden states ``(3, rows // 3, hidden)``, heads ``(vocab, hidden)``, labels."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(*shape, grad=False):
+        return torch.randn(*shape, generator=generator).to(DEVICE, dtype).requires_grad_(grad)
+
+    student = [make(3, rows // 3, hidden, grad=True), make(vocab, hidden, grad=True)]
+    student.append(make(vocab, grad=True) if bias else None)
+    teacher = [make(3, rows // 3, hidden), make(vocab, hidden), make(vocab) if bias else None]
+    labels = torch.randint(0, vocab, (3, rows // 3), generator=generator).to(DEVICE)
+    labels[0, ::2] = -100
+    return student, teacher, labels
+
+
+def reference(student, teacher, labels, **settings):
+    logits = F.linear(*student), F.linear(*teacher).detach()
+    return kd_loss(*logits, labels, **settings)
+
+
+def fused(student, teacher, labels, impl, **settings):
+    (h_s, w_s, b_s), (h_t, w_t, b_t) = student, teacher
+    return kd_loss_linear(h_s, w_s, h_t, w_t, labels, student_bias=b_s, teacher_bias=b_t, impl=impl, **settings)
+
+
+def value_and_grads(loss_fn, student, *args, **kwargs):
+    loss = loss_fn(student, *args, **kwargs)
+    params = [tensor for tensor in student if tensor is not None]
+    return loss.detach().float(), [grad.float() for grad in torch.autograd.grad(loss, params)]
+
+
+def assert_close_grads(actual, expected, rtol: float) -> None:
+    for grad, want in zip(actual, expected, strict=True):
+        assert (grad - want).abs().max() <= rtol * want.abs().max()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 0.0), (2.0, 0.5), (4.0, 0.9), (8.0, 1.0)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_the_reference_in_value_and_gradients(impl: str, temperature: float, alpha: float, bias: bool) -> None:
+    student, teacher, labels = heads(bias=bias)
+    settings = dict(temperature=temperature, alpha=alpha)
+    expected, expected_grads = value_and_grads(reference, student, teacher, labels, **settings)
+    actual, grads = value_and_grads(fused, student, teacher, labels, impl, chunk_size=4, **settings)
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    assert_close_grads(grads, expected_grads, 1e-5)
+    hidden_grad = grads[0]
+    assert not hidden_grad[0, ::2].any()  # ignored rows send nothing back
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_heads_without_labels(impl: str) -> None:
+    student, teacher, _ = heads(torch.bfloat16)
+    settings = dict(temperature=2.0, alpha=0.0)
+    expected, expected_grads = value_and_grads(reference, student, teacher, None, **settings)
+    actual, grads = value_and_grads(fused, student, teacher, None, impl, chunk_size=8, **settings)
+    assert torch.allclose(actual, expected, rtol=1e-3)
+    assert_close_grads(grads, expected_grads, 2e-2)  # bf16 logits and gradients on both sides
+
+
+def test_reference_impl_and_one_chunk_equal_the_chunked_path() -> None:
+    student, teacher, labels = heads()
+    settings = dict(temperature=2.0, alpha=0.5)
+    chunked, chunked_grads = value_and_grads(fused, student, teacher, labels, "chunked", chunk_size=5, **settings)
+    for impl, chunk_size in (("reference", 1024), ("chunked", 1024)):
+        loss, grads = value_and_grads(fused, student, teacher, labels, impl, chunk_size=chunk_size, **settings)
+        assert torch.allclose(loss, chunked, rtol=1e-6)
+        assert_close_grads(grads, chunked_grads, 1e-5)
+
+
+def test_bad_arguments_are_named() -> None:
+    student, teacher, labels = heads(bias=False)
+    other_vocab = [teacher[0], teacher[1][:100], None]
+    with pytest.raises(ValueError, match="300 outputs and the teacher's 100"):
+        fused(student, other_vocab, labels, "chunked", temperature=2.0, alpha=0.5)
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        fused(student, teacher, labels, "chunked", temperature=2.0, alpha=0.5, chunk_size=0)
+    with pytest.raises(ValueError, match=r"alpha=1\.5"):
+        fused(student, teacher, labels, "chunked", temperature=2.0, alpha=1.5)
+
+
+def test_backward_runs_once_per_forward() -> None:
+    student, teacher, labels = heads()
+    loss = fused(student, teacher, labels, "chunked", temperature=2.0, alpha=0.5)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+def test_liger_fused_linear_jsd_at_beta_0_is_this_contract() -> None:
+    """bench/kd_loss.py's Liger arm: forward KL (beta=0), CE at T=1, soft weight (1 - alpha) * T**2."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    student, teacher, labels = heads()
+    liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.3, weight_soft_loss=0.7 * 4.0, beta=0.0, temperature=2.0)
+    liger.compiled = False  # torch.compile adds a minute on CPU and nothing to the values
+
+    def liger_loss(student, teacher, labels):
+        h_s, h_t = student[0].reshape(-1, 16), teacher[0].reshape(-1, 16)
+        return liger(h_s, student[1], h_t, teacher[1], labels.reshape(-1), student[2], teacher[2])
+
+    expected, expected_grads = value_and_grads(reference, student, teacher, labels, temperature=2.0, alpha=0.3)
+    actual, grads = value_and_grads(liger_loss, student, teacher, labels)
+    assert torch.allclose(actual, expected, rtol=1e-5)
+    assert_close_grads(grads, expected_grads, 1e-5)
