@@ -40,7 +40,10 @@ def _rows(student: Tensor, teacher: Tensor | None, labels: Tensor | None, ignore
 
 
 def _chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) -> tuple[Tensor, Tensor]:
-    """Loss sum (already divided by the row count) and gradient of one chunk of rows, fp32."""
+    """Loss sum (already divided by the row count) and gradient of one chunk of rows, fp32.
+
+    In place wherever a temporary can be reused: each chunk-sized fp32 buffer is a full pass of
+    memory traffic, and the peak is a handful of them."""
     s32 = s.float()
     loss = s32.new_zeros(())
     grad = s32.new_zeros(s32.shape)
@@ -49,17 +52,18 @@ def _chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) 
         safe = torch.where(keep, y, 0)
         ce = -log_p1.gather(1, safe[:, None]).squeeze(1)
         loss = loss + alpha * (ce * keep).sum()
-        grad += alpha * log_p1.exp()
+        grad.add_(log_p1.exp_(), alpha=alpha)
         grad.scatter_add_(1, safe[:, None], torch.full_like(ce[:, None], -alpha))
         del log_p1
     if alpha < 1:
         log_p = torch.log_softmax(s32 / temperature, dim=-1)
         log_q = torch.log_softmax(t.float() / temperature, dim=-1)
         q = log_q.exp()
-        kl = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(dim=-1)
-        loss = loss + (1 - alpha) * temperature**2 * (kl * keep).sum()
-        grad += (1 - alpha) * temperature * (log_p.exp() - q)
-    grad *= (keep[:, None] * scale).to(grad.dtype)
+        pointwise_kl = log_q.sub_(log_p).mul_(q).masked_fill_(q == 0, 0.0)  # 0 * log 0 = 0
+        loss = loss + (1 - alpha) * temperature**2 * (pointwise_kl.sum(dim=-1) * keep).sum()
+        del pointwise_kl, log_q
+        grad.add_(log_p.exp_().sub_(q), alpha=(1 - alpha) * temperature)
+    grad.mul_((keep[:, None] * scale).to(grad.dtype))
     return loss * scale, grad
 
 
