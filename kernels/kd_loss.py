@@ -35,8 +35,12 @@ def _rows(student: Tensor, teacher: Tensor | None, labels: Tensor | None, ignore
     s = student.reshape(-1, vocab)
     t = teacher.reshape(-1, vocab) if teacher is not None else None
     y = labels.reshape(-1) if labels is not None else None
-    keep = (y != ignore_index) if y is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-    return s, t, y, keep
+    return s, t, y, kept_rows(s, y, ignore_index)
+
+
+def kept_rows(s: Tensor, y: Tensor | None, ignore_index: int) -> Tensor:
+    """Which rows of ``s`` count: those whose label is not ``ignore_index`` (all rows without labels)."""
+    return (y != ignore_index) if y is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
 
 
 def _chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) -> tuple[Tensor, Tensor]:

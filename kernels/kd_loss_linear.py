@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.kernels.kd_loss import _check, _chunk_terms, pick_impl, scaled_gradients
+from distill.kernels.kd_loss import _check, _chunk_terms, kept_rows, pick_impl, scaled_gradients
 from distill.losses import kd_loss
 
 DEFAULT_CHUNK_ROWS = {"triton": 1024, "chunked": 256}
@@ -39,7 +39,7 @@ def _row_terms(s: Tensor, t: Tensor, y: Tensor | None, settings: Settings, scale
         from distill.kernels.kd_loss_triton import kd_rows
 
         return kd_rows(s, t, y, settings.temperature, settings.alpha, settings.ignore_index, scale)
-    keep = y != settings.ignore_index if y is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    keep = kept_rows(s, y, settings.ignore_index)
     loss, grad = _chunk_terms(s, t, y, keep, settings.temperature, settings.alpha, scale)
     return loss, grad.to(s.dtype)
 
