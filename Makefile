@@ -2,7 +2,7 @@
 SHARED ?= ../shared
 OFFLINE = HF_HOME=$(SHARED)/hf HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=$(SHARED)/data
 
-.PHONY: help install test test-fast lint format smoke train bench clean
+.PHONY: help install test test-fast lint format smoke train bench bench-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "%-10s %s\n", $$1, $$2}'
@@ -28,13 +28,19 @@ smoke:  ## the whole pipeline on a slice, in under 3 minutes
 train:  ## the full bert_to_tiny experiment
 	$(OFFLINE) python -m distill.train experiment=bert_to_tiny
 
-bench:  ## CPU benchmarks (markdown tables; JSON under bench/results/); GPU: bench/sparse24.py, bench/kd_loss.py --device cuda [--inputs hidden]
+bench:  ## CPU benchmarks (markdown tables; JSON under bench/results/)
 	$(OFFLINE) python bench/group_by_length.py
 	python bench/compression_overhead.py
 	$(OFFLINE) python bench/teacher_cache.py
 	python bench/kd_loss.py
 	python bench/kd_loss.py --inputs hidden --vocab 32768
 	python bench/framework_overhead.py
+
+bench-gpu:  ## GPU benchmarks (CUDA; sm80+ for 2:4): KD loss at vocab 128k, its launch settings, 2:4 Linear layers
+	python bench/kd_loss.py --device cuda --dtype bfloat16 --vocab 131072 --positions 8192
+	python bench/kd_loss.py --device cuda --dtype bfloat16 --vocab 131072 --positions 8192 --inputs hidden --hidden 4096
+	python bench/kd_triton_configs.py
+	python bench/sparse24.py --tokens 2048 16384 --algs 5
 
 clean:  ## remove run folders and caches of this checkout
 	rm -rf logs .pytest_cache .ruff_cache

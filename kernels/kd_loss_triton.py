@@ -21,7 +21,10 @@ from distill.kernels.kd_loss import _check, scaled_gradients
 def _online(m, d, x):
     """Fold block ``x`` into a running (max, sum of exp) pair."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
-    return m_new, d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+    # While every logit so far is -inf (a teacher ruling out a whole block), exp(-inf - -inf) is NaN:
+    # shift by 0 instead, which leaves the sum at exactly 0.
+    shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+    return m_new, d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
 
 
 @triton.jit
@@ -90,8 +93,21 @@ def _kd_rows_kernel(
     tl.store(loss_ptr + row, loss * scale * keep)
 
 
+# Launch settings: vocabulary elements per block and warps per row program. bench/kd_triton_configs.py
+# times the alternatives on a GPU; docs/results/bench.md has the table these come from.
+BLOCK_SIZE, NUM_WARPS = 2048, 4
+
+
 def kd_rows(
-    s: Tensor, t: Tensor | None, y: Tensor | None, temperature: float, alpha: float, ignore_index: int, scale: float
+    s: Tensor,
+    t: Tensor | None,
+    y: Tensor | None,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    scale: float,
+    block_size: int = BLOCK_SIZE,
+    num_warps: int = NUM_WARPS,
 ) -> tuple[Tensor, Tensor]:
     """Loss (fp32, each row's term times ``scale``, summed) and ``d loss / d s`` of ``(N, V)`` rows."""
     s = s.contiguous()
@@ -117,7 +133,8 @@ def kd_rows(
         HAS_KD=alpha < 1,
         HAS_CE=alpha > 0,
         HAS_LABELS=y is not None,
-        BLOCK=min(4096, triton.next_power_of_2(vocab)),
+        BLOCK=min(block_size, triton.next_power_of_2(vocab)),
+        num_warps=num_warps,
     )
     return losses.sum(), grad
 
