@@ -76,6 +76,10 @@ class MagnitudePruning(MaskingCallback):
         self.last_update_step = -1
         self.sparsity = 0.0
 
+    def complete(self, global_step: int) -> bool:
+        """Whether the final masks are in place: the update at ``end_step`` has been trained through."""
+        return global_step > self.schedule["end_step"]
+
     def is_update_step(self, step: int) -> bool:
         start, end = self.schedule["start_step"], self.schedule["end_step"]
         return step == end or (start <= step < end and (step - start) % self.schedule["frequency"] == 0)

@@ -109,6 +109,10 @@ class NMSparsity(MaskingCallback):
         if self.backend == "apex":
             self._init_asp(trainer, pl_module)
 
+    def complete(self, global_step: int) -> bool:
+        """Whether the N:M masks are in place: set at ``prune_step`` and trained through."""
+        return global_step > self.prune_step
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         if self.masks or trainer.global_step < self.prune_step:
             return

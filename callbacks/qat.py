@@ -92,6 +92,10 @@ class QuantizationAwareTraining(pl.Callback):
         self.layers = sorted(fake_quantized_layers(pl_module))
         set_fake_quant(pl_module, self.active)
 
+    def complete(self, global_step: int) -> bool:
+        """Whether fake quantization is on: switched on at ``start_step`` and trained through."""
+        return global_step > self.start_step
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         if not self.active and trainer.global_step >= self.start_step:
             self.active = True

@@ -123,9 +123,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     with RunMeter(trainer.world_size, measure=trainer.is_global_zero) as meter:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        # A compressed student is tested as fit left it: an earlier "best" checkpoint predates the end
-        # of the schedule (less sparse, or not quantized yet).
-        test_from = None if compression else best_checkpoint(trainer)
+        # The best validation of the final student: for a compressed one, only validations after its
+        # compression is complete count (callbacks/checkpoint.py); with none, it is tested as fit left it.
+        test_from = best_checkpoint(trainer)
         (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=test_from)
 
     metrics = summarize(teacher, module, results, started) | meter.metrics()
