@@ -43,6 +43,11 @@ def kept_rows(s: Tensor, y: Tensor | None, ignore_index: int) -> Tensor:
     return (y != ignore_index) if y is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
 
 
+def mean_scale(keep: Tensor) -> float:
+    """``1 / (rows that count)``: the loss is a mean over kept rows (and stays finite with none)."""
+    return 1.0 / max(int(keep.sum()), 1)
+
+
 def _chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) -> tuple[Tensor, Tensor]:
     """Loss sum (already divided by the row count) and gradient of one chunk of rows, fp32.
 
@@ -85,7 +90,7 @@ class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, alpha, ignore_index, chunk_size):
         s, t, y, keep = _rows(student, teacher, labels, ignore_index)
-        scale = 1.0 / max(int(keep.sum()), 1)
+        scale = mean_scale(keep)
         total = s.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(s)
         for start in range(0, s.shape[0], chunk_size):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.kernels.kd_loss import _check, _chunk_terms, kept_rows, pick_impl, scaled_gradients
+from distill.kernels.kd_loss import _check, _chunk_terms, kept_rows, mean_scale, pick_impl, scaled_gradients
 from distill.losses import kd_loss
 
 DEFAULT_CHUNK_ROWS = {"triton": 1024, "chunked": 256}
@@ -49,8 +49,7 @@ class _LinearKD(torch.autograd.Function):
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, settings: Settings):
         hidden_s, hidden_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
         y = labels.reshape(-1) if labels is not None else None
-        count = int((y != settings.ignore_index).sum()) if y is not None else hidden_s.shape[0]
-        scale = 1.0 / max(count, 1)
+        scale = mean_scale(kept_rows(hidden_s, y, settings.ignore_index))
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
         grad_h, grad_w = torch.empty_like(hidden_s), torch.zeros_like(w_s)
         grad_b = torch.zeros_like(b_s) if b_s is not None else None

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from distill.kernels.kd_loss import _check, scaled_gradients
+from distill.kernels.kd_loss import _check, kept_rows, mean_scale, scaled_gradients
 
 
 @triton.jit
@@ -146,8 +146,8 @@ class _TritonKD(torch.autograd.Function):
         s = student.reshape(-1, vocab)
         t = teacher.reshape(-1, vocab) if teacher is not None else None
         y = labels.reshape(-1) if labels is not None else None
-        count = int((y != ignore_index).sum()) if y is not None else s.shape[0]
-        loss, grad = kd_rows(s, t, y, temperature, alpha, ignore_index, 1.0 / max(count, 1))
+        scale = mean_scale(kept_rows(s, y, ignore_index))
+        loss, grad = kd_rows(s, t, y, temperature, alpha, ignore_index, scale)
         ctx.save_for_backward(grad.view(student.shape))
         return loss
 
