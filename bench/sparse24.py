@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from distill.kernels import is_nm_sparse, nm_mask
-from distill.semi_structured import cuda_time_ms
+from distill.semi_structured import cuda_time_ms, graph_time_ms
 
 TOKENS = [512, 2048, 4096, 8192, 16384]
 BERT_BASE = {"ffn_in 768->3072": (768, 3072), "ffn_out 3072->768": (3072, 768)}
@@ -46,21 +46,6 @@ def masked_linear(in_features: int, out_features: int, dtype: torch.dtype, weigh
             layer.weight.copy_(weight)
         layer.weight.mul_(nm_mask(layer.weight))
     return layer
-
-
-def graph_time_ms(fn, calls: int = 20, repeats: int = 20) -> float:
-    """GPU time of one call with no launch gaps: ``calls`` calls captured in one CUDA graph, replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # capture needs the call's lazy initialisation done, on a side stream
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return cuda_time_ms(graph.replay, repeats=repeats) / calls
 
 
 def relative_error(out: torch.Tensor, want: torch.Tensor) -> float:

@@ -18,6 +18,7 @@ PRESETS = [
     ["student=pretrained", "student.name_or_path=x"],
     ["experiment=bert_to_tiny", "student=pretrained", "student.name_or_path=x"],
     ["experiment=bert_to_tiny_gmp80", "student.name_or_path=x"],
+    ["experiment=bert_to_tiny_nm24", "student.name_or_path=x"],
     ["logger=csv", "callbacks=none", "trainer=cpu"],
 ]
 
@@ -47,6 +48,16 @@ def test_the_pruning_stage_prunes_a_given_student_with_the_first_stages_recipe(c
     assert (first.trainer.max_epochs, second.trainer.max_epochs) == (2, 2)
     with pytest.raises(ValueError, match=r"student\.name_or_path must be set .*student\.name_or_path=<value>"):
         validate(compose_train("experiment=bert_to_tiny_gmp80"))
+
+
+def test_the_2_4_stage_masks_the_given_student_once_and_recovers_for_one_epoch(compose_train) -> None:
+    pruning = compose_train("experiment=bert_to_tiny_gmp80", "student.name_or_path=run/student")
+    masking = compose_train("experiment=bert_to_tiny_nm24", "student.name_or_path=run/student")
+    assert list(masking.compression) == ["nm_sparsity"] and masking.compression.nm_sparsity.prune_step == 0
+    assert (masking.compression.nm_sparsity.n, masking.compression.nm_sparsity.m) == (2, 4)
+    assert masking.trainer.max_epochs == 1 and masking.task_name == "bert_to_tiny_nm24"
+    for group in ("data", "distill", "student", "teacher"):
+        assert masking[group] == pruning[group], group
 
 
 MISTYPED = ["distill.temprature=3", "teacher.finetune_setings.lr=1", "data.batchsize=4", "data.augment.copys=1"]

@@ -64,14 +64,35 @@ def test_cpu_models_are_left_dense() -> None:
     assert all("needs CUDA" in d.reason for d in decisions)
 
 
+@pytest.mark.parametrize(("timing", "converted"), [("eager", False), ("graph", True)])
+def test_timing_picks_what_faster_means(monkeypatch: pytest.MonkeyPatch, timing: str, converted: bool) -> None:
+    """torch 2.11's 2:4 path on an H100: slower eagerly (a plan per call), faster in GPU time."""
+    fake_conversion(monkeypatch, sparse_ms=0.0)
+    eager, graph = iter([1.0, 2.0]), iter([1.0, 0.5])
+    monkeypatch.setattr(semi_structured, "cuda_time_ms", lambda fn: next(eager))
+    monkeypatch.setattr(semi_structured, "graph_time_ms", lambda fn: next(graph))
+    decisions = to_semi_structured(nn.Sequential(sparse_linear(torch.float32)), tokens=8, timing=timing)
+    assert [d.converted for d in decisions] == [converted]
+
+
+def test_an_unknown_timing_is_named_and_changes_nothing() -> None:
+    model = nn.Sequential(sparse_linear())
+    weight = model[0].weight
+    with pytest.raises(ValueError, match=r"timing='wall'; expected one of 'eager', 'graph'"):
+        to_semi_structured(model, timing="wall")
+    assert model[0].weight is weight
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0), reason="needs an sm80+ GPU"
 )
+@pytest.mark.parametrize("timer", [semi_structured.cuda_time_ms, semi_structured.graph_time_ms])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_semi_structured_layers_match_dense(dtype: torch.dtype) -> None:
+def test_cuda_semi_structured_layers_match_dense(dtype: torch.dtype, timer) -> None:
     layer = sparse_linear(dtype, "cuda", shape=(3072, 768))
     inputs = torch.randn(4096, 768, device="cuda", dtype=dtype)
     with torch.inference_mode():
         expected = layer(inputs)
-        decision = convert_layer("fc", layer, tokens=4096)
+        decision = convert_layer("fc", layer, tokens=4096, timer=timer)
+        assert decision.dense_ms > 0
         assert torch.allclose(layer(inputs), expected, rtol=1e-2, atol=1e-2), decision
