@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from distill.kernels.kd_loss import _check, kept_rows, mean_scale, scaled_gradients
+from distill.kernels.kd_loss import _check, _rows, mean_scale, scaled_gradients
 
 
 @triton.jit
@@ -142,12 +142,8 @@ def kd_rows(
 class _TritonKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, alpha, ignore_index):
-        vocab = student.shape[-1]
-        s = student.reshape(-1, vocab)
-        t = teacher.reshape(-1, vocab) if teacher is not None else None
-        y = labels.reshape(-1) if labels is not None else None
-        scale = mean_scale(kept_rows(s, y, ignore_index))
-        loss, grad = kd_rows(s, t, y, temperature, alpha, ignore_index, scale)
+        s, t, y, keep = _rows(student, teacher, labels, ignore_index)
+        loss, grad = kd_rows(s, t, y, temperature, alpha, ignore_index, mean_scale(keep))
         ctx.save_for_backward(grad.view(student.shape))
         return loss
 
