@@ -22,7 +22,7 @@ from torchao.quantization.qat import QATConfig
 
 from distill.callbacks.qat import convert_to_int8, fake_quantized_layers
 from distill.compression_report import LayerReport, compression_report
-from distill.eval import accuracy, latency_ms
+from distill.eval import latency_ms
 from distill.utils.run_record import write_json
 
 log = logging.getLogger(__name__)
@@ -59,20 +59,18 @@ def quantized_weight_bytes(model: nn.Module) -> tuple[int, int]:
     return stored, fp32
 
 
-def export_int8(
-    student: nn.Module, float_model: nn.Module, datamodule, output_dir: Path, latency_batch_sizes=(1, 32)
-) -> dict[str, Any]:
-    """Convert, save, and measure the int8 student against its float weights (storage and latency)."""
+def export_int8(student: nn.Module, float_model: nn.Module, datamodule, output_dir: Path, task) -> dict[str, Any]:
+    """Convert, save, and measure the int8 student against its float weights (task score, storage, latency)."""
     int8 = convert_to_int8(student)
     torch.save(int8.state_dict(), output_dir / "student_int8.pt")
     int8_bytes, fp32_bytes = quantized_weight_bytes(int8)
     results = {
-        "student_int8/val_acc": accuracy(int8, datamodule),
+        **{f"student_int8/{name}": value for name, value in task.score(int8, datamodule).items()},
         "student_int8/linear_bytes": int8_bytes,
         "student_int8/linear_bytes_vs_fp32": int8_bytes / fp32_bytes,
         "student_int8/file_bytes": (output_dir / "student_int8.pt").stat().st_size,
     }
-    for batch_size in latency_batch_sizes:
+    for batch_size in task.latency_batch_sizes:
         results[f"student_int8/latency_ms_b{batch_size}"] = latency_ms(int8, datamodule, batch_size, 2, 10)
         results[f"student_fp32/latency_ms_b{batch_size}"] = latency_ms(float_model, datamodule, batch_size, 2, 10)
     return results
@@ -92,5 +90,6 @@ def export_student(
         datamodule.tokenizer.save_pretrained(student_dir)
         write_json(student_dir / "compression.json", manifest(callbacks, totals))
         if fake_quantized_layers(module.student):
-            metrics |= export_int8(module.student, plain, datamodule, output_dir)
+            metrics |= export_int8(module.student, plain, datamodule, output_dir, module.task)
+        metrics |= module.task.export_extras(plain, teacher, datamodule, output_dir)
     return metrics, layers

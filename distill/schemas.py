@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from distill.divergences import check_divergence_args
+
 
 @dataclass
 class FinetuneSettings:
@@ -59,15 +61,59 @@ class PretrainedSchema:
 
 
 @dataclass
+class PrunedShapeSchema:
+    """An explicit student shape; unset fields keep the teacher's."""
+
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+
+
+@dataclass
+class PrunedSchema:
+    """A smaller dense student cut from the teacher by measured importance (distill/models/structured_pruning.py)."""
+
+    _target_: str = "distill.models.student.pruned"
+    # A parameter count to reach by shrinking `axes`, or an explicit (partial) shape; one of the two.
+    target_params: int | None = None
+    shape: PrunedShapeSchema = field(default_factory=PrunedShapeSchema)
+    axes: list[str] = field(default_factory=lambda: ["depth"])
+    layer_score: str = "nll"
+    calibration_batches: int = 8
+    report_path: str | None = None
+
+
+@dataclass
+class ClassificationTaskSchema:
+    _target_: str = "distill.tasks.ClassificationTask"
+    num_labels: int = MISSING
+
+
+@dataclass
+class CausalLMTaskSchema:
+    _target_: str = "distill.tasks.CausalLMTask"
+    fused_kd: bool = True
+    samples: int = 4
+    prompt_tokens: int = 32
+    new_tokens: int = 48
+
+
+@dataclass
 class DistillSchema:
     temperature: float = 2.0
     alpha: float = 0.5
+    divergence: str = "forward_kl"
+    beta: float = 0.5
     warmup_ratio: float = 0.06
     hidden_weight: float = 0.0
     hidden_layers: list[int] | None = None
     teacher_cache: str = "none"
     # With teacher_cache=precompute: store only the teacher's K largest logits per example (distill.topk).
     teacher_cache_topk: int | None = None
+    # float16: top-K values stored in half precision (token-level stores: 260 bytes per token at K=64).
+    teacher_cache_dtype: str = "float32"
     optimizer: Any = MISSING
 
 
@@ -102,6 +148,32 @@ class DataSchema:
     seed: int = 0
     group_by_length: bool = False
     augment: AugmentSchema = field(default_factory=AugmentSchema)
+
+
+@dataclass
+class TextDataSchema:
+    """Plain-text documents packed into blocks for causal LMs (distill/data/text.py)."""
+
+    _target_: str = "distill.data.text.TextDataModule"
+    data_dir: str = MISSING
+    pattern: str = "*.txt"
+    hub_dataset: str | None = None
+    hub_config: str | None = None
+    text_field: str = "text"
+    add_bos: bool = False
+    val_files: list[str] = MISSING
+    test_files: list[str] = MISSING
+    cache_dir: str = MISSING
+    tokenizer: str = MISSING
+    block_size: int = 512
+    batch_size: int = 8
+    eval_batch_size: int = 8
+    num_workers: int = 0
+    seed: int = 0
+    slice_seed: int = 0
+    train_limit_blocks: int | None = None
+    val_limit_blocks: int | None = None
+    test_limit_blocks: int | None = None
 
 
 ENCODER_LINEARS = ["student.*encoder.layer.*"]
@@ -153,6 +225,10 @@ _SCHEMAS = {
     ("student", "from_teacher_schema"): FromTeacherSchema,
     ("student", "from_config_schema"): FromConfigSchema,
     ("student", "pretrained_schema"): PretrainedSchema,
+    ("student", "pruned_schema"): PrunedSchema,
+    ("task", "classification_schema"): ClassificationTaskSchema,
+    ("task", "causal_lm_schema"): CausalLMTaskSchema,
+    ("data", "text_data_schema"): TextDataSchema,
     ("distill", "distill_schema"): DistillSchema,
     ("data", "data_schema"): DataSchema,
     ("compression_schema", "magnitude_pruning"): MagnitudePruningSchema,
@@ -199,8 +275,10 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"distill.hidden_weight={cfg.distill.hidden_weight!r} must be >= 0")
     _check_range("distill.warmup_ratio", cfg.distill.warmup_ratio, 0.0, 1.0)
     _check_range("teacher.finetune_settings.warmup_ratio", cfg.teacher.finetune_settings.warmup_ratio, 0.0, 1.0)
-    if cfg.data.max_length < 2:
-        raise ValueError(f"data.max_length={cfg.data.max_length!r} must be >= 2")
+    check_divergence_args(cfg.distill.divergence, cfg.distill.beta)
+    length_key = "max_length" if "max_length" in cfg.data else "block_size"
+    if cfg.data[length_key] < 2:
+        raise ValueError(f"data.{length_key}={cfg.data[length_key]!r} must be >= 2")
     for key in ("batch_size", "eval_batch_size"):
         if cfg.data[key] < 1:
             raise ValueError(f"data.{key}={cfg.data[key]!r} must be >= 1")
@@ -208,9 +286,14 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_teacher_cache_topk(cfg: DictConfig) -> None:
     topk = cfg.distill.teacher_cache_topk
+    if cfg.distill.teacher_cache_dtype != "float32" and topk is None:
+        raise ValueError(
+            f"distill.teacher_cache_dtype={cfg.distill.teacher_cache_dtype!r} needs distill.teacher_cache_topk"
+        )
     if topk is None:
         return
     if cfg.distill.teacher_cache != "precompute":
         raise ValueError(f"distill.teacher_cache_topk={topk!r} needs distill.teacher_cache=precompute")
-    if not 0 < topk <= cfg.data.num_labels:
-        raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, data.num_labels={cfg.data.num_labels}]")
+    classes = cfg.data.get("num_labels")  # a vocabulary is only known once the tokenizer loads
+    if topk < 1 or (classes is not None and topk > classes):
+        raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, data.num_labels={classes}]")

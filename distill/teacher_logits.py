@@ -12,6 +12,12 @@ the log of the softmax mass they leave out at the run's temperature (:mod:`disti
 batch by batch: the full ``N x C`` logits never exist, which is what a language-model vocabulary
 needs. Such a store is keyed by K and the temperature too.
 
+Token-level stores (causal LMs: one row per block of packed text, ``(L, K)`` per row) keep the
+class indices in the narrowest integer type the output space allows (``uint16`` below 65,536
+classes) and, with ``value_dtype="float16"``, each position's K logits as half-precision offsets
+from its largest one (softmax ignores the offset): 2K + 2K + 4 bytes per position, 260 at K=64.
+Both are widened back (``int64``, ``float32``) when read.
+
 With ``data.augment`` on, a second store holds the teacher's targets on the perturbed copies the
 training loader draws (:class:`CopyLogitStore`), so that no training step runs the teacher.
 """
@@ -67,7 +73,14 @@ class TeacherLogitStore:
         rows = {name: tensor[example_index.cpu()].to(example_index.device) for name, tensor in self.tensors.items()}
         if "logits" in rows:
             return rows["logits"]
-        return TopKTargets(rows["values"], rows["indices"], rows["rest_log_mass"], float(self.metadata["temperature"]))
+        return TopKTargets(
+            rows["values"].float(), rows["indices"].long(), rows["rest_log_mass"], float(self.metadata["temperature"])
+        )
+
+    def bytes_per_position(self, positions_per_row: int = 1) -> float:
+        """Stored bytes per example (classification) or per token (``positions_per_row`` = block length)."""
+        rows = int(self.metadata["num_examples"])
+        return sum(t.numel() * t.element_size() for t in self.tensors.values()) / (rows * positions_per_row)
 
     @classmethod
     def load(cls, path: Path, expected: dict[str, str]) -> TeacherLogitStore:
@@ -108,19 +121,61 @@ class CopyLogitStore(TeacherLogitStore):
         return self(rows.to(example_index.device))
 
 
+SIGNED_VIEW = {torch.uint16: torch.int16}
+
+
+def index_dtype(classes: int) -> torch.dtype:
+    """The narrowest integer type that holds class ids ``0 .. classes - 1``."""
+    for dtype in (torch.uint8, torch.uint16, torch.int32):
+        if classes - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def compact_targets(targets: TopKTargets, classes: int, value_dtype: torch.dtype) -> dict[str, Tensor]:
+    values = targets.values
+    if value_dtype != torch.float32:  # offsets from the largest logit keep half precision where it matters
+        values = values - values.amax(dim=-1, keepdim=True)
+    return {
+        "values": values.to(value_dtype),
+        "indices": targets.indices.to(index_dtype(classes)),
+        "rest_log_mass": targets.rest_log_mass,
+    }
+
+
 def write_targets(
-    tensors: dict[str, Tensor], rows: Tensor, logits: Tensor, count: int, topk: int | None, temperature: float
+    tensors: dict[str, Tensor],
+    rows: Tensor,
+    logits: Tensor,
+    count: int,
+    topk: int | None,
+    temperature: float,
+    value_dtype: torch.dtype = torch.float32,
 ) -> None:
     """Put the targets of ``logits`` (full, or top-K at ``temperature``) at ``rows`` of ``count``-row tensors."""
-    targets = {"logits": logits.float()} if topk is None else topk_targets(logits, topk, temperature)._asdict()
+    if topk is None:
+        targets = {"logits": logits.float()}
+    else:
+        targets = compact_targets(topk_targets(logits, topk, temperature), logits.shape[-1], value_dtype)
     for name, value in targets.items():
         if isinstance(value, Tensor):
-            tensors.setdefault(name, value.new_zeros((count, *value.shape[1:])))[rows] = value
+            stored = tensors.setdefault(name, value.new_zeros((count, *value.shape[1:])))
+            # torch has no index_put for uint16: write through a same-width signed view.
+            signed = SIGNED_VIEW.get(value.dtype)
+            if signed is None:
+                stored[rows] = value
+            else:
+                stored.view(signed)[rows] = value.view(signed)
 
 
 @torch.inference_mode()
 def compute_targets(
-    teacher: nn.Module, datamodule: GlueDataModule, batch_size: int, topk: int | None = None, temperature: float = 1.0
+    teacher: nn.Module,
+    datamodule: GlueDataModule,
+    batch_size: int,
+    topk: int | None = None,
+    temperature: float = 1.0,
+    value_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
     """The store's tensors, filled batch by batch; top-K rows when ``topk`` is set."""
     teacher.eval()
@@ -130,7 +185,7 @@ def compute_targets(
     for batch in datamodule.dataloader("train", batch_size, shuffle=True):  # grouped by length: less padding
         index = batch.pop(EXAMPLE_INDEX)
         batch.pop("labels")
-        write_targets(tensors, index, teacher(**batch).logits, count, topk, temperature)
+        write_targets(tensors, index, teacher(**batch).logits, count, topk, temperature, value_dtype)
         filled[index] = True
     if not filled.all():
         raise RuntimeError(f"the teacher pass left {int((~filled).sum())} examples without logits")
@@ -178,7 +233,8 @@ def replay(loader: DataLoader, epochs: int) -> Iterator[tuple[int, dict[str, Ten
 def copies_replay(datamodule: GlueDataModule) -> bool:
     """Whether a replay of the training loaders draws the copies training will: one stream per rank,
     fixed batches (DataLoader workers draw from streams seeded per worker and epoch)."""
-    return datamodule.augmenter is not None and datamodule.group_by_length and datamodule.num_workers == 0
+    augmenter = getattr(datamodule, "augmenter", None)  # text data has no perturbed copies
+    return augmenter is not None and datamodule.group_by_length and datamodule.num_workers == 0
 
 
 def load_or_build(
@@ -216,21 +272,28 @@ def precompute_teacher_logits(
     temperature: float = 1.0,
     epochs: int = 1,
     replicas: int = 1,
+    value_dtype: str = "float32",
 ) -> TeacherLogitStore:
     """Load the stores for this teacher and training set, building them if absent; the copies' store
     holds the copies ``replicas`` data-parallel ranks draw in ``epochs`` epochs."""
-    if topk is not None and not 0 < topk <= datamodule.num_labels:
-        raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, {datamodule.num_labels}] (the classes)")
+    classes = getattr(datamodule, "num_labels", None) or teacher.config.vocab_size
+    if topk is not None and not 0 < topk <= classes:
+        raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, {classes}] (the classes)")
+    if value_dtype not in ("float32", "float16"):
+        raise ValueError(f"distill.teacher_cache_dtype={value_dtype!r}; expected float32 or float16")
     expected = {
         "teacher_weights": weights_fingerprint(teacher),
         "train_examples": datamodule.train_fingerprint(),
         "num_examples": str(len(datamodule.splits["train"])),
-        "num_labels": str(datamodule.num_labels),
+        "num_labels": str(classes),
     }
     if topk is not None:  # full-logit stores keep their key: top-K adds its own fields
         expected |= {"topk": str(topk), "temperature": repr(float(temperature))}
+    if value_dtype != "float32":  # float32 stores keep their key
+        expected["value_dtype"] = value_dtype
     path = store_path(cache_dir, datamodule.task, expected)
-    build = partial(compute_targets, teacher, datamodule, datamodule.eval_batch_size, topk, temperature)
+    dtype = getattr(torch, value_dtype)
+    build = partial(compute_targets, teacher, datamodule, datamodule.eval_batch_size, topk, temperature, dtype)
     store = load_or_build(TeacherLogitStore, path, expected, build)
     if copies_replay(datamodule):
         copy_expected = expected | copies_key(datamodule, epochs, replicas)

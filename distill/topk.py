@@ -3,17 +3,19 @@
 Storing ``N x V`` teacher logits is out of the question at V = 32k-256k, so a cache keeps, per
 position, the teacher's K largest logits and their class indices (``distill.teacher_cache_topk``
 has :mod:`distill.teacher_logits` store exactly these). Contract of the targets made by
-:func:`topk_targets` and read by :func:`topk_kl` (``distill.losses.kd_loss`` and ``KDLoss`` take
-:class:`TopKTargets` wherever they take teacher logits):
+:func:`topk_targets` and read by :func:`topk_log_probs` / :func:`topk_kl` (``distill.losses.kd_loss`` and
+``KDLoss`` take :class:`TopKTargets` wherever they take teacher logits):
 
 * ``q_k = softmax(t / T)_k`` for the K kept classes, from the full-vocabulary softmax at the
   temperature the targets were made with (``TopKTargets.temperature``; using them at another T
   is an error, since the missing mass depends on T).
 * ``TopKTargets.rest=True`` (default): the mass outside the top K, ``r = 1 - sum_k q_k``, is kept as one
-  "rest" bucket; the student's matching bucket is ``1 - sum_k p_k``. The KD term is then the KL
-  between two (K + 1)-way distributions, exact when the teacher puts no mass outside its top K.
+  "rest" bucket; the student's matching bucket is ``1 - sum_k p_k``. The KD term is then the chosen
+  divergence (:mod:`distill.divergences`; KL by default, :func:`topk_kl`) between two (K + 1)-way
+  distributions, exact when the teacher puts no mass outside its top K.
 * ``rest=False``: ``q`` is renormalised over the K classes and compared with the student's
   distribution renormalised over the same K classes.
+* :func:`topk_log_probs` builds both log-distributions; every divergence is applied to them unchanged.
 * Reduction, masking, ``T**2`` and the CE term are those of ``distill.losses.kd_loss``; all math in fp32.
 """
 
@@ -24,6 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from distill.divergences import forward_kl
 
 
 class TopKTargets(NamedTuple):
@@ -58,8 +62,11 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def topk_kl(student: Tensor, targets: TopKTargets, temperature: float) -> Tensor:
-    """Per-position KL between the teacher's top-K (+ rest) distribution and the student's fp32 logits."""
+def topk_log_probs(student: Tensor, targets: TopKTargets, temperature: float) -> tuple[Tensor, Tensor]:
+    """The student's and the teacher's fp32 log-distributions that the contract compares, ``(log_p, log_q)``.
+
+    ``(..., K + 1)`` with the rest bucket last when ``targets.rest``, else ``(..., K)`` renormalised over the K.
+    """
     if abs(targets.temperature - temperature) > 1e-12:
         raise ValueError(f"top-K targets were made at T={targets.temperature!r}, not T={temperature!r}")
     scaled = student / temperature
@@ -72,8 +79,12 @@ def topk_kl(student: Tensor, targets: TopKTargets, temperature: float) -> Tensor
         log_p = torch.cat([log_p, outside_log_mass(scaled, targets.indices).unsqueeze(-1)], dim=-1)
     else:
         log_p = log_p - log_p.logsumexp(-1, keepdim=True)
-    q = log_q.exp()
-    return torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
+    return log_p, log_q
+
+
+def topk_kl(student: Tensor, targets: TopKTargets, temperature: float) -> Tensor:
+    """Per-position KL between the teacher's top-K (+ rest) distribution and the student's fp32 logits."""
+    return forward_kl(*topk_log_probs(student, targets, temperature))
 
 
 def kd_loss_topk(

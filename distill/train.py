@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.compression_report import report_rows
 from distill.export import export_student
-from distill.models.student import check_same_vocabulary, transformer_layer_params
+from distill.models.student import check_context, check_same_vocabulary, transformer_layer_params
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
 from distill.schemas import register_schemas, validate
@@ -40,24 +40,39 @@ def teacher_logit_store(
     cached = cfg.distill.teacher_cache == "precompute" and cfg.distill.alpha < 1
     if not cached:
         return None
-    topk, temperature = cfg.distill.teacher_cache_topk, cfg.distill.temperature
+    settings = cfg.distill
     # The perturbed copies differ every epoch and rank: the store labels as many epochs as the run
     # trains, drawn by as many ranks.
     epochs = max(cfg.trainer.get("max_epochs") or 1, 1)
     return precompute_teacher_logits(
-        teacher.model, datamodule, cfg.paths.cache_dir, topk, temperature, epochs, world_size
+        teacher.model,
+        datamodule,
+        cfg.paths.cache_dir,
+        settings.teacher_cache_topk,
+        settings.temperature,
+        epochs,
+        world_size,
+        settings.teacher_cache_dtype,
     )
 
 
 def build_module(
-    cfg: DictConfig, teacher: Teacher, student: Any, datamodule: Any, teacher_logits: TeacherLogitStore | None
+    cfg: DictConfig,
+    task: Any,
+    teacher: Teacher,
+    student: Any,
+    datamodule: Any,
+    teacher_logits: TeacherLogitStore | None,
 ) -> DistillationModule:
     return DistillationModule(
         student=student,
         teacher=teacher.model,
-        num_labels=datamodule.num_labels,
+        num_labels=getattr(datamodule, "num_labels", None),
+        task=task,
         temperature=cfg.distill.temperature,
         alpha=cfg.distill.alpha,
+        divergence=cfg.distill.divergence,
+        beta=cfg.distill.beta,
         optimizer=instantiate(cfg.distill.optimizer),
         warmup_ratio=cfg.distill.warmup_ratio,
         hidden_weight=cfg.distill.hidden_weight,
@@ -75,18 +90,28 @@ def summarize(teacher: Teacher, module: DistillationModule, results: dict[str, f
     student_counts = count_parameters(module.student)
     teacher_counts = count_parameters(teacher.model)
     return {
-        "teacher/val_acc": results.get("test/teacher_acc"),
-        "teacher/finetune_val_acc": teacher.val_acc,
+        **module.task.summary(results),
+        finetune_key(teacher): teacher.val_score,
         "teacher/params": teacher_counts["params"],
         "teacher/layer_params": transformer_layer_params(teacher.model),
-        "student/val_acc": results["test/acc"],
-        "student/agreement": results.get("test/agreement"),
         "student/params": student_counts["params"],
         "student/nonzero_params": student_counts["nonzero_params"],
         "student/layer_params": transformer_layer_params(module.student),
         "global_step": module.global_step,
         "wall_time_s": round(time.time() - started, 1),
     }
+
+
+def store_facts(store: TeacherLogitStore | None, datamodule: Any) -> dict[str, float]:
+    if store is None:
+        return {}
+    positions = getattr(datamodule, "block_size", 1)
+    unit = "token" if positions > 1 else "example"
+    return {f"teacher_store/bytes_per_{unit}": store.bytes_per_position(positions)}
+
+
+def finetune_key(teacher: Teacher) -> str:
+    return f"teacher/finetune_{teacher.metric.replace('/', '_')}"
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -102,8 +127,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_named(cfg.get("callbacks"), "callbacks") + compression
     log.info("Instantiating data <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
+    task = instantiate(cfg.task)
     log.info("Instantiating teacher <%s>", cfg.teacher._target_)
-    teacher = instantiate(cfg.teacher, datamodule=datamodule)
+    teacher = instantiate(cfg.teacher, datamodule=datamodule, task=task)
+    check_context(teacher.model, datamodule)
     loggers = instantiate_named(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -112,23 +139,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # student's run is the same whether they ran in this process or not.
     pl.seed_everything(cfg.seed, workers=True)
     log.info("Instantiating student <%s>", cfg.student._target_)
-    student = instantiate(cfg.student, teacher=teacher)
+    student = instantiate(cfg.student, teacher=teacher, datamodule=datamodule)
     check_same_vocabulary(teacher, student)
     record_student(output_dir, student)
-    module = build_module(cfg, teacher, student, datamodule, teacher_logits)
+    module = build_module(cfg, task, teacher, student, datamodule, teacher_logits)
 
-    run_facts = {"teacher/finetune_val_acc": teacher.val_acc, **count_parameters(student)}
+    run_facts = {finetune_key(teacher): teacher.val_score, **count_parameters(student)}
     for logger in loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **run_facts})
 
     with RunMeter(trainer.world_size, measure=trainer.is_global_zero) as meter:
+        before = evaluate_before_fit(trainer, module, datamodule) if cfg.evaluate_before_fit else {}
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         # The best validation of the final student: for a compressed one, only validations after its
         # compression is complete count (callbacks/checkpoint.py); with none, it is tested as fit left it.
         test_from = best_checkpoint(trainer)
         (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=test_from)
 
-    metrics = summarize(teacher, module, results, started) | meter.metrics()
+    metrics = summarize(teacher, module, results, started) | before | store_facts(teacher_logits, datamodule)
+    metrics |= meter.metrics()
     if trainer.is_global_zero:
         report, layers = export_student(module, datamodule, output_dir, callbacks, teacher.model, cfg.export)
         metrics |= report
@@ -136,6 +165,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_final(loggers, metrics, layers)
     log.info("Metrics: %s", metrics)
     return metrics
+
+
+def evaluate_before_fit(trainer: pl.Trainer, module: DistillationModule, datamodule: Any) -> dict[str, float]:
+    """The student's test metrics as built (e.g. right after structured pruning), before any training."""
+    (results,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    return {f"student_before_fit/{key.removeprefix('test/')}": value for key, value in results.items()}
 
 
 def log_final(loggers: list, metrics: dict[str, Any], layers: list) -> None:

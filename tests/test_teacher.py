@@ -21,7 +21,7 @@ datamodule = GlueDataModule(task="sst2", text_fields=["sentence"], data_dir=data
 settings = dict(epochs=1, max_steps=4, lr=1e-3, batch_size=16, weight_decay=0.0, warmup_ratio=0.0, seed=0)
 teacher = prepare_teacher(teacher_dir, datamodule, finetune=True, cache_dir=cache_dir + "/teachers",
                           finetune_settings=settings)
-print("RESULT " + json.dumps({"path": teacher.path, "val_acc": teacher.val_acc}))
+print("RESULT " + json.dumps({"path": teacher.path, "val_acc": teacher.val_score}))
 """
 
 

@@ -1,17 +1,31 @@
 """Student construction: a layer subset of the teacher, a smaller config, or a pretrained model.
 
-Each builder takes the prepared :class:`~distill.models.teacher.Teacher` and returns a
-trainable Hugging Face sequence-classification model with the teacher's vocabulary.
+Each builder takes the prepared :class:`~distill.models.teacher.Teacher` and the data module
+(which builders that measure on calibration data use: :mod:`distill.models.structured_pruning`)
+and returns a trainable Hugging Face model of the teacher's kind with the teacher's vocabulary.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
-from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
+from distill.models.reference import resolve
 from distill.models.teacher import Teacher
+
+
+def auto_class_like(model: PreTrainedModel) -> type:
+    """The Auto class for students of ``model``'s kind (causal LM or sequence classifier)."""
+    causal = any(name.endswith("ForCausalLM") for name in model.config.architectures or [])
+    return AutoModelForCausalLM if causal else AutoModelForSequenceClassification
 
 
 def encoder_layers(model: PreTrainedModel) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -34,7 +48,7 @@ def _trainable(model: PreTrainedModel) -> PreTrainedModel:
     return model.train()
 
 
-def from_teacher(teacher: Teacher, layers: list[int]) -> PreTrainedModel:
+def from_teacher(teacher: Teacher, layers: list[int], datamodule: Any = None) -> PreTrainedModel:
     """DistilBERT-style: copy the teacher, keep ``layers`` (in order), weights included."""
     depth = teacher.model.config.num_hidden_layers
     bad = [index for index in layers if not 0 <= index < depth]
@@ -54,7 +68,12 @@ def from_teacher(teacher: Teacher, layers: list[int]) -> PreTrainedModel:
 
 
 def from_config(
-    teacher: Teacher, num_hidden_layers: int, hidden_size: int, num_attention_heads: int, intermediate_size: int
+    teacher: Teacher,
+    num_hidden_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+    datamodule: Any = None,
 ) -> PreTrainedModel:
     """A randomly initialised model of the teacher's type and vocabulary with smaller sizes."""
     if hidden_size % num_attention_heads:
@@ -70,11 +89,12 @@ def from_config(
             "intermediate_size": intermediate_size,
         }
     )
-    return _trainable(AutoModelForSequenceClassification.from_config(config))
+    return _trainable(auto_class_like(teacher.model).from_config(config))
 
 
-def from_pretrained(teacher: Teacher, name_or_path: str) -> PreTrainedModel:
-    """A pretrained Hugging Face model; its tokenizer must equal the teacher's."""
+def from_pretrained(teacher: Teacher, name_or_path: str, datamodule: Any = None) -> PreTrainedModel:
+    """A pretrained Hugging Face model (hub id, folder or GGUF file); its tokenizer must equal the teacher's."""
+    name_or_path = resolve(name_or_path)
     student_vocab = AutoTokenizer.from_pretrained(name_or_path).get_vocab()
     teacher_vocab = AutoTokenizer.from_pretrained(teacher.path).get_vocab()
     if student_vocab != teacher_vocab:
@@ -82,8 +102,9 @@ def from_pretrained(teacher: Teacher, name_or_path: str) -> PreTrainedModel:
             f"student {name_or_path!r} has a different vocabulary ({len(student_vocab)} tokens) from "
             f"teacher {teacher.path!r} ({len(teacher_vocab)} tokens): logits would not refer to the same inputs"
         )
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=teacher.model.config.num_labels)
-    return _trainable(model)
+    auto_class = auto_class_like(teacher.model)
+    labels = {"num_labels": teacher.model.config.num_labels} if auto_class is AutoModelForSequenceClassification else {}
+    return _trainable(auto_class.from_pretrained(name_or_path, **labels))
 
 
 def check_same_vocabulary(teacher: Teacher, student: PreTrainedModel) -> None:
@@ -94,3 +115,38 @@ def check_same_vocabulary(teacher: Teacher, student: PreTrainedModel) -> None:
             f"student vocab_size={student_size} differs from teacher vocab_size={teacher_size} "
             f"({teacher.path!r}): teacher and student must share a vocabulary"
         )
+
+
+def check_context(model: PreTrainedModel, datamodule: Any) -> None:
+    """Blocks of packed text must fit the model's context window."""
+    block_size = getattr(datamodule, "block_size", None)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if block_size is not None and context is not None and block_size > context:
+        raise ValueError(f"data.block_size={block_size} is above the model's context of {context} positions")
+
+
+def draw_calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tensor]]:
+    """``count`` training batches (inputs only): calibration data is never held-out text."""
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = []
+    for batch in datamodule.dataloader("train", datamodule.batch_size, shuffle=True, shard=(0, 1)):
+        batches.append({key: batch[key] for key in ("input_ids", "attention_mask")})
+        if len(batches) == count:
+            return batches
+    raise ValueError(f"student.calibration_batches={count} is more than the {len(batches)} training batches")
+
+
+def pruned(
+    teacher: Teacher, datamodule: Any, calibration_batches: int = 8, shape: dict | None = None, **settings: Any
+) -> PreTrainedModel:
+    """A smaller dense student cut from the teacher by importance measured on training batches
+    (:func:`distill.models.structured_pruning.pruned_student` takes ``settings``); ``shape`` fields
+    left ``None`` keep the teacher's, and a shape with none set is no shape."""
+    from distill.models.structured_pruning import pruned_student
+
+    if calibration_batches < 1:
+        raise ValueError(f"student.calibration_batches={calibration_batches!r} must be >= 1")
+    batches = draw_calibration_batches(datamodule, calibration_batches)
+    given = {name: value for name, value in (shape or {}).items() if value is not None}
+    return pruned_student(teacher.model, batches, shape=given or None, **settings)

@@ -1,4 +1,7 @@
-"""The teacher: a Hugging Face classifier, fine-tuned on the task first when asked.
+"""The teacher: a Hugging Face model of the task's kind, fine-tuned on the task first when asked.
+
+For a causal LM this is Minitron's "teacher correction": a short cross-entropy stage on the
+training split, so that the teacher's distribution matches the data the student distils on.
 
 A fine-tuned teacher is stored with ``save_pretrained`` under ``cache_dir`` in a folder keyed
 by model, task and every setting that changes it, so later runs and sweep jobs reuse it. A
@@ -26,9 +29,11 @@ from filelock import FileLock
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from distill.data.glue import GlueDataModule
+from distill.models.reference import resolve
+from distill.tasks import ClassificationTask
 
 log = logging.getLogger(__name__)
 INFO_FILE = "teacher_info.json"
@@ -36,26 +41,37 @@ INFO_FILE = "teacher_info.json"
 
 @dataclass
 class Teacher:
-    """A prepared teacher: the model, where it was loaded from and its dev accuracy if known."""
+    """A prepared teacher: the model, where it was loaded from and its validation score if fine-tuned here
+    (``metric``: the task's monitored metric, e.g. ``val/acc`` or ``val/ppl``)."""
 
     model: PreTrainedModel
     path: str
-    val_acc: float | None = None
+    val_score: float | None = None
+    metric: str = "val/acc"
 
 
-def teacher_cache_key(name_or_path: str, datamodule: GlueDataModule, settings: dict[str, Any]) -> str:
-    spec = {
-        # Bumped when fine-tuning changes what it makes from the same settings.
-        # 2: each epoch visits the length-grouped batches in a new order (epoch 2 replayed epoch 1's before).
-        "recipe": 2,
-        "model": name_or_path,
-        "task": datamodule.task,
+def data_key_fields(datamodule: Any) -> dict[str, Any]:
+    """What of the data decides a fine-tuned teacher: the GLUE fields, or a text module's training blocks."""
+    if not isinstance(datamodule, GlueDataModule):
+        return {"train": datamodule.train_fingerprint(), "validation": sorted(datamodule.documents("validation"))}
+    return {
         "num_labels": datamodule.num_labels,
         "tokenizer": datamodule.tokenizer_key,
         "max_length": datamodule.max_length,
         "train_limit": datamodule.train_limit,
         "val_limit": datamodule.val_limit,
         "group_by_length": datamodule.group_by_length,
+    }
+
+
+def teacher_cache_key(name_or_path: str, datamodule: Any, settings: dict[str, Any]) -> str:
+    spec = {
+        # Bumped when fine-tuning changes what it makes from the same settings.
+        # 2: each epoch visits the length-grouped batches in a new order (epoch 2 replayed epoch 1's before).
+        "recipe": 2,
+        "model": name_or_path,
+        "task": datamodule.task,
+        **data_key_fields(datamodule),
         "settings": settings,
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
@@ -64,53 +80,61 @@ def teacher_cache_key(name_or_path: str, datamodule: GlueDataModule, settings: d
 
 def prepare_teacher(
     name_or_path: str,
-    datamodule: GlueDataModule,
+    datamodule: Any,
     finetune: bool = False,
     cache_dir: str = "",
     finetune_settings: dict[str, Any] | None = None,
+    task: Any = None,
 ) -> Teacher:
-    """Load the teacher, fine-tuning ``name_or_path`` on the task (or reusing the cached result)."""
+    """Load the teacher (hub id, folder or GGUF file), fine-tuning it on the task (or reusing the cached result)."""
+    task = task if task is not None else ClassificationTask(datamodule.num_labels)
     if not finetune:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
-        if model.config.num_labels != datamodule.num_labels:
+        path = resolve(name_or_path)
+        model = task.auto_model.from_pretrained(path)
+        labels = getattr(datamodule, "num_labels", None)
+        if labels is not None and model.config.num_labels != labels:
             raise ValueError(
                 f"teacher {name_or_path!r} has num_labels={model.config.num_labels}, the task "
-                f"{datamodule.task!r} has {datamodule.num_labels}; set teacher.finetune=true to fine-tune it"
+                f"{datamodule.task!r} has {labels}; set teacher.finetune=true to fine-tune it"
             )
-        return Teacher(model=model, path=name_or_path)
+        return Teacher(model=model.eval(), path=path, metric=task.monitor)
     settings = dict(finetune_settings or {})
     target = Path(cache_dir).expanduser() / teacher_cache_key(name_or_path, datamodule, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / INFO_FILE).is_file():
-            _finetune_into(target, name_or_path, datamodule, settings)
+            _finetune_into(target, name_or_path, datamodule, settings, task)
         else:
             log.info("Reusing the fine-tuned teacher in %s", target)
     info = json.loads((target / INFO_FILE).read_text())
-    model = AutoModelForSequenceClassification.from_pretrained(target)
-    return Teacher(model=model, path=str(target), val_acc=info["val_acc"])
+    model = task.auto_model.from_pretrained(target)
+    return Teacher(model=model, path=str(target), val_score=info[metric_key(task)], metric=task.monitor)
 
 
-def _finetune_into(target: Path, name_or_path: str, datamodule: GlueDataModule, settings: dict[str, Any]) -> None:
+def metric_key(task: Any) -> str:
+    return task.monitor.replace("/", "_")
+
+
+def _finetune_into(target: Path, name_or_path: str, datamodule: Any, settings: dict[str, Any], task: Any) -> None:
     """Fine-tune with cross-entropy into a scratch folder, then rename it into place."""
     scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     log.info("Fine-tuning teacher %s on %s (cache: %s)", name_or_path, datamodule.task, target)
     started = time.time()
-    model, val_acc, steps = finetune_classifier(name_or_path, datamodule, scratch, **settings)
+    model, score, steps = finetune_model(resolve(name_or_path), datamodule, scratch, task, **settings)
     model.save_pretrained(scratch)
     datamodule.tokenizer.save_pretrained(scratch)
     info = {
         "source": name_or_path,
         "task": datamodule.task,
-        "val_acc": val_acc,
+        metric_key(task): score,
         "steps": steps,
         "settings": settings,
         "wall_time_s": round(time.time() - started, 1),
     }
     (scratch / INFO_FILE).write_text(json.dumps(info, indent=2))
     os.replace(scratch, target)
-    log.info("Teacher fine-tuned: val acc %.4f in %.0f s", val_acc, info["wall_time_s"])
+    log.info("Teacher fine-tuned: %s %.4f in %.0f s", task.monitor, score, info["wall_time_s"])
 
 
 def set_dropout(config: PretrainedConfig, probability: float) -> None:
@@ -122,10 +146,11 @@ def set_dropout(config: PretrainedConfig, probability: float) -> None:
         setattr(config, name, probability)
 
 
-def finetune_classifier(
+def finetune_model(
     name_or_path: str,
-    datamodule: GlueDataModule,
+    datamodule: Any,
     log_dir: Path,
+    task: Any,
     *,
     epochs: int,
     max_steps: int,
@@ -139,29 +164,32 @@ def finetune_classifier(
 ) -> tuple[PreTrainedModel, float, int]:
     """Cross-entropy fine-tuning (the distillation module with ``alpha=1`` and no teacher).
 
-    The dev set is checked ``val_checks_per_epoch`` times per epoch and the best weights are kept,
+    The validation set is checked ``val_checks_per_epoch`` times per epoch and the best weights are kept,
     the same selection the distillation stage applies to its student. ``dropout`` (if not None)
     replaces every dropout probability in the model config; the saved teacher keeps it.
     """
     from distill.modules.distillation import DistillationModule
 
     pl.seed_everything(seed, workers=True)
-    config = AutoConfig.from_pretrained(name_or_path, num_labels=datamodule.num_labels)
+    config = AutoConfig.from_pretrained(name_or_path, **task.model_kwargs())
     if dropout is not None:
         set_dropout(config, dropout)
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config)
+    model = task.auto_model.from_pretrained(name_or_path, config=config)
     # from_pretrained returns eval mode (dropout off); Lightning keeps module modes as it finds them.
     model.train()
     module = DistillationModule(
         student=model,
         teacher=None,
-        num_labels=datamodule.num_labels,
+        num_labels=None,
+        task=task,
         temperature=1.0,
         alpha=1.0,
         optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
         warmup_ratio=warmup_ratio,
     )
-    best = ModelCheckpoint(dirpath=log_dir / "checkpoints", monitor="val/acc", mode="max", save_weights_only=True)
+    best = ModelCheckpoint(
+        dirpath=log_dir / "checkpoints", monitor=task.monitor, mode=task.monitor_mode, save_weights_only=True
+    )
     trainer = pl.Trainer(
         max_epochs=epochs,
         max_steps=max_steps,
@@ -186,4 +214,4 @@ def finetune_classifier(
     selected = best.best_model_path or None
     (result,) = trainer.validate(module, datamodule.val_dataloader(), ckpt_path=selected, verbose=False)
     shutil.rmtree(log_dir / "checkpoints", ignore_errors=True)
-    return module.student.eval(), float(result["val/acc"]), trainer.global_step
+    return module.student.eval(), float(result[task.monitor]), trainer.global_step

@@ -14,21 +14,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import transformers
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    PreTrainedModel,
-    get_linear_schedule_with_warmup,
-)
+from transformers import AutoConfig, PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data.augment import COPY_FINGERPRINT, pop_copies
 from distill.data.glue import EXAMPLE_INDEX
 from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
-from distill.losses import KDLoss, kd_loss_terms
+from distill.losses import KDLoss, KDLossTerms, kd_loss_terms
 from distill.modules.frozen_teacher import FrozenTeacher
+from distill.tasks import ClassificationTask
 from distill.topk import TopKTargets
 
 # Where on_load_checkpoint leaves masks found as ASP buffers (read by distill.callbacks.nm_sparsity).
@@ -41,10 +37,11 @@ class DistillationModule(pl.LightningModule):
     """Trains ``student`` on ``alpha * CE + (1 - alpha) * (T^2 * KL + hidden_weight * hidden)``.
 
     Args:
-        student: a Hugging Face sequence-classification model (trainable).
+        student: a trainable Hugging Face model of the task's kind.
         teacher: the frozen teacher, or ``None`` for plain fine-tuning (requires ``alpha=1``).
-        num_labels: number of classes, for the accuracy metrics.
+        num_labels: number of classes of the default task (sequence classification).
         temperature, alpha: the KD loss settings (see :mod:`distill.losses`).
+        divergence, beta: the member of the divergence family the soft term uses, and its weight.
         optimizer: a partial optimizer taking ``params`` (Hydra ``_partial_: true``).
         warmup_ratio: fraction of the training steps with linear warm-up, then linear decay to 0.
         hidden_weight: weight of the hidden-state term (:mod:`distill.hidden_loss`); 0 turns it off.
@@ -53,13 +50,14 @@ class DistillationModule(pl.LightningModule):
         teacher_logits: precomputed teacher logits by training-example index
             (:class:`distill.teacher_logits.TeacherLogitStore`), with those on the perturbed copies in
             its ``copies``; the teacher then runs for evaluation and for copies the store lacks.
+        task: what differs per task (:mod:`distill.tasks`); ``None`` is classification with ``num_labels``.
     """
 
     def __init__(
         self,
         student: PreTrainedModel,
         teacher: nn.Module | None,
-        num_labels: int,
+        num_labels: int | None,
         temperature: float,
         alpha: float,
         optimizer: Callable[..., torch.optim.Optimizer],
@@ -67,27 +65,25 @@ class DistillationModule(pl.LightningModule):
         hidden_weight: float = 0.0,
         hidden_layers: list[int] | None = None,
         teacher_logits: Callable[[Tensor], Tensor] | None = None,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        task: Any = None,
     ) -> None:
         super().__init__()
         if teacher is None and alpha != 1:
             raise ValueError(f"alpha={alpha!r} needs a teacher; without one only alpha=1 (fine-tuning) works")
-        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "teacher_logits"])
+        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "teacher_logits", "task"])
+        self.task = task if task is not None else ClassificationTask(num_labels)
         self.student = student
         self.teacher = FrozenTeacher(teacher) if teacher is not None else None
-        self.loss = KDLoss(temperature=temperature, alpha=alpha)
+        self.loss = KDLoss(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta)
         self.hidden_loss = self._hidden_loss(student, teacher, hidden_layers) if hidden_weight > 0 else None
         if teacher_logits is not None and self.hidden_loss is not None:
             raise ValueError("precomputed teacher logits hold no hidden states: set distill.hidden_weight=0")
         self.teacher_logits = teacher_logits
         self.copies_labelled_live = 0
         self.optimizer_factory = optimizer
-        self.metrics = nn.ModuleDict(
-            {
-                f"{stage}_{name}": MulticlassAccuracy(num_classes=num_labels, average="micro")
-                for stage in ("val", "test")
-                for name in ("acc", "teacher_acc", "agreement")
-            }
-        )
+        self.metrics = self.task.make_metrics()
 
     @staticmethod
     def _hidden_loss(student: PreTrainedModel, teacher: nn.Module | None, layers: list[int] | None) -> HiddenStateLoss:
@@ -104,11 +100,41 @@ class DistillationModule(pl.LightningModule):
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         return self.student(**inputs).logits
 
+    def live_teacher_loss(self) -> bool:
+        """Whether training steps run the teacher for logits alone (no store, no hidden states)."""
+        return (
+            self.teacher is not None
+            and self.loss.alpha < 1
+            and self.teacher_logits is None
+            and self.hidden_loss is None
+        )
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         labels = batch.pop("labels")
         example_index = batch.pop(EXAMPLE_INDEX, None)
         copy_fingerprint = batch.pop(COPY_FINGERPRINT, None)
         copies = pop_copies(batch)
+        terms = None if copies else self.task.fused_terms(self, batch, labels)
+        if terms is None:
+            terms = self._loss_terms(batch, labels, example_index, copies, copy_fingerprint)
+        if not torch.isfinite(terms.loss):
+            # Stop before the optimizer step spreads it into the weights; saved checkpoints stay good.
+            raise FloatingPointError(f"train/loss is {terms.loss.item()} at step {self.global_step}; stopping the run")
+        size = labels.shape[0]
+        self.log("train/loss", terms.loss, prog_bar=True, batch_size=size)
+        if terms.kd is not None:  # the fused kernels return the total only
+            self.log("train/loss_kd", terms.kd, batch_size=size)
+            self.log("train/loss_ce", terms.ce, batch_size=size)
+        return terms.loss
+
+    def _loss_terms(
+        self,
+        batch: dict[str, Tensor],
+        labels: Tensor,
+        example_index: Tensor | None,
+        copies: dict[str, Tensor],
+        copy_fingerprint: Tensor | None,
+    ) -> KDLossTerms:
         # With alpha=1 every teacher term has weight 0: skip the teacher (and the unlabelled copies).
         uses_teacher = self.teacher is not None and self.loss.alpha < 1
         with_hidden = uses_teacher and self.hidden_loss is not None
@@ -116,7 +142,7 @@ class DistillationModule(pl.LightningModule):
         teacher_logits, teacher_hidden = (
             self._teacher_outputs(batch, example_index, with_hidden) if uses_teacher else (None, None)
         )
-        terms = self.loss(student_out.logits, teacher_logits, labels)
+        terms = self.loss(*self.task.align(student_out.logits, teacher_logits, labels))
         loss, kd, size = terms.loss, terms.kd, labels.shape[0]
         if uses_teacher and copies:
             # The KL is averaged over the whole transfer set: the examples and their perturbed copies.
@@ -128,13 +154,7 @@ class DistillationModule(pl.LightningModule):
             hidden = self.hidden_loss(student_out.hidden_states, teacher_hidden, batch["attention_mask"])
             loss = loss + (1 - self.loss.alpha) * self.hparams.hidden_weight * hidden
             self.log("train/loss_hidden", hidden, batch_size=size)
-        if not torch.isfinite(loss):
-            # Stop before the optimizer step spreads it into the weights; saved checkpoints stay good.
-            raise FloatingPointError(f"train/loss is {loss.item()} at step {self.global_step}; stopping the run")
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/loss_kd", kd, batch_size=size)
-        self.log("train/loss_ce", terms.ce, batch_size=size)
-        return loss
+        return KDLossTerms(loss=loss, ce=terms.ce, kd=kd)
 
     def _copies_kd(self, copies: dict[str, Tensor], example_index: Tensor | None, fingerprint: Tensor | None) -> Tensor:
         """T^2 * KL on the unlabelled perturbed copies (distill.data.augment), labelled by the teacher's
@@ -143,7 +163,15 @@ class DistillationModule(pl.LightningModule):
         if teacher_targets is None:
             teacher_targets = self.teacher(copies).logits
         student_logits = self.student(**copies).logits
-        return kd_loss_terms(student_logits, teacher_targets, None, temperature=self.loss.temperature, alpha=0.0).kd
+        return kd_loss_terms(
+            student_logits,
+            teacher_targets,
+            None,
+            temperature=self.loss.temperature,
+            alpha=0.0,
+            divergence=self.loss.divergence,
+            beta=self.loss.beta,
+        ).kd
 
     def _stored_copy_targets(
         self, example_index: Tensor | None, fingerprint: Tensor | None
@@ -173,25 +201,17 @@ class DistillationModule(pl.LightningModule):
         out = self.teacher(batch, output_hidden_states=with_hidden)
         return out.logits, out.hidden_states
 
-    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
-        labels = batch.pop("labels")
-        predictions = self(batch).argmax(dim=-1)
-        self._update(f"{stage}/acc", predictions, labels)
-        if self.teacher is not None:
-            teacher_predictions = self.teacher.predictions(batch)
-            self._update(f"{stage}/teacher_acc", teacher_predictions, labels)
-            self._update(f"{stage}/agreement", predictions, teacher_predictions)
-
-    def _update(self, name: str, predictions: Tensor, targets: Tensor) -> None:
+    def update_metric(self, name: str, batch_size: int, *values: Tensor) -> None:
+        """Update the metric ``name`` (``<stage>/<metric>``) with ``values`` and log it for the epoch."""
         metric = self.metrics[name.replace("/", "_")]
-        metric(predictions, targets)
-        self.log(name, metric, prog_bar=name.endswith("/acc"), batch_size=targets.shape[0])
+        metric(*values)
+        self.log(name, metric, prog_bar=name == self.task.monitor, batch_size=batch_size)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self.task.evaluate(self, batch, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self.task.evaluate(self, batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -210,6 +230,7 @@ class DistillationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The checkpoint describes its own student, so it loads without config files or the teacher.
         checkpoint["student_config"] = self.student.config.to_dict()
+        checkpoint["student_class"] = type(self.student).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # APEX ASP saves its masks as `<layer>.__weight_mma_mask` buffers: move them aside so the
@@ -231,7 +252,10 @@ class DistillationModule(pl.LightningModule):
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         student_config = dict(checkpoint["student_config"])
         config = AutoConfig.for_model(student_config.pop("model_type"), **student_config)
-        student = AutoModelForSequenceClassification.from_config(config)
+        # Checkpoints written before the class was recorded hold sequence classifiers.
+        name = checkpoint.get("student_class", "AutoModelForSequenceClassification")
+        model_class = getattr(transformers, name)
+        student = model_class.from_config(config) if name.startswith("Auto") else model_class(config)
         prefix = "student."
         weights = {
             key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)

@@ -1,0 +1,400 @@
+"""Plain-text corpora for causal language modelling as a LightningDataModule.
+
+Contract:
+
+* Documents are whole files, ``<data_dir>/<pattern>`` (one work per file), or, when no file matches and
+  ``hub_dataset`` is set, the rows of a ``datasets`` dataset's own ``train``/``validation``/``test`` splits.
+* Local files are split by whole documents: ``val_files`` and ``test_files`` name the held-out ones and every
+  other matching file is training, so no held-out text is ever trained on.
+* Each document is tokenised once, without the tokenizer's special tokens, as ``[BOS] text EOS`` (BOS only
+  with ``add_bos`` and a tokenizer that has one; a tokenizer without EOS, like BERT's, ends documents with
+  its SEP). A split's tokenised documents are cached under ``<cache_dir>/tokenized`` keyed by the content of
+  the documents read, the split's membership and the tokenizer, so later processes skip the tokenizer.
+* A split's token stream (its documents in order) is cut into non-overlapping blocks of ``block_size``
+  tokens with ``labels == input_ids`` (the model shifts them, as in HF). Training drops the last partial
+  block; validation and test pad it (pad id, ``attention_mask`` 0, labels -100), so every held-out token
+  lies in exactly one block: the windows of non-overlapping perplexity.
+* Training batches carry :data:`~distill.data.glue.EXAMPLE_INDEX` (the block's row of the train split).
+  Shuffled loaders shard themselves across data-parallel ranks (trainers run with
+  ``use_distributed_sampler=False``); evaluation loaders are whole on every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning.pytorch as pl
+import numpy as np
+import pyarrow.compute as pc
+from filelock import FileLock
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import PreTrainedTokenizerBase
+
+from distill.data.glue import EXAMPLE_INDEX, tokenizer_fingerprint
+from distill.models.reference import load_tokenizer
+
+IGNORE_INDEX = -100
+HELD_OUT = ("validation", "test")
+SPLITS = ("train", *HELD_OUT)
+TEXT_FEATURES = datasets.Features(text=datasets.Value("string"))
+TOKEN_FEATURES = datasets.Features(input_ids=datasets.Sequence(datasets.Value("int32")))
+BLOCK_FEATURES = datasets.Features(
+    {name: datasets.Sequence(datasets.Value("int64")) for name in ("input_ids", "attention_mask", "labels")}
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitDocuments:
+    """One split's documents before tokenisation: their names, their text (column ``text``) and a content key."""
+
+    names: list[str]
+    texts: datasets.Dataset
+    source_key: str
+
+
+def digest(spec: Any) -> str:
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+def document_separator(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that ends every document: EOS, else SEP (encoder tokenizers such as BERT's have no EOS)."""
+    for token_id in (tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if token_id is not None:
+            return token_id
+    raise ValueError(f"tokenizer {tokenizer.name_or_path!r} defines neither an EOS nor a SEP token to end documents")
+
+
+def token_stream(tokenized: datasets.Dataset) -> np.ndarray:
+    """The ``input_ids`` of all rows of ``tokenized``, concatenated in row order."""
+    if len(tokenized) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return pc.list_flatten(tokenized.data.column("input_ids")).to_numpy().astype(np.int64)
+
+
+def pack_blocks(stream: np.ndarray, block_size: int, pad_id: int, keep_tail: bool) -> dict[str, np.ndarray]:
+    """Non-overlapping ``block_size`` windows of ``stream``; ``keep_tail`` pads the last partial window
+    (attention 0, label -100) instead of dropping it."""
+    count = -(-len(stream) // block_size) if keep_tail else len(stream) // block_size
+    input_ids = np.full((count, block_size), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((count, block_size), dtype=np.int64)
+    used = min(len(stream), count * block_size)
+    input_ids.reshape(-1)[:used] = stream[:used]
+    attention_mask.reshape(-1)[:used] = 1
+    labels = np.where(attention_mask == 1, input_ids, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def check_limit(option: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"data.{option}={value!r} must be a positive number of blocks or null (all)")
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Causal-LM blocks of a plain-text corpus split by whole documents.
+
+    Args:
+        data_dir: folder of plain-text files, one document per file.
+        cache_dir: where tokenised documents (and hub downloads) are cached.
+        tokenizer: tokenizer name, local folder or GGUF reference (the teacher's).
+        val_files / test_files: file names (relative to ``data_dir``) of the validation / test documents.
+        pattern: glob selecting the documents in ``data_dir``.
+        hub_dataset / hub_config / text_field: a ``datasets`` dataset (and its config) whose ``text_field``
+            rows are the documents, used only when no file matches ``pattern``.
+        block_size: tokens per block (at most the model's context length: see :meth:`check_block_size`).
+        add_bos: start every document with the tokenizer's BOS token, if it has one.
+        train_limit_blocks: keep a random slice of this many training blocks, drawn with ``slice_seed``
+            (apart from ``seed``, which orders the batches: runs of several seeds train on one slice
+            and share its teacher store).
+        val_limit_blocks / test_limit_blocks: keep the first blocks of validation / test.
+    """
+
+    task = "causal_lm"
+
+    def __init__(
+        self,
+        data_dir: str,
+        cache_dir: str,
+        tokenizer: str,
+        val_files: Sequence[str] = (),
+        test_files: Sequence[str] = (),
+        pattern: str = "*.txt",
+        hub_dataset: str | None = None,
+        hub_config: str | None = None,
+        text_field: str = "text",
+        block_size: int = 512,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        slice_seed: int = 0,
+        add_bos: bool = False,
+        train_limit_blocks: int | None = None,
+        val_limit_blocks: int | None = None,
+        test_limit_blocks: int | None = None,
+    ) -> None:
+        super().__init__()
+        if block_size < 2:
+            raise ValueError(f"data.block_size={block_size!r} must be at least 2 (a block predicts all but its first)")
+        check_limit("train_limit_blocks", train_limit_blocks)
+        check_limit("val_limit_blocks", val_limit_blocks)
+        check_limit("test_limit_blocks", test_limit_blocks)
+        self.limits = {"train": train_limit_blocks, "validation": val_limit_blocks, "test": test_limit_blocks}
+        self.data_dir = Path(data_dir).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.val_files, self.test_files = list(val_files), list(test_files)
+        self.pattern = pattern
+        self.hub_dataset, self.hub_config, self.text_field = hub_dataset, hub_config, text_field
+        self.block_size = block_size
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.seed = seed
+        self.slice_seed = slice_seed
+        self._load_tokenizer(tokenizer, add_bos)
+        self.splits: dict[str, datasets.Dataset] = {}
+        # Lightning calls prepare_data/setup for every fit, validate and test: read and tokenise once.
+        self._documents: dict[str, SplitDocuments] | None = None
+        self._tokenized: dict[str, datasets.Dataset] | None = None
+        self._cache_keys: dict[str, str] = {}
+
+    def _load_tokenizer(self, name: str, add_bos: bool) -> None:
+        self.tokenizer_name = name
+        self.tokenizer = load_tokenizer(name)
+        self.tokenizer_key = tokenizer_fingerprint(self.tokenizer)
+        self.vocab_size = len(self.tokenizer)
+        self.separator_id = document_separator(self.tokenizer)
+        pad_id = self.tokenizer.pad_token_id
+        self.pad_id = self.separator_id if pad_id is None else pad_id
+        self.bos_id = self.tokenizer.bos_token_id if add_bos else None
+        if add_bos and self.bos_id is None:
+            log.warning("data.add_bos=true, but tokenizer %r has no BOS token: documents start without one", name)
+
+    def check_block_size(self, max_positions: int) -> None:
+        """Refuse blocks longer than the model's context length ``max_positions``."""
+        if self.block_size > max_positions:
+            raise ValueError(
+                f"data.block_size={self.block_size} exceeds the model's context length of {max_positions} "
+                f"positions (max_position_embeddings): set data.block_size<={max_positions}"
+            )
+
+    # Reading documents.
+
+    def _document_files(self) -> dict[str, Path]:
+        if not self.data_dir.is_dir():
+            return {}
+        files = sorted(path for path in self.data_dir.glob(self.pattern) if path.is_file())
+        return {path.relative_to(self.data_dir).as_posix(): path for path in files}
+
+    def _missing_message(self, hub_failure: str = "") -> str:
+        hub = f"data.hub_dataset={self.hub_dataset!r} {hub_failure}" if self.hub_dataset else "no data.hub_dataset"
+        return (
+            f"No documents: no file in {self.data_dir} matches data.pattern={self.pattern!r} and {hub}. "
+            "Point DISTILL_DATA_DIR (or paths.data_dir=...) at the folder holding the corpus, fix data.pattern, "
+            "or set data.hub_dataset to a `datasets` name (online: unset HF_HUB_OFFLINE)."
+        )
+
+    def _load_documents(self) -> dict[str, SplitDocuments]:
+        if self._documents is None:
+            files = self._document_files()
+            if files:
+                self._documents = self._local_documents(files)
+            elif self.hub_dataset is None:
+                raise FileNotFoundError(self._missing_message())
+            else:
+                self._documents = self._hub_documents()
+        return self._documents
+
+    def _split_membership(self, names: list[str]) -> dict[str, list[str]]:
+        """Each split's document names, in ``names`` order; checks the held-out lists against ``names``."""
+        for option, wanted in (("val_files", self.val_files), ("test_files", self.test_files)):
+            unknown = [name for name in wanted if name not in names]
+            if unknown:
+                raise ValueError(
+                    f"data.{option} names {unknown[0]!r}, which is not one of the {len(names)} files matching "
+                    f"{self.pattern!r} in {self.data_dir} (e.g. {', '.join(names[:5])})"
+                )
+        both = sorted(set(self.val_files) & set(self.test_files))
+        if both:
+            raise ValueError(f"{both[0]!r} is in both data.val_files and data.test_files: hold a document out once")
+        held_out = set(self.val_files) | set(self.test_files)
+        membership = {
+            "train": [name for name in names if name not in held_out],
+            "validation": [name for name in names if name in self.val_files],
+            "test": [name for name in names if name in self.test_files],
+        }
+        if not membership["train"]:
+            raise ValueError(
+                f"all {len(names)} files matching {self.pattern!r} in {self.data_dir} are in data.val_files or "
+                "data.test_files: leave at least one for training"
+            )
+        return membership
+
+    def _local_documents(self, files: dict[str, Path]) -> dict[str, SplitDocuments]:
+        documents = {}
+        for split, names in self._split_membership(list(files)).items():
+            contents = [files[name].read_bytes() for name in names]
+            texts = [self._decode(files[name], content) for name, content in zip(names, contents, strict=True)]
+            hashes = [hashlib.sha256(content).hexdigest() for content in contents]
+            dataset = datasets.Dataset.from_dict({"text": texts}, features=TEXT_FEATURES)
+            documents[split] = SplitDocuments(names, dataset, digest(list(zip(names, hashes, strict=True))))
+        return documents
+
+    @staticmethod
+    def _decode(path: Path, content: bytes) -> str:
+        try:
+            return content.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path} is not UTF-8 text ({error})") from error
+
+    def _hub_documents(self) -> dict[str, SplitDocuments]:
+        try:
+            raw = datasets.load_dataset(self.hub_dataset, self.hub_config, cache_dir=str(self.cache_dir / "raw"))
+        except Exception as error:
+            failure = f"failed to load ({type(error).__name__}: {error})"
+            raise FileNotFoundError(self._missing_message(failure)) from error
+        missing = [split for split in SPLITS if split not in raw]
+        if missing:
+            raise ValueError(f"data.hub_dataset={self.hub_dataset!r} lacks the split(s) {missing} (it has {list(raw)})")
+        if self.text_field not in raw["train"].column_names:
+            raise ValueError(f"data.text_field={self.text_field!r} is not a column of {raw['train'].column_names}")
+        if self.val_files or self.test_files:
+            log.warning("data.val_files/test_files name local files: %s's own splits are used", self.hub_dataset)
+        return {split: self._hub_split(split, raw[split]) for split in SPLITS}
+
+    def _hub_split(self, split: str, rows: datasets.Dataset) -> SplitDocuments:
+        texts = rows.select_columns([self.text_field])
+        if self.text_field != "text":
+            texts = texts.rename_column(self.text_field, "text")
+        names = [f"{self.hub_dataset}/{split}/{row}" for row in range(len(rows))]
+        source = [self.hub_dataset, self.hub_config, split, self.text_field, rows._fingerprint]
+        return SplitDocuments(names, texts, digest(source))
+
+    # Tokenising.
+
+    def _tokenize_batch(self, batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        # verbose=False: whole documents are longer than the model's context by design.
+        encoded = self.tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        prefix = [] if self.bos_id is None else [self.bos_id]
+        return {"input_ids": [[*prefix, *ids, self.separator_id] for ids in encoded]}
+
+    def _cache_key(self, split: str, documents: SplitDocuments) -> str:
+        return f"text-{split}-{digest([documents.source_key, self.tokenizer_key, self.bos_id, self.separator_id])}"
+
+    def _tokenized_splits(self) -> dict[str, datasets.Dataset]:
+        if self._tokenized is None:
+            out_dir = self.cache_dir / "tokenized"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._tokenized = {
+                split: self._tokenize(split, documents, out_dir) for split, documents in self._load_documents().items()
+            }
+        return self._tokenized
+
+    def _tokenize(self, split: str, documents: SplitDocuments, out_dir: Path) -> datasets.Dataset:
+        key = self._cache_keys[split] = self._cache_key(split, documents)
+        with FileLock(str(out_dir / f"{key}.lock")):
+            return documents.texts.map(
+                self._tokenize_batch,
+                batched=True,
+                remove_columns=documents.texts.column_names,
+                features=TOKEN_FEATURES,
+                cache_file_name=str(out_dir / f"{key}.arrow"),
+                new_fingerprint=key,
+                desc=f"Tokenizing {split} documents",
+            )
+
+    # Blocks.
+
+    def prepare_data(self) -> None:
+        self._tokenized_splits()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        splits = {split: self._blocks(split, tokenized) for split, tokenized in self._tokenized_splits().items()}
+        # Batches carry each block's row so per-block stores (cached teacher logits) can be read.
+        splits["train"] = splits["train"].add_column(EXAMPLE_INDEX, list(range(len(splits["train"]))))
+        self.splits = {split: blocks.with_format("torch") for split, blocks in splits.items()}
+
+    def _blocks(self, split: str, tokenized: datasets.Dataset) -> datasets.Dataset:
+        packed = pack_blocks(token_stream(tokenized), self.block_size, self.pad_id, keep_tail=split != "train")
+        blocks = datasets.Dataset.from_dict(packed, features=BLOCK_FEATURES)
+        limit = self.limits[split]
+        if limit is None:
+            return blocks
+        if split == "train":
+            blocks = blocks.shuffle(seed=self.slice_seed)
+        return blocks.select(range(min(limit, len(blocks))))
+
+    def train_fingerprint(self) -> str:
+        """Identity of the training blocks as batches see them: source, tokenisation, block size and slice."""
+        self.setup("fit")
+        limit = self.limits["train"]
+        seed = self.slice_seed if limit is not None else None
+        return digest([self._cache_keys["train"], self.block_size, limit, seed, len(self.splits["train"])])
+
+    def num_tokens(self, split: str) -> int:
+        """Real (unpadded) tokens in the blocks of ``split``."""
+        self.setup()
+        mask = self.splits[split].select_columns(["attention_mask"]).with_format("numpy")[:]["attention_mask"]
+        return int(mask.sum())
+
+    def documents(self, split: str) -> list[str]:
+        """Names of the documents of ``split`` (file names relative to ``data_dir``)."""
+        return list(self._load_documents()[split].names)
+
+    def prompts(self, split: str, count: int, length: int) -> list[str]:
+        """The text of the first ``length`` tokens of ``count`` evenly spaced blocks of held-out ``split``."""
+        if split not in HELD_OUT:
+            raise ValueError(f"split={split!r} must be one of {HELD_OUT}: prompts come from held-out text")
+        self.setup()
+        blocks = self.splits[split].with_format("numpy")
+        if not 1 <= count <= len(blocks):
+            raise ValueError(f"count={count!r} must be in [1, {len(blocks)}] (the {split} blocks)")
+        if not 1 <= length <= self.block_size:
+            raise ValueError(f"length={length!r} must be in [1, {self.block_size}] (data.block_size)")
+        picked = blocks.select([row * len(blocks) // count for row in range(count)])[:]
+        starts = zip(picked["input_ids"][:, :length], picked["attention_mask"][:, :length], strict=True)
+        return [self.tokenizer.decode(ids[real == 1], skip_special_tokens=True) for ids, real in starts]
+
+    # Loaders.
+
+    def dataloader(
+        self, split: str, batch_size: int, shuffle: bool, shard: tuple[int, int] | None = None
+    ) -> DataLoader:
+        """A loader over ``split`` ("train", "validation" or "test") after :meth:`setup`.
+
+        Shuffled loaders draw a seeded order per epoch (Lightning sets the sampler's epoch) and give each
+        data-parallel rank disjoint blocks; the few that do not divide among the ranks are dropped for
+        the epoch. ``shard`` (rank, number of ranks) replaces the attached trainer's. Unshuffled loaders
+        are whole on every rank, so held-out metrics count every token once.
+        """
+        dataset = self.splits[split]
+        if not shuffle:
+            return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers)
+        rank, replicas = shard or self._data_parallel_rank()
+        sampler = DistributedSampler(
+            dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed, drop_last=True
+        )
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    def _data_parallel_rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("validation", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test", self.eval_batch_size, shuffle=False)

@@ -1,0 +1,204 @@
+"""Calibration importance scores for structured pruning of Llama-family causal LMs.
+
+Contract: :func:`calibration_scores` runs a ``*ForCausalLM`` with the Llama layout
+(``model.model.layers[i].self_attn.{q,k,v,o}_proj``, ``.mlp.{gate,up,down}_proj``, RMSNorms) on
+calibration batches (dicts with ``input_ids`` and optionally ``attention_mask``) in eval mode under
+``torch.no_grad`` and returns :class:`ImportanceScores`, all measured with forward hooks and
+averaged over real (unpadded) tokens. Higher always means more important.
+
+- Depth: Block Influence (ShortGPT), ``1 - cos(h_in, h_out)`` of each decoder layer, and, unless
+  ``measure_nll=False``, the increase of the mean next-token NLL when that single layer is replaced
+  by the identity. :meth:`ImportanceScores.depth` ranks by the NLL increase when it was measured
+  (it is what a layer costs the loss when skipped), else by Block Influence.
+- Width (Minitron, activation-based): FFN channel = mean ``|act(gate(x)) * up(x)|``; attention head =
+  mean L2 norm of the head's slice of ``o_proj``'s input; hidden channel = mean ``|x|`` of the output
+  of every RMSNorm (both norms of each layer and the final norm), averaged over the norms.
+
+The model's training mode is restored afterwards; its weights are never changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from transformers import PreTrainedModel
+
+LAYER_SCORES = ("auto", "nll", "block_influence", "bi")  # "bi" is short for "block_influence"
+
+
+@dataclass
+class ImportanceScores:
+    """Per-layer and per-channel importance measured on calibration data (higher = keep)."""
+
+    block_influence: Tensor  # [layers]
+    nll_increase: Tensor | None  # [layers]; None when not measured
+    baseline_nll: float  # mean next-token NLL of the unpruned model
+    ffn: Tensor  # [layers, intermediate_size]
+    heads: Tensor  # [layers, num_attention_heads]
+    hidden: Tensor  # [hidden_size]
+
+    def depth(self, kind: str = "auto") -> Tensor:
+        """Per-layer scores: ``nll`` (NLL rise when skipped), ``block_influence``/``bi``, ``auto`` (nll if measured)."""
+        if kind not in LAYER_SCORES:
+            raise ValueError(f"layer_score={kind!r} must be one of {LAYER_SCORES}")
+        if kind in ("block_influence", "bi") or (kind == "auto" and self.nll_increase is None):
+            return self.block_influence
+        if self.nll_increase is None:
+            raise ValueError("layer_score='nll' needs scores measured with measure_nll=True")
+        return self.nll_increase
+
+    def kv_groups(self, num_key_value_heads: int) -> Tensor:
+        """[layers, num_key_value_heads]: the sum over the query heads that share each KV head."""
+        layers, heads = self.heads.shape
+        return self.heads.reshape(layers, num_key_value_heads, heads // num_key_value_heads).sum(-1)
+
+
+class _TokenMeans:
+    """Sums of per-token values over the real tokens of all batches seen, keyed by name."""
+
+    def __init__(self) -> None:
+        self.sums: dict[Any, Tensor] = {}
+        self.tokens = 0
+        self.mask: Tensor | None = None
+
+    def start_batch(self, mask: Tensor) -> None:
+        self.mask = mask
+        self.tokens += int(mask.sum())
+
+    def add(self, key: Any, values: Tensor) -> None:
+        """``values`` is [batch, tokens, ...]; padded positions are dropped."""
+        total = values[self.mask].float().sum(0)
+        self.sums[key] = self.sums[key] + total if key in self.sums else total
+
+    def mean(self, key: Any) -> Tensor:
+        return (self.sums[key] / self.tokens).cpu()
+
+    # Hook factories: each records one per-token quantity under ``key``.
+    def block_influence(self, key: Any) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> None:
+            cosine = F.cosine_similarity(_layer_input(args, kwargs).float(), _layer_output(output).float(), dim=-1)
+            self.add(key, 1 - cosine)
+
+        return hook
+
+    def head_norms(self, key: Any, head_dim: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            per_head = args[0].reshape(*args[0].shape[:-1], -1, head_dim)
+            self.add(key, per_head.float().norm(dim=-1))
+
+        return hook
+
+    def input_magnitude(self, key: Any) -> Callable:
+        return lambda module, args: self.add(key, args[0].abs())
+
+    def output_magnitude(self, key: Any) -> Callable:
+        return lambda module, args, output: self.add(key, output.abs())
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder-layer stack ``model.model.layers`` of a Llama-layout causal LM."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no model.layers ModuleList (not a Llama-layout causal LM)")
+    return layers
+
+
+def _layer_input(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _layer_output(output: Tensor | tuple) -> Tensor:
+    # Older transformers return (hidden_states, ...) from decoder layers, newer the tensor itself.
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def _hooks(handles: list[RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _width_and_influence_hooks(model: PreTrainedModel, means: _TokenMeans) -> list[RemovableHandle]:
+    handles = [model.model.norm.register_forward_hook(means.output_magnitude(("hidden", "final")))]
+    for index, layer in enumerate(decoder_layers(model)):
+        attention = layer.self_attn
+        handles += [
+            layer.register_forward_hook(means.block_influence(("block_influence", index)), with_kwargs=True),
+            attention.o_proj.register_forward_pre_hook(means.head_norms(("heads", index), attention.head_dim)),
+            layer.mlp.down_proj.register_forward_pre_hook(means.input_magnitude(("ffn", index))),
+            layer.input_layernorm.register_forward_hook(means.output_magnitude(("hidden", index, "input"))),
+            layer.post_attention_layernorm.register_forward_hook(means.output_magnitude(("hidden", index, "post"))),
+        ]
+    return handles
+
+
+def _mean_nll(model: PreTrainedModel, batches: list[dict[str, Tensor]], means: _TokenMeans | None = None) -> float:
+    """Mean next-token NLL over real tokens whose successor is real too."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask", torch.ones_like(input_ids)).to(device).bool()
+        if means is not None:
+            means.start_batch(mask)
+        logits = model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1]
+        scored = mask[:, 1:] & mask[:, :-1]
+        total += F.cross_entropy(logits[scored].float(), input_ids[:, 1:][scored], reduction="sum").item()
+        count += int(scored.sum())
+    if count == 0:
+        raise ValueError("calibration batches hold no pair of consecutive real tokens to score")
+    return total / count
+
+
+def _skip_as_identity(module: nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> Tensor | tuple:
+    hidden = _layer_input(args, kwargs)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _nll_increase(model: PreTrainedModel, batches: list[dict[str, Tensor]], baseline: float) -> Tensor:
+    increases = []
+    for layer in decoder_layers(model):
+        with _hooks([layer.register_forward_hook(_skip_as_identity, with_kwargs=True)]):
+            increases.append(_mean_nll(model, batches) - baseline)
+    return torch.tensor(increases)
+
+
+def _collect(means: _TokenMeans, depth: int) -> dict[str, Tensor]:
+    hidden_keys = [key for key in means.sums if key[0] == "hidden"]
+    return {
+        "block_influence": torch.stack([means.mean(("block_influence", index)) for index in range(depth)]),
+        "ffn": torch.stack([means.mean(("ffn", index)) for index in range(depth)]),
+        "heads": torch.stack([means.mean(("heads", index)) for index in range(depth)]),
+        "hidden": torch.stack([means.mean(key) for key in hidden_keys]).mean(0),
+    }
+
+
+@torch.no_grad()
+def calibration_scores(
+    model: PreTrainedModel, batches: Iterable[dict[str, Tensor]], *, measure_nll: bool = True
+) -> ImportanceScores:
+    """Measure depth and width importance on ``batches`` (see the module docstring)."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration batches are empty: pruning needs data to score layers and channels")
+    was_training = model.training
+    model.eval()
+    try:
+        means = _TokenMeans()
+        with _hooks(_width_and_influence_hooks(model, means)):
+            baseline = _mean_nll(model, batches, means)
+        nll_increase = _nll_increase(model, batches, baseline) if measure_nll else None
+    finally:
+        model.train(was_training)
+    collected = _collect(means, len(decoder_layers(model)))
+    return ImportanceScores(nll_increase=nll_increase, baseline_nll=baseline, **collected)

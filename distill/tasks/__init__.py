@@ -1,0 +1,20 @@
+"""What differs between the tasks one :class:`~distill.modules.distillation.DistillationModule` serves.
+
+A task is a small object (``conf/task/``) that the module, the teacher stage and the exporter ask:
+
+* ``auto_model``: the ``transformers`` Auto class its models load with;
+* ``align(student_logits, teacher_targets, labels)``: which positions are compared and with what
+  (sequence classification: as they are; causal LM: position ``i`` predicts token ``i + 1``);
+* ``make_metrics()`` / ``evaluate(module, batch, stage)``: validation and test metrics, with
+  ``monitor`` / ``monitor_mode`` naming the one checkpoints rank by;
+* ``fused_terms(...)``: the loss straight from hidden states and output heads, where the task has
+  a fused kernel for it (``None``: compute logits and use the loss module);
+* ``summary(results)``: the final metrics of a run.
+
+Everything else (teacher handling, the loss family, stores, compression callbacks) is shared.
+"""
+
+from distill.tasks.causal_lm import CausalLMTask
+from distill.tasks.classification import ClassificationTask
+
+__all__ = ["CausalLMTask", "ClassificationTask"]

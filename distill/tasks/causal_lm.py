@@ -1,0 +1,175 @@
+"""Causal language modelling: every position predicts the next token, scored by perplexity.
+
+Position ``i`` of a block is compared with token ``i + 1``: :meth:`CausalLMTask.align` drops the
+last position of the logits (and of stored teacher targets) and the first label, so the KD and CE
+terms count exactly the tokens whose label is not -100 (padding, and prompts in prompt/response
+data). Held-out perplexity is ``exp(sum of token NLL / tokens)`` over the non-overlapping blocks of
+a split, token-weighted, accumulated across batches and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+from transformers import AutoModelForCausalLM
+
+from distill.data.glue import EXAMPLE_INDEX
+from distill.kernels.kd_loss_linear import kd_loss_linear
+from distill.losses import KDLossTerms
+from distill.topk import TopKTargets
+from distill.utils.run_record import write_json
+
+
+class Perplexity(Metric):
+    """``exp(total NLL / total tokens)`` from per-batch sums (fp64, so long splits lose nothing)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: Tensor, tokens: Tensor) -> None:
+        self.nll += nll_sum.double()
+        self.tokens += tokens
+
+    def compute(self) -> Tensor:
+        return torch.exp(self.nll / self.tokens.clamp(min=1))
+
+
+def next_token_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Summed next-token NLL (fp32) and the number of tokens it counts."""
+    targets = labels[..., 1:]
+    flat = logits[..., :-1, :].reshape(-1, logits.shape[-1]).float()
+    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    return nll, (targets != ignore_index).sum()
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, loader: Any) -> float:
+    """Token-weighted ``exp(mean NLL)`` of ``model`` over a loader of packed blocks."""
+    metric = Perplexity()
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        labels = batch.pop("labels")
+        batch.pop(EXAMPLE_INDEX, None)
+        metric.update(*next_token_nll(model(**batch).logits, labels))
+    model.train(was_training)
+    return float(metric.compute())
+
+
+@torch.inference_mode()
+def greedy(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int) -> tuple[str, int]:
+    """The greedy continuation of ``prompt`` (KV-cached ``generate``) and how many tokens it produced."""
+    encoded = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    inputs = {key: encoded[key] for key in ("input_ids", "attention_mask")}  # no token_type_ids for decoders
+    output = model.eval().generate(
+        **inputs,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    produced = output[0, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(produced, skip_special_tokens=True), int(produced.numel())
+
+
+def drop_last_position(targets: Tensor | TopKTargets) -> Tensor | TopKTargets:
+    if isinstance(targets, TopKTargets):
+        return targets._replace(
+            values=targets.values[..., :-1, :],
+            indices=targets.indices[..., :-1, :],
+            rest_log_mass=targets.rest_log_mass[..., :-1],
+        )
+    return targets[..., :-1, :]
+
+
+class CausalLMTask:
+    """Logits ``(batch, positions, vocabulary)`` from a ``*ForCausalLM`` model.
+
+    Args:
+        fused_kd: with a live teacher and the forward-KL divergence, compute the loss from both
+            models' last hidden states and LM heads (:func:`distill.kernels.kd_loss_linear`), so
+            neither model's full logits exist in the training step.
+    """
+
+    name = "causal_lm"
+    auto_model = AutoModelForCausalLM
+    monitor, monitor_mode = "val/ppl", "min"
+    latency_batch_sizes = ()  # serving speed of language models: prefill/decode, not one forward
+
+    def __init__(self, fused_kd: bool = True, samples: int = 4, prompt_tokens: int = 32, new_tokens: int = 48) -> None:
+        self.fused_kd = fused_kd
+        self.samples, self.prompt_tokens, self.new_tokens = samples, prompt_tokens, new_tokens
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def align(self, student_logits: Tensor, teacher_targets: Any, labels: Tensor) -> tuple[Tensor, Any, Tensor]:
+        teacher = drop_last_position(teacher_targets) if teacher_targets is not None else None
+        return student_logits[..., :-1, :], teacher, labels[..., 1:]
+
+    def fused_terms(self, module: Any, batch: dict[str, Tensor], labels: Tensor) -> KDLossTerms | None:
+        """The step's loss through the fused head kernel, or ``None`` where it does not apply."""
+        if not (self.fused_kd and module.live_teacher_loss() and module.loss.divergence == "forward_kl"):
+            return None
+        student_hidden = module.student.base_model(**batch).last_hidden_state[..., :-1, :]
+        teacher_hidden = module.teacher.last_hidden_state(batch)[..., :-1, :]
+        student_head, teacher_head = module.student.get_output_embeddings(), module.teacher.output_head()
+        loss = kd_loss_linear(
+            student_hidden,
+            student_head.weight,
+            teacher_hidden,
+            teacher_head.weight,
+            labels[..., 1:],
+            temperature=module.loss.temperature,
+            alpha=module.loss.alpha,
+            student_bias=student_head.bias,
+            teacher_bias=teacher_head.bias,
+        )
+        return KDLossTerms(loss=loss, ce=None, kd=None)
+
+    def make_metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict(
+            {f"{stage}_{name}": Perplexity() for stage in ("val", "test") for name in ("ppl", "teacher_ppl")}
+        )
+
+    def evaluate(self, module: Any, batch: dict[str, Tensor], stage: str) -> None:
+        labels = batch.pop("labels")
+        nll, tokens = next_token_nll(module(batch), labels)
+        module.update_metric(f"{stage}/ppl", int(tokens), nll, tokens)
+        if module.teacher is not None:
+            teacher_nll, teacher_tokens = module.teacher.memoized(
+                batch, lambda out: torch.stack([*next_token_nll(out.logits, labels)]).double()
+            )
+            module.update_metric(f"{stage}/teacher_ppl", int(tokens), teacher_nll, teacher_tokens.long())
+
+    def score(self, model: nn.Module, datamodule: Any) -> dict[str, float]:
+        """Held-out (test split) perplexity of a standalone model (e.g. the exported int8 student)."""
+        return {"test_ppl": perplexity(model, datamodule.test_dataloader())}
+
+    def export_extras(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any, output_dir: Path) -> dict:
+        """Greedy continuations of held-out prompts, teacher's and student's side by side."""
+        prompts = datamodule.prompts("test", self.samples, min(self.prompt_tokens, datamodule.block_size))
+        rows = [{"prompt": prompt} for prompt in prompts]
+        timings = {}
+        for name, model in (("student", student), ("teacher", teacher)):
+            if model is None:
+                continue
+            started, new_tokens = time.perf_counter(), 0
+            for row, prompt in zip(rows, prompts, strict=True):
+                row[name], produced = greedy(model, datamodule.tokenizer, prompt, self.new_tokens)
+                new_tokens += produced
+            timings[f"{name}/greedy_tokens_per_s"] = new_tokens / (time.perf_counter() - started)
+        write_json(output_dir / "generations.json", {"samples": rows, **timings})
+        return timings
+
+    def summary(self, results: dict[str, float]) -> dict[str, Any]:
+        return {"teacher/test_ppl": results.get("test/teacher_ppl"), "student/test_ppl": results["test/ppl"]}

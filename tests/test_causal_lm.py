@@ -1,0 +1,236 @@
+"""The causal-LM task: alignment, perplexity, the fused loss path, the token store, the run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from distill.data.glue import EXAMPLE_INDEX
+from distill.data.text import TextDataModule
+from distill.losses import kd_loss_terms
+from distill.models.reference import resolve
+from distill.models.student import check_context, from_pretrained
+from distill.models.teacher import Teacher, prepare_teacher
+from distill.modules.distillation import DistillationModule
+from distill.tasks import CausalLMTask
+from distill.tasks.causal_lm import Perplexity, next_token_nll, perplexity
+from distill.teacher_logits import precompute_teacher_logits
+from distill.topk import topk_targets
+from distill.train import train
+
+WORKS = {
+    f"work_{i}.txt": f"Act {i}. " + " ".join(f"Line {j} of the tale of king {i}." for j in range(60)) for i in range(5)
+}
+
+
+def tiny_llama(vocab_size: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def lm_teacher_dir(tmp_path_factory: pytest.TempPathFactory, hf_teacher_available: str) -> Path:
+    """A random 4-layer Llama with the offline BERT tokenizer, saved like a hub model."""
+    tokenizer = AutoTokenizer.from_pretrained(hf_teacher_available)
+    path = tmp_path_factory.mktemp("tiny_lm_teacher")
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name, text in WORKS.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def text_module(corpus: Path, tokenizer: str, cache: Path, **overrides) -> TextDataModule:
+    settings = dict(val_files=["work_3.txt"], test_files=["work_4.txt"], block_size=16, batch_size=2, eval_batch_size=2)
+    module = TextDataModule(str(corpus), str(cache), tokenizer, **{**settings, **overrides})
+    module.prepare_data()
+    module.setup("fit")
+    return module
+
+
+def test_align_compares_position_i_with_token_i_plus_1() -> None:
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    student, teacher, targets = CausalLMTask().align(logits, logits + 1, labels)
+    assert torch.equal(student, logits[:, :4]) and torch.equal(teacher, logits[:, :4] + 1)
+    assert torch.equal(targets, labels[:, 1:])
+    stored = topk_targets(logits, 3, 1.0)
+    _, shifted, _ = CausalLMTask().align(logits, stored, labels)
+    assert shifted.values.shape == (2, 4, 3) and shifted.rest_log_mass.shape == (2, 4)
+
+
+def test_perplexity_is_token_weighted_over_batches() -> None:
+    torch.manual_seed(0)
+    batches = [(torch.randn(1, 6, 11), torch.randint(0, 11, (1, 6))) for _ in range(2)]
+    batches[1][1][0, 4:] = -100  # padding of a last block
+    metric = Perplexity()
+    for logits, labels in batches:
+        metric.update(*next_token_nll(logits, labels))
+    losses = [
+        F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none")[labels[0, 1:] != -100]
+        for logits, labels in batches
+    ]
+    expected = math.exp(torch.cat(losses).mean().item())
+    assert float(metric.compute()) == pytest.approx(expected, rel=1e-6)
+
+
+def module_for(student, teacher, task: CausalLMTask, **settings) -> DistillationModule:
+    return DistillationModule(
+        student=student,
+        teacher=teacher,
+        num_labels=None,
+        task=task,
+        temperature=settings.pop("temperature", 2.0),
+        alpha=settings.pop("alpha", 0.3),
+        optimizer=torch.optim.SGD,
+        **settings,
+    )
+
+
+def test_fused_head_kernel_gives_the_reference_loss_and_gradients() -> None:
+    teacher, student = tiny_llama(97, layers=4, seed=1), tiny_llama(97, layers=2, seed=2).train()
+    batch = {"input_ids": torch.randint(0, 97, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    labels = batch["input_ids"].clone()
+    labels[1, 6:] = -100
+    grads = []
+    for fused in (True, False):
+        module = module_for(student, teacher, CausalLMTask(fused_kd=fused))
+        student.zero_grad()
+        loss = module.training_step({**batch, "labels": labels.clone()}, 0)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    (fused_loss, fused_grads), (reference_loss, reference_grads) = grads
+    expected = kd_loss_terms(
+        *CausalLMTask().align(student(**batch).logits, teacher(**batch).logits, labels), temperature=2.0, alpha=0.3
+    ).loss
+    assert reference_loss == pytest.approx(expected.item(), rel=1e-6)
+    assert fused_loss == pytest.approx(reference_loss.item(), rel=1e-5)
+    for fused_grad, reference_grad in zip(fused_grads, reference_grads, strict=True):
+        torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_other_divergences_take_the_logit_path() -> None:
+    teacher, student = tiny_llama(97, seed=1), tiny_llama(97, layers=2, seed=2)
+    batch = {"input_ids": torch.randint(0, 97, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    module = module_for(student, teacher, CausalLMTask(), divergence="reverse_kl", alpha=0.0)
+    assert module.task.fused_terms(module, batch, batch["input_ids"]) is None
+    loss = module.training_step({**batch, "labels": batch["input_ids"].clone()}, 0)
+    expected = kd_loss_terms(
+        *CausalLMTask().align(student(**batch).logits, teacher(**batch).logits, batch["input_ids"]),
+        temperature=2.0,
+        alpha=0.0,
+        divergence="reverse_kl",
+    ).loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_token_store_is_compact_and_gives_the_live_targets(lm_teacher_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    data = text_module(corpus, str(lm_teacher_dir), tmp_path / "cache")
+    teacher = AutoModelForCausalLM.from_pretrained(lm_teacher_dir).eval()
+    store = precompute_teacher_logits(
+        teacher, data, str(tmp_path / "cache"), topk=8, temperature=2.0, value_dtype="float16"
+    )
+    assert store.tensors["indices"].dtype == torch.uint16 and store.tensors["values"].dtype == torch.float16
+    assert store.bytes_per_position(data.block_size) == 2 * 8 + 2 * 8 + 4
+    batch = next(iter(data.dataloader("train", 2, shuffle=True)))
+    index = batch.pop(EXAMPLE_INDEX)
+    batch.pop("labels")
+    live, cached = topk_targets(teacher(**batch).logits, 8, 2.0), store(index)
+    assert torch.equal(cached.indices, live.indices)
+    offsets = live.values - live.values.amax(-1, keepdim=True)
+    torch.testing.assert_close(cached.values, offsets, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(cached.rest_log_mass, live.rest_log_mass)
+
+
+def test_teacher_correction_is_cached(lm_teacher_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    data = text_module(corpus, str(lm_teacher_dir), tmp_path / "cache")
+    settings = dict(epochs=1, max_steps=2, lr=1e-3, batch_size=2, weight_decay=0.0, warmup_ratio=0.0, seed=0)
+    task = CausalLMTask()
+    first = prepare_teacher(str(lm_teacher_dir), data, True, str(tmp_path / "teachers"), settings, task)
+    second = prepare_teacher(str(lm_teacher_dir), data, True, str(tmp_path / "teachers"), settings, task)
+    assert first.metric == "val/ppl" and first.val_score == second.val_score and math.isfinite(first.val_score)
+    assert first.path == second.path and json.loads((Path(first.path) / "teacher_info.json").read_text())["steps"] == 2
+    assert isinstance(first.model, LlamaForCausalLM)
+
+
+def test_bad_inputs_are_named(lm_teacher_dir: Path, tmp_path: Path, corpus: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no_such\.gguf"):
+        resolve(str(tmp_path / "no_such.gguf"))
+    with pytest.raises(FileNotFoundError, match="missing_model"):
+        resolve(str(tmp_path / "missing_model"))
+    data = text_module(corpus, str(lm_teacher_dir), tmp_path / "cache", block_size=256)
+    with pytest.raises(ValueError, match=r"data.block_size=256 is above the model's context of 128"):
+        check_context(AutoModelForCausalLM.from_pretrained(lm_teacher_dir), data)
+    other = tmp_path / "other_tokenizer"
+    AutoModelForCausalLM.from_pretrained(lm_teacher_dir).save_pretrained(other)
+    tokenizer = AutoTokenizer.from_pretrained(lm_teacher_dir)
+    tokenizer.add_tokens(["<an_extra_token>"])
+    tokenizer.save_pretrained(other)
+    teacher = Teacher(model=AutoModelForCausalLM.from_pretrained(lm_teacher_dir), path=str(lm_teacher_dir))
+    with pytest.raises(ValueError, match="different vocabulary"):
+        from_pretrained(teacher, str(other))
+
+
+def test_pruned_student_run_end_to_end(
+    compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """experiment=smollm2_to_small's pipeline on a tiny teacher: prune, store, distil, test, export."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    cfg = compose_train(
+        "experiment=smollm2_to_small",
+        "debug=smoke",
+        f"paths.output_dir={run}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"teacher.name_or_path={lm_teacher_dir}",
+        f"data.data_dir={corpus}",
+        "data.pattern=*.txt",
+        "data.val_files=[work_3.txt]",
+        "data.test_files=[work_4.txt]",
+        "data.block_size=16",
+        "data.train_limit_blocks=12",
+        "student.target_params=null",
+        "student.shape.num_layers=2",
+        "distill.teacher_cache_topk=8",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false",
+        "task.new_tokens=4",
+        "logger=csv",
+    )
+    metrics = train(cfg)
+    assert metrics["student/layer_params"] * 2 == metrics["teacher/layer_params"]
+    for key in ("student/test_ppl", "teacher/test_ppl", "student_before_fit/ppl"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["student_before_fit/teacher_ppl"] == pytest.approx(metrics["teacher/test_ppl"])
+    assert metrics["teacher_store/bytes_per_token"] == 2 * 8 + 2 * 8 + 4
+    assert json.loads((run / "pruning.json").read_text())["student_shape"]["num_layers"] == 2
+    samples = json.loads((run / "generations.json").read_text())["samples"]
+    assert len(samples) == cfg.task.samples and all({"prompt", "student", "teacher"} <= set(row) for row in samples)
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "student")
+    data = text_module(corpus, str(run / "student"), tmp_path / "cache", test_limit_blocks=cfg.data.test_limit_blocks)
+    assert perplexity(reloaded, data.test_dataloader()) == pytest.approx(metrics["student/test_ppl"], rel=1e-4)
+    restored = DistillationModule.load_student(str(run / "checkpoints" / "last.ckpt"))
+    assert isinstance(restored, LlamaForCausalLM) and restored.config.num_hidden_layers == 2
