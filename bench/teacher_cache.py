@@ -1,8 +1,9 @@
 """Distillation step time with precomputed teacher logits versus the live teacher, same process.
 
     HF_HOME=../shared/hf HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=../shared/data python bench/teacher_cache.py
+    ... DISTILL_LM_TEACHER=<gguf> python bench/teacher_cache.py --experiment smollm2_to_small --steps 6 --repeats 2
 
-Builds the default ``experiment=bert_to_tiny`` objects (data, cached fine-tuned teacher, student)
+Builds an experiment's objects (default ``bert_to_tiny``: data, cached fine-tuned teacher, student)
 through the same Hydra config as ``distill.train``, then runs ``--steps`` training steps through
 ``Trainer.fit`` with the live teacher and with the logit stores (the sentences' and, with the
 recipe's perturbed copies, the copies'), alternating arms ``--repeats`` times. Reports median step
@@ -45,10 +46,10 @@ class LossTimes(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def run_arm(cfg, teacher, student, datamodule, steps: int) -> LossTimes:
+def run_arm(cfg, task, teacher, student, datamodule, steps: int) -> LossTimes:
     store = teacher_logit_store(cfg, teacher, datamodule, world_size=1)
     pl.seed_everything(cfg.seed, workers=True)
-    module = build_module(cfg, teacher, copy.deepcopy(student), datamodule, store)
+    module = build_module(cfg, task, teacher, copy.deepcopy(student), datamodule, store)
     record = LossTimes()
     trainer = pl.Trainer(
         max_steps=steps,
@@ -66,6 +67,7 @@ def run_arm(cfg, teacher, student, datamodule, steps: int) -> LossTimes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="bert_to_tiny")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results/teacher_cache.json")
@@ -75,11 +77,13 @@ def main() -> None:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         # The default recipe, perturbed copies included: the cached arm reads the teacher's logits on
         # the sentences and on the copies the loader draws; the live arm runs the teacher on both.
-        overrides = ["experiment=bert_to_tiny", "paths.output_dir=/tmp/bench-teacher-cache", *args.overrides]
+        output = f"/tmp/bench-teacher-cache-{args.experiment}"
+        overrides = [f"experiment={args.experiment}", f"paths.output_dir={output}", *args.overrides]
         cfg = compose("train", overrides=overrides)
     datamodule = instantiate(cfg.data)
-    teacher = instantiate(cfg.teacher, datamodule=datamodule)
-    student = instantiate(cfg.student, teacher=teacher)
+    task = instantiate(cfg.task)
+    teacher = instantiate(cfg.teacher, datamodule=datamodule, task=task)
+    student = instantiate(cfg.student, teacher=teacher, datamodule=datamodule)
 
     started = time.perf_counter()
     cfg.distill.teacher_cache = "precompute"
@@ -90,8 +94,9 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, mode in arms.items():
             cfg.distill.teacher_cache = mode
-            records[name].append(run_arm(cfg, teacher, student, datamodule, args.steps))
-    step = {name: statistics.median(t for r in runs for t in r.times[3:]) for name, runs in records.items()}
+            records[name].append(run_arm(cfg, task, teacher, student, datamodule, args.steps))
+    warmup = min(3, args.steps - 1)
+    step = {name: statistics.median(t for r in runs for t in r.times[warmup:]) for name, runs in records.items()}
     epoch_steps = len(datamodule.train_dataloader())
     loss_gap = max(abs(a - b) for a, b in zip(records["live"][0].losses, records["cached"][0].losses, strict=True))
     result = {
@@ -104,9 +109,9 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "args": vars(args),
     }
-    copies = cfg.data.augment.copies
+    copies = cfg.data.get("augment", {}).get("copies", 0)
     print(
-        f"\nbert_to_tiny distillation steps, {copies} perturbed copies per example, torch {torch.__version__}, "
+        f"\n{args.experiment} distillation steps, {copies} perturbed copies per example, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, "
         f"{args.repeats} alternating repeats x {args.steps} steps\n"
     )

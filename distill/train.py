@@ -95,6 +95,7 @@ def summarize(teacher: Teacher, module: DistillationModule, results: dict[str, f
         "teacher/params": teacher_counts["params"],
         "teacher/layer_params": transformer_layer_params(teacher.model),
         "student/params": student_counts["params"],
+        f"student/trained_{module.task.target_unit}": module.trained_targets_all_ranks(),
         "student/nonzero_params": student_counts["nonzero_params"],
         "student/layer_params": transformer_layer_params(module.student),
         "global_step": module.global_step,

@@ -46,6 +46,15 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The offline causal-LM teacher: $DISTILL_LM_TEACHER, else shared/models beside shared/data."""
+    default = Path(os.environ.get("DISTILL_DATA_DIR", "data")).parent / "models" / "SmolLM2-135M-Instruct-Q4_1"
+    path = Path(os.environ.get("DISTILL_LM_TEACHER", default / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    require(path.is_file(), f"no SmolLM2 GGUF at {path} (set DISTILL_LM_TEACHER or DISTILL_DATA_DIR)")
+    return path.resolve()
+
+
+@pytest.fixture(scope="session")
 def hf_teacher_available() -> str:
     from huggingface_hub import try_to_load_from_cache
 

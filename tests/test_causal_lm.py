@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from distill.data.glue import EXAMPLE_INDEX
 from distill.data.text import TextDataModule
+from distill.kernels import is_nm_sparse
 from distill.losses import kd_loss_terms
 from distill.models.reference import resolve
 from distill.models.student import check_context, from_pretrained
@@ -234,3 +235,57 @@ def test_pruned_student_run_end_to_end(
     assert perplexity(reloaded, data.test_dataloader()) == pytest.approx(metrics["student/test_ppl"], rel=1e-4)
     restored = DistillationModule.load_student(str(run / "checkpoints" / "last.ckpt"))
     assert isinstance(restored, LlamaForCausalLM) and restored.config.num_hidden_layers == 2
+
+
+def test_decoder_compression_nm24_qat8(
+    compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compression=nm24_qat8 on the decoder layers: held-out perplexity, exact 2:4 exports, int8 perplexity."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    cfg = compose_train(
+        "experiment=smollm2_to_small",
+        "debug=smoke",
+        "compression=nm24_qat8",
+        f"paths.output_dir={run}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"teacher.name_or_path={lm_teacher_dir}",
+        f"data.data_dir={corpus}",
+        "data.pattern=*.txt",
+        "data.val_files=[work_3.txt]",
+        "data.test_files=[work_4.txt]",
+        "data.block_size=16",
+        "data.train_limit_blocks=12",
+        "student.target_params=null",
+        "student.shape.num_layers=2",
+        "distill.teacher_cache_topk=8",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false",
+        "task.new_tokens=4",
+        "logger=csv",
+    )
+    metrics = train(cfg)
+    assert math.isfinite(metrics["student/test_ppl"]) and math.isfinite(metrics["student_int8/test_ppl"])
+    assert metrics["compression/nm24_valid_layers"] == 2 * 7  # q, k, v, o, gate, up, down per layer
+    student = AutoModelForCausalLM.from_pretrained(run / "student")
+    decoder_linears = [
+        m for n, m in student.named_modules() if n.startswith("model.layers.") and hasattr(m, "in_features")
+    ]
+    assert len(decoder_linears) == 14 and all(is_nm_sparse(m.weight, 2, 4) for m in decoder_linears)
+    assert not is_nm_sparse(student.lm_head.weight, 2, 4)  # the tied embedding / LM head is left alone
+
+
+def test_fsdp_preset_shards_decoder_layers(compose_train) -> None:
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from distill.utils.strategies import fsdp
+
+    cfg = compose_train("experiment=smollm2_to_small", "trainer=fsdp")
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+    with pytest.raises(ValueError, match="'NoSuchLayer' is not a transformers layer class"):
+        fsdp(["NoSuchLayer"])

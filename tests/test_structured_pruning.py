@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
 
 from distill.models.pruning_scores import ImportanceScores, calibration_scores
+from distill.models.reference import load_causal_lm, load_tokenizer
 from distill.models.structured_pruning import (
     FFN_MULTIPLE,
     PrunedShape,
@@ -22,6 +23,7 @@ from distill.models.structured_pruning import (
     pruned_student,
     shape_params,
 )
+from tests.conftest import require
 
 SIZES = dict(
     vocab_size=100,
@@ -37,7 +39,6 @@ CONFIGS = {
     "llama-untied-biases": lambda: LlamaConfig(**SIZES, tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
     "qwen2": lambda: Qwen2Config(**SIZES, tie_word_embeddings=False),
 }
-GGUF = Path("/work/shared/models/SmolLM2-135M-Instruct-Q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def tiny_model(family: str = "llama-tied", seed: int = 0) -> PreTrainedModel:
@@ -312,20 +313,17 @@ def test_bad_layer_score_and_mismatched_scores_raise(scored) -> None:
 
 def shakespeare_batches(tokenizer, count: int, length: int) -> list[dict[str, torch.Tensor]]:
     plays = sorted((Path(os.environ.get("DISTILL_DATA_DIR", "data")) / "shakespeare").glob("*_gut.txt"))
-    if not plays:
-        pytest.skip("no Shakespeare text under DISTILL_DATA_DIR")
+    require(bool(plays), "no Shakespeare text under DISTILL_DATA_DIR")
     text = plays[0].read_text(encoding="utf-8")[20_000:40_000]  # past the Gutenberg header
     input_ids = torch.tensor(tokenizer(text).input_ids[: count * length]).reshape(count, 1, length)
     return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in input_ids]
 
 
 @pytest.mark.slow
-def test_real_smollm2_pruned_to_half_its_decoder_layers_by_depth() -> None:
-    if not GGUF.is_file():
-        pytest.skip(f"{GGUF} is missing")
-    tokenizer = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+def test_real_smollm2_pruned_to_half_its_decoder_layers_by_depth(smollm2_gguf: Path) -> None:
+    tokenizer = load_tokenizer(str(smollm2_gguf))
     batches = shakespeare_batches(tokenizer, count=2, length=64)
-    teacher = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
+    teacher = load_causal_lm(str(smollm2_gguf))
     teacher_decoder = decoder_layer_params(teacher)
     target = teacher.num_parameters() - teacher_decoder // 2
     student = pruned_student(teacher, batches, target_params=target, axes=["depth"])

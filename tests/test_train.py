@@ -137,3 +137,28 @@ def test_smoke_experiment_with_real_teacher(tmp_path: Path, data_dir: Path, hf_t
     assert "latency_ms/batch_32" in evaluated.stdout
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert results["val_acc"] == pytest.approx(metrics["student/val_acc"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_causal_lm_smoke_with_real_teacher(tmp_path: Path, data_dir: Path, smollm2_gguf: Path) -> None:
+    """`experiment=smollm2_to_small debug=smoke` through the CLI with the real SmolLM2 GGUF teacher."""
+    run = tmp_path / "run"
+    run_cli(
+        "distill.train",
+        "experiment=smollm2_to_small",
+        "debug=smoke",
+        f"hydra.run.dir={run}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.data_dir={data_dir.resolve()}",
+        f"teacher.name_or_path={smollm2_gguf}",
+        "trainer.enable_progress_bar=false",
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["student/layer_params"] * 2 <= metrics["teacher/layer_params"]
+    assert metrics["student/test_ppl"] < metrics["student_before_fit/ppl"]
+    assert metrics["teacher_store/bytes_per_token"] <= 260
+    pruning = json.loads((run / "pruning.json").read_text())
+    assert len(pruning["kept_layers"]) == 15 and pruning["depth_scores"]["nll_increase"] is not None
+    assert json.loads((run / "generations.json").read_text())["samples"][0]["teacher"]
+    assert (run / "student" / "model.safetensors").is_file() and (run / "student" / "tokenizer.json").is_file()

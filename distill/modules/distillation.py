@@ -82,6 +82,7 @@ class DistillationModule(pl.LightningModule):
             raise ValueError("precomputed teacher logits hold no hidden states: set distill.hidden_weight=0")
         self.teacher_logits = teacher_logits
         self.copies_labelled_live = 0
+        self.trained_targets = 0  # examples or tokens (task.target_unit) this rank trained on, resumes included
         self.optimizer_factory = optimizer
         self.metrics = self.task.make_metrics()
 
@@ -121,6 +122,7 @@ class DistillationModule(pl.LightningModule):
             # Stop before the optimizer step spreads it into the weights; saved checkpoints stay good.
             raise FloatingPointError(f"train/loss is {terms.loss.item()} at step {self.global_step}; stopping the run")
         size = labels.shape[0]
+        self.trained_targets += self.task.count_targets(labels)
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=size)
         if terms.kd is not None:  # the fused kernels return the total only
             self.log("train/loss_kd", terms.kd, batch_size=size)
@@ -227,12 +229,20 @@ class DistillationModule(pl.LightningModule):
         scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def trained_targets_all_ranks(self) -> int:
+        """Examples or tokens trained on, summed over data-parallel ranks (collective: every rank calls it)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return self.trained_targets
+        return int(self.trainer.strategy.reduce(torch.tensor(self.trained_targets), reduce_op="sum"))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["trained_targets"] = self.trained_targets
         # The checkpoint describes its own student, so it loads without config files or the teacher.
         checkpoint["student_config"] = self.student.config.to_dict()
         checkpoint["student_class"] = type(self.student).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.trained_targets = checkpoint.get("trained_targets", 0)
         # APEX ASP saves its masks as `<layer>.__weight_mma_mask` buffers: move them aside so the
         # plain student loads strictly and the N:M callback (either backend) can pick them up.
         state = checkpoint["state_dict"]

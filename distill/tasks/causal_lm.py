@@ -104,6 +104,7 @@ class CausalLMTask:
     auto_model = AutoModelForCausalLM
     monitor, monitor_mode = "val/ppl", "min"
     latency_batch_sizes = ()  # serving speed of language models: prefill/decode, not one forward
+    target_unit = "tokens"
 
     def __init__(self, fused_kd: bool = True, samples: int = 4, prompt_tokens: int = 32, new_tokens: int = 48) -> None:
         self.fused_kd = fused_kd
@@ -115,6 +116,10 @@ class CausalLMTask:
     def align(self, student_logits: Tensor, teacher_targets: Any, labels: Tensor) -> tuple[Tensor, Any, Tensor]:
         teacher = drop_last_position(teacher_targets) if teacher_targets is not None else None
         return student_logits[..., :-1, :], teacher, labels[..., 1:]
+
+    def count_targets(self, labels: Tensor) -> int:
+        """Tokens that count in a training batch: those with a next token that is not -100."""
+        return int((labels[..., 1:] != -100).sum())
 
     def fused_terms(self, module: Any, batch: dict[str, Tensor], labels: Tensor) -> KDLossTerms | None:
         """The step's loss through the fused head kernel, or ``None`` where it does not apply."""

@@ -17,6 +17,7 @@ class ClassificationTask:
     monitor, monitor_mode = "val/acc", "max"
     # Batch sizes the exported int8 student's CPU latency is measured at.
     latency_batch_sizes = (1, 32)
+    target_unit = "examples"
 
     def __init__(self, num_labels: int) -> None:
         self.num_labels = num_labels
@@ -26,6 +27,9 @@ class ClassificationTask:
 
     def align(self, student_logits: Tensor, teacher_targets: Any, labels: Tensor) -> tuple[Tensor, Any, Tensor]:
         return student_logits, teacher_targets, labels
+
+    def count_targets(self, labels: Tensor) -> int:
+        return int((labels != -100).sum())
 
     def fused_terms(self, module: Any, batch: dict[str, Tensor], labels: Tensor) -> None:
         return None
