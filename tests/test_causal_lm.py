@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distill.data.glue import EXAMPLE_INDEX
@@ -24,6 +27,7 @@ from distill.tasks.causal_lm import Perplexity, next_token_nll, perplexity
 from distill.teacher_logits import precompute_teacher_logits
 from distill.topk import topk_targets
 from distill.train import train
+from tests.callback_helpers import make_trainer
 
 WORKS = {
     f"work_{i}.txt": f"Act {i}. " + " ".join(f"Line {j} of the tale of king {i}." for j in range(60)) for i in range(5)
@@ -289,3 +293,42 @@ def test_fsdp_preset_shards_decoder_layers(compose_train) -> None:
     assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
     with pytest.raises(ValueError, match="'NoSuchLayer' is not a transformers layer class"):
         fsdp(["NoSuchLayer"])
+
+
+class DumpStudent(pl.Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, module) -> None:
+        weights = {name: value.cpu() for name, value in module.student.state_dict().items()}
+        torch.save(weights, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_token_mean_is_over_the_whole_step_across_ranks(tmp_path: Path) -> None:
+    """Two ranks with very different token counts take the step one process takes on both batches."""
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, 3:] = -100  # rank 1 counts 2 tokens, rank 0 counts 9
+    items = [
+        {"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": labels[i]} for i in (0, 1)
+    ]
+    results = {}
+    for name, devices, batch_size in (("ddp", 2, 1), ("single", 1, 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        module = DistillationModule(
+            student=tiny_llama(97, layers=1, seed=3).train(),
+            teacher=None,
+            num_labels=None,
+            task=CausalLMTask(),
+            temperature=1.0,
+            alpha=1.0,
+            optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+            warmup_ratio=0.0,
+        )
+        strategy = "ddp_spawn" if devices > 1 else "auto"
+        trainer = make_trainer(folder, [DumpStudent(folder)], 1, devices=devices, strategy=strategy)
+        trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=batch_size))
+        results[name] = torch.load(folder / "rank0.pt")
+    for key, value in results["single"].items():
+        torch.testing.assert_close(results["ddp"][key], value, rtol=1e-5, atol=1e-6)

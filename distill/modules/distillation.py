@@ -118,6 +118,7 @@ class DistillationModule(pl.LightningModule):
         terms = None if copies else self.task.fused_terms(self, batch, labels)
         if terms is None:
             terms = self._loss_terms(batch, labels, example_index, copies, copy_fingerprint)
+        terms = self._mean_over_ranks(terms, self.task.count_targets(labels))
         if not torch.isfinite(terms.loss):
             # Stop before the optimizer step spreads it into the weights; saved checkpoints stay good.
             raise FloatingPointError(f"train/loss is {terms.loss.item()} at step {self.global_step}; stopping the run")
@@ -128,6 +129,15 @@ class DistillationModule(pl.LightningModule):
             self.log("train/loss_kd", terms.kd, batch_size=size)
             self.log("train/loss_ce", terms.ce, batch_size=size)
         return terms.loss
+
+    def _mean_over_ranks(self, terms: KDLossTerms, counted: int) -> KDLossTerms:
+        """Each rank's loss is a mean over its own counted targets, and DDP averages ranks' gradients: weigh
+        each rank by its share so the step's gradient is that of the mean over every rank's targets."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return terms
+        total = self.trainer.strategy.reduce(torch.tensor(float(counted), device=self.device), reduce_op="sum")
+        weight = counted * self.trainer.world_size / total.clamp(min=1)
+        return KDLossTerms(*(term * weight if term is not None else None for term in terms))
 
     def _loss_terms(
         self,
