@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from distill.callbacks.masking import DEFAULT_INCLUDE, MaskingCallback
 from distill.kernels import check_nm, nm_mask
-from distill.modules.distillation import ASP_MASK_KEY
+from distill.modules.student_checkpoint import ASP_MASK_KEY
 
 log = logging.getLogger(__name__)
 

@@ -8,28 +8,24 @@ Lightning's ``train()`` calls cannot switch its dropout back on. With ``teacher=
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import transformers
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from transformers import AutoConfig, PreTrainedModel, get_linear_schedule_with_warmup
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data.augment import COPY_FINGERPRINT, pop_copies
 from distill.data.glue import EXAMPLE_INDEX
 from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
 from distill.losses import KDLoss, KDLossTerms, kd_loss_terms
 from distill.modules.frozen_teacher import FrozenTeacher
+from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
 from distill.tasks import ClassificationTask
 from distill.topk import TopKTargets
 
-# Where on_load_checkpoint leaves masks found as ASP buffers (read by distill.callbacks.nm_sparsity).
-ASP_MASK_KEY = "asp_masks"
-ASP_BUFFER = re.compile(r"__(\w+?)_mma_(?:mask|pruned_p)")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
@@ -247,38 +243,13 @@ class DistillationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["trained_targets"] = self.trained_targets
-        # The checkpoint describes its own student, so it loads without config files or the teacher.
-        checkpoint["student_config"] = self.student.config.to_dict()
-        checkpoint["student_class"] = type(self.student).__name__
+        describe_student(checkpoint, self.student)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.trained_targets = checkpoint.get("trained_targets", 0)
-        # APEX ASP saves its masks as `<layer>.__weight_mma_mask` buffers: move them aside so the
-        # plain student loads strictly and the N:M callback (either backend) can pick them up.
-        state = checkpoint["state_dict"]
-        asp_keys = [key for key in state if ASP_BUFFER.fullmatch(key.rsplit(".", 1)[-1])]
-        masks = {}
-        for key in asp_keys:
-            value = state.pop(key)
-            layer, buffer = key.rsplit(".", 1)
-            if buffer.endswith("_mma_mask"):
-                masks[f"{layer}.{ASP_BUFFER.fullmatch(buffer).group(1)}"] = value.bool()
-        if masks:
-            checkpoint[ASP_MASK_KEY] = masks
+        set_asp_masks_aside(checkpoint)
 
     @staticmethod
     def load_student(checkpoint_path: str) -> PreTrainedModel:
         """Rebuild the student from a Lightning checkpoint of this module, without the teacher."""
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        student_config = dict(checkpoint["student_config"])
-        config = AutoConfig.for_model(student_config.pop("model_type"), **student_config)
-        # Checkpoints written before the class was recorded hold sequence classifiers.
-        name = checkpoint.get("student_class", "AutoModelForSequenceClassification")
-        model_class = getattr(transformers, name)
-        student = model_class.from_config(config) if name.startswith("Auto") else model_class(config)
-        prefix = "student."
-        weights = {
-            key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)
-        }
-        student.load_state_dict(weights)
-        return student.eval()
+        return load_student(checkpoint_path)
