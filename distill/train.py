@@ -26,7 +26,7 @@ from distill.models.student import check_context, check_same_vocabulary, transfo
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
 from distill.schemas import register_schemas, validate
-from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits
+from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits, weights_fingerprint
 from distill.utils.energy import RunMeter
 from distill.utils.instantiate import instantiate_named
 from distill.utils.run_record import count_parameters, git_state, record_student, write_json
@@ -78,6 +78,14 @@ def build_module(
         hidden_weight=cfg.distill.hidden_weight,
         hidden_layers=cfg.distill.hidden_layers,
         teacher_logits=teacher_logits,
+        teacher_memo=teacher_memo_file(cfg, teacher, task),
+    )
+
+
+def teacher_memo_file(cfg: DictConfig, teacher: Teacher, task: Any) -> Path:
+    """Where the teacher's evaluation answers persist: one file per teacher (by weights) and task."""
+    return (
+        Path(cfg.paths.cache_dir).expanduser() / "teacher_eval" / f"{task.name}-{weights_fingerprint(teacher.model)}.pt"
     )
 
 

@@ -47,6 +47,7 @@ class DistillationModule(pl.LightningModule):
             (:class:`distill.teacher_logits.TeacherLogitStore`), with those on the perturbed copies in
             its ``copies``; the teacher then runs for evaluation and for copies the store lacks.
         task: what differs per task (:mod:`distill.tasks`); ``None`` is classification with ``num_labels``.
+        teacher_memo: a file that keeps the teacher's evaluation answers across runs (see :class:`FrozenTeacher`).
     """
 
     def __init__(
@@ -64,14 +65,15 @@ class DistillationModule(pl.LightningModule):
         divergence: str = "forward_kl",
         beta: float = 0.5,
         task: Any = None,
+        teacher_memo: str | None = None,
     ) -> None:
         super().__init__()
         if teacher is None and alpha != 1:
             raise ValueError(f"alpha={alpha!r} needs a teacher; without one only alpha=1 (fine-tuning) works")
-        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "teacher_logits", "task"])
+        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "teacher_logits", "task", "teacher_memo"])
         self.task = task if task is not None else ClassificationTask(num_labels)
         self.student = student
-        self.teacher = FrozenTeacher(teacher) if teacher is not None else None
+        self.teacher = FrozenTeacher(teacher, teacher_memo) if teacher is not None else None
         self.loss = KDLoss(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta)
         self.hidden_loss = self._hidden_loss(student, teacher, hidden_layers) if hidden_weight > 0 else None
         if teacher_logits is not None and self.hidden_loss is not None:
@@ -220,6 +222,13 @@ class DistillationModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.task.evaluate(self, batch, "test")
+
+    def on_validation_end(self) -> None:
+        if self.teacher is not None and self.trainer.is_global_zero:
+            self.teacher.save_memo()
+
+    def on_test_end(self) -> None:
+        self.on_validation_end()
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

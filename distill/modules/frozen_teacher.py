@@ -1,9 +1,17 @@
 """The frozen teacher as the distillation module holds it: outside the module tree, so it is never
-in ``parameters()``, the optimizer, checkpoints or saved hyperparameters."""
+in ``parameters()``, the optimizer, checkpoints or saved hyperparameters.
+
+Its evaluation answers (predicted classes, token NLL sums) are memoised by the exact inputs; with
+``memo_file`` the memo persists across runs, so a sweep or a series of seeds evaluates the teacher
+on the dev and test sets once. The file is keyed by the teacher's weights by whoever names it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -13,9 +21,13 @@ from transformers.utils import ModelOutput
 class FrozenTeacher:
     """Wraps the teacher: eval mode, no grad, follows the device of its inputs."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, memo_file: str | Path | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
-        self._memo: dict[bytes, Tensor] = {}
+        self.memo_file = Path(memo_file) if memo_file else None
+        self._memo: dict[str, Tensor] = {}
+        if self.memo_file is not None and self.memo_file.is_file():
+            self._memo = torch.load(self.memo_file, map_location="cpu")
+        self._saved_size = len(self._memo)
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, Tensor], output_hidden_states: bool = False) -> ModelOutput:
@@ -38,15 +50,25 @@ class FrozenTeacher:
 
     def predictions(self, inputs: dict[str, Tensor]) -> Tensor:
         """Predicted classes (see :meth:`memoized`)."""
-        return self.memoized(inputs, lambda out: out.logits.argmax(dim=-1))
+        return self.memoized(inputs, lambda out: out.logits.argmax(dim=-1), "predictions")
 
-    def memoized(self, inputs: dict[str, Tensor], reduce: Callable[[ModelOutput], Tensor]) -> Tensor:
-        """``reduce(teacher(inputs))``, memoised by the exact inputs: a frozen teacher's answer never
-        changes, and every validation check sends it the same batches again."""
-        key = b"".join(
-            name.encode() + str(tuple(value.shape)).encode() + value.cpu().numpy().tobytes()
-            for name, value in sorted(inputs.items())
-        )
+    def memoized(self, inputs: dict[str, Tensor], reduce: Callable[[ModelOutput], Tensor], name: str) -> Tensor:
+        """``reduce(teacher(inputs))``, memoised by ``name`` and the exact inputs: a frozen teacher's answer
+        never changes, and every validation check sends it the same batches again."""
+        digest = hashlib.sha256(name.encode())
+        for key, value in sorted(inputs.items()):
+            digest.update(key.encode() + str(tuple(value.shape)).encode() + value.cpu().numpy().tobytes())
+        key = digest.hexdigest()
         if key not in self._memo:
             self._memo[key] = reduce(self(inputs)).cpu()
         return self._memo[key].to(next(iter(inputs.values())).device)
+
+    def save_memo(self) -> None:
+        """Write the memo to ``memo_file`` (atomically) if it learnt anything since loading."""
+        if self.memo_file is None or len(self._memo) == self._saved_size:
+            return
+        self.memo_file.parent.mkdir(parents=True, exist_ok=True)
+        scratch = self.memo_file.with_name(f"{self.memo_file.name}.tmp-{os.getpid()}")
+        torch.save(self._memo, scratch)
+        os.replace(scratch, self.memo_file)
+        self._saved_size = len(self._memo)

@@ -152,7 +152,7 @@ class CausalLMTask:
         module.update_metric(f"{stage}/ppl", int(tokens), nll, tokens)
         if module.teacher is not None:
             teacher_nll, teacher_tokens = module.teacher.memoized(
-                batch, lambda out: torch.stack([*next_token_nll(out.logits, labels)]).double()
+                batch, lambda out: torch.stack([*next_token_nll(out.logits, labels)]).double(), "next_token_nll"
             )
             module.update_metric(f"{stage}/teacher_ppl", int(tokens), teacher_nll, teacher_tokens.long())
 
