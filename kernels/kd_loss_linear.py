@@ -13,6 +13,7 @@ without gradient. ``impl="reference"`` projects everything and calls the referen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from distill.kernels.kd_loss import _check, _chunk_terms, kept_rows, mean_scale, pick_impl, scaled_gradients
 from distill.losses import kd_loss
+from distill.topk import TopKTargets
 
 DEFAULT_CHUNK_ROWS = {"triton": 1024, "chunked": 256}
 
@@ -33,7 +35,9 @@ class Settings(NamedTuple):
     chunk_size: int
 
 
-def _row_terms(s: Tensor, t: Tensor, y: Tensor | None, settings: Settings, scale: float) -> tuple[Tensor, Tensor]:
+def _row_terms(
+    s: Tensor, t: Tensor | TopKTargets, y: Tensor | None, settings: Settings, scale: float
+) -> tuple[Tensor, Tensor]:
     """One chunk's loss (times ``scale``) and its gradient with respect to the student's logits ``s``."""
     if settings.impl == "triton":
         from distill.kernels.kd_loss_triton import kd_rows
@@ -46,8 +50,8 @@ def _row_terms(s: Tensor, t: Tensor, y: Tensor | None, settings: Settings, scale
 
 class _LinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, settings: Settings):
-        hidden_s, hidden_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
+    def forward(ctx, h_s, w_s, b_s, teacher_rows: Callable[[slice], Tensor | TopKTargets], labels, settings: Settings):
+        hidden_s = h_s.reshape(-1, h_s.shape[-1])
         y = labels.reshape(-1) if labels is not None else None
         scale = mean_scale(kept_rows(hidden_s, y, settings.ignore_index))
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
@@ -56,9 +60,10 @@ class _LinearKD(torch.autograd.Function):
         for start in range(0, hidden_s.shape[0], settings.chunk_size):
             rows = slice(start, start + settings.chunk_size)
             student_logits = F.linear(hidden_s[rows], w_s, b_s)
-            teacher_logits = F.linear(hidden_t[rows], w_t, b_t)
-            loss, grad = _row_terms(student_logits, teacher_logits, y[rows] if y is not None else None, settings, scale)
-            del student_logits, teacher_logits
+            loss, grad = _row_terms(
+                student_logits, teacher_rows(rows), y[rows] if y is not None else None, settings, scale
+            )
+            del student_logits
             total += loss
             torch.matmul(grad, w_s, out=grad_h[rows])
             grad_w.addmm_(grad.t(), hidden_s[rows])
@@ -70,7 +75,7 @@ class _LinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_h, grad_w, grad_b = scaled_gradients(ctx, grad_output)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def kd_loss_linear(
@@ -112,6 +117,53 @@ def kd_loss_linear(
         )
     rows = chunk_size or DEFAULT_CHUNK_ROWS[choice]
     settings = Settings(float(temperature), float(alpha), ignore_index, choice, rows)
-    return _LinearKD.apply(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, settings
+    hidden_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+
+    def teacher_rows(chunk: slice) -> Tensor:
+        return F.linear(hidden_t[chunk], teacher_weight, teacher_bias)
+
+    return _LinearKD.apply(student_hidden, student_weight, student_bias, teacher_rows, labels, settings)
+
+
+def kd_loss_linear_topk(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: TopKTargets,
+    labels: Tensor | None = None,
+    *,
+    temperature: float,
+    alpha: float,
+    student_bias: Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """:func:`kd_loss_linear` against stored top-K teacher targets (:mod:`distill.topk`, with the rest
+    bucket) instead of a teacher head: the student's logits exist ``chunk_size`` rows at a time.
+
+    ``impl="reference"`` projects everything and calls ``kd_loss``; every other choice runs the chunked
+    PyTorch rows (the Triton kernel takes full teacher logits only)."""
+    _check(student_hidden, labels, temperature, alpha)
+    if targets.indices.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"top-K targets for positions {tuple(targets.indices.shape[:-1])}, hidden states for "
+            f"{tuple(student_hidden.shape[:-1])}"
+        )
+    if pick_impl(student_hidden, impl) == "reference":
+        student_logits = F.linear(student_hidden, student_weight, student_bias)
+        return kd_loss(student_logits, targets, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index)
+    settings = Settings(
+        float(temperature), float(alpha), ignore_index, "chunked", chunk_size or DEFAULT_CHUNK_ROWS["chunked"]
     )
+    k = targets.indices.shape[-1]
+    flat = TopKTargets(
+        targets.values.reshape(-1, k),
+        targets.indices.reshape(-1, k),
+        targets.rest_log_mass.reshape(-1),
+        targets.temperature,
+    )
+
+    def teacher_rows(chunk: slice) -> TopKTargets:
+        return TopKTargets(flat.values[chunk], flat.indices[chunk], flat.rest_log_mass[chunk], flat.temperature)
+
+    return _LinearKD.apply(student_hidden, student_weight, student_bias, teacher_rows, labels, settings)

@@ -136,11 +136,25 @@ def test_fused_head_kernel_gives_the_reference_loss_and_gradients() -> None:
         torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_fused_path_with_stored_topk_targets_gives_the_reference_loss() -> None:
+    teacher, student = tiny_llama(97, layers=4, seed=1), tiny_llama(97, layers=2, seed=2).train()
+    batch = {"input_ids": torch.randint(0, 97, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    stored = topk_targets(teacher(**batch).logits, 8, 1.0)
+    losses = []
+    for fused in (True, False):
+        module = module_for(
+            student, teacher, CausalLMTask(fused_kd=fused), temperature=1.0, teacher_logits=lambda _: stored
+        )
+        step = {**batch, "labels": batch["input_ids"].clone(), EXAMPLE_INDEX: torch.tensor([0, 1])}
+        losses.append(module.training_step(step, 0).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_other_divergences_take_the_logit_path() -> None:
     teacher, student = tiny_llama(97, seed=1), tiny_llama(97, layers=2, seed=2)
     batch = {"input_ids": torch.randint(0, 97, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
     module = module_for(student, teacher, CausalLMTask(), divergence="reverse_kl", alpha=0.0)
-    assert module.task.fused_terms(module, batch, batch["input_ids"]) is None
+    assert module.task.fused_terms(module, batch, batch["input_ids"], None) is None
     loss = module.training_step({**batch, "labels": batch["input_ids"].clone()}, 0)
     expected = kd_loss_terms(
         *CausalLMTask().align(student(**batch).logits, teacher(**batch).logits, batch["input_ids"]),

@@ -37,4 +37,3 @@ def test_memo_persists_and_is_keyed_by_inputs_and_name(tmp_path: Path) -> None:
     assert second_model.calls == 0
     second.predictions({"x": torch.ones(2, 3, dtype=torch.long)})
     assert second_model.calls == 1
-

@@ -99,21 +99,12 @@ class DistillationModule(pl.LightningModule):
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         return self.student(**inputs).logits
 
-    def live_teacher_loss(self) -> bool:
-        """Whether training steps run the teacher for logits alone (no store, no hidden states)."""
-        return (
-            self.teacher is not None
-            and self.loss.alpha < 1
-            and self.teacher_logits is None
-            and self.hidden_loss is None
-        )
-
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         labels = batch.pop("labels")
         example_index = batch.pop(EXAMPLE_INDEX, None)
         copy_fingerprint = batch.pop(COPY_FINGERPRINT, None)
         copies = pop_copies(batch)
-        terms = None if copies else self.task.fused_terms(self, batch, labels)
+        terms = None if copies else self.task.fused_terms(self, batch, labels, example_index)
         if terms is None:
             terms = self._loss_terms(batch, labels, example_index, copies, copy_fingerprint)
         terms = self._mean_over_ranks(terms, self.task.count_targets(labels))

@@ -20,7 +20,7 @@ from torchmetrics import Metric
 from transformers import AutoModelForCausalLM
 
 from distill.data.glue import EXAMPLE_INDEX
-from distill.kernels.kd_loss_linear import kd_loss_linear
+from distill.kernels.kd_loss_linear import kd_loss_linear, kd_loss_linear_topk
 from distill.losses import KDLossTerms
 from distill.topk import TopKTargets
 from distill.utils.run_record import write_json
@@ -95,9 +95,9 @@ class CausalLMTask:
     """Logits ``(batch, positions, vocabulary)`` from a ``*ForCausalLM`` model.
 
     Args:
-        fused_kd: with a live teacher and the forward-KL divergence, compute the loss from both
-            models' last hidden states and LM heads (:func:`distill.kernels.kd_loss_linear`), so
-            neither model's full logits exist in the training step.
+        fused_kd: with the forward-KL divergence, compute the loss from the student's last hidden
+            states and LM head and either the live teacher's (:func:`distill.kernels.kd_loss_linear`)
+            or the stored top-K targets, chunk by chunk: no full-size logits exist in the training step.
     """
 
     name = "causal_lm"
@@ -121,24 +121,37 @@ class CausalLMTask:
         """Tokens that count in a training batch: those with a next token that is not -100."""
         return int((labels[..., 1:] != -100).sum())
 
-    def fused_terms(self, module: Any, batch: dict[str, Tensor], labels: Tensor) -> KDLossTerms | None:
-        """The step's loss through the fused head kernel, or ``None`` where it does not apply."""
-        if not (self.fused_kd and module.live_teacher_loss() and module.loss.divergence == "forward_kl"):
+    def fused_terms(
+        self, module: Any, batch: dict[str, Tensor], labels: Tensor, example_index: Tensor | None
+    ) -> KDLossTerms | None:
+        """The step's loss through the fused head kernels, or ``None`` where they do not apply: the
+        student's hidden states times its LM head, chunk by chunk, against the live teacher's head
+        (:func:`kd_loss_linear`) or the stored top-K targets (:func:`kd_loss_linear_topk`)."""
+        uses_teacher = module.teacher is not None and module.loss.alpha < 1
+        applies = self.fused_kd and uses_teacher and module.loss.divergence == "forward_kl"
+        if not applies or module.hidden_loss is not None:
             return None
+        stored = module.teacher_logits(example_index) if module.teacher_logits is not None else None
+        if stored is not None and not isinstance(stored, TopKTargets):
+            return None  # full-vocabulary stores take the logits path
         student_hidden = module.student.base_model(**batch).last_hidden_state[..., :-1, :]
-        teacher_hidden = module.teacher.last_hidden_state(batch)[..., :-1, :]
-        student_head, teacher_head = module.student.get_output_embeddings(), module.teacher.output_head()
-        loss = kd_loss_linear(
-            student_hidden,
-            student_head.weight,
-            teacher_hidden,
-            teacher_head.weight,
-            labels[..., 1:],
-            temperature=module.loss.temperature,
-            alpha=module.loss.alpha,
-            student_bias=student_head.bias,
-            teacher_bias=teacher_head.bias,
-        )
+        student_head = module.student.get_output_embeddings()
+        settings = dict(temperature=module.loss.temperature, alpha=module.loss.alpha, student_bias=student_head.bias)
+        if stored is not None:
+            targets = drop_last_position(stored)
+            loss = kd_loss_linear_topk(student_hidden, student_head.weight, targets, labels[..., 1:], **settings)
+        else:
+            teacher_hidden = module.teacher.last_hidden_state(batch)[..., :-1, :]
+            teacher_head = module.teacher.output_head()
+            loss = kd_loss_linear(
+                student_hidden,
+                student_head.weight,
+                teacher_hidden,
+                teacher_head.weight,
+                labels[..., 1:],
+                teacher_bias=teacher_head.bias,
+                **settings,
+            )
         return KDLossTerms(loss=loss, ce=None, kd=None)
 
     def make_metrics(self) -> nn.ModuleDict:

@@ -31,7 +31,7 @@ class ClassificationTask:
     def count_targets(self, labels: Tensor) -> int:
         return int((labels != -100).sum())
 
-    def fused_terms(self, module: Any, batch: dict[str, Tensor], labels: Tensor) -> None:
+    def fused_terms(self, module: Any, batch: dict[str, Tensor], labels: Tensor, example_index: Tensor | None) -> None:
         return None
 
     def make_metrics(self) -> nn.ModuleDict:
