@@ -245,6 +245,8 @@ def test_pruned_student_run_end_to_end(
         assert math.isfinite(metrics[key]), key
     assert metrics["student_before_fit/teacher_ppl"] == pytest.approx(metrics["teacher/test_ppl"])
     assert metrics["teacher_store/bytes_per_token"] == 2 * 8 + 2 * 8 + 4
+    # Every step's tokens, although the tested checkpoint is an earlier one (the best check).
+    assert metrics["student/trained_tokens"] == metrics["global_step"] * cfg.data.batch_size * 15
     assert json.loads((run / "pruning.json").read_text())["student_shape"]["num_layers"] == 2
     samples = json.loads((run / "generations.json").read_text())["samples"]
     assert len(samples) == cfg.task.samples and all({"prompt", "student", "teacher"} <= set(row) for row in samples)

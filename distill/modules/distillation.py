@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
@@ -246,7 +247,9 @@ class DistillationModule(pl.LightningModule):
         describe_student(checkpoint, self.student)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.trained_targets = checkpoint.get("trained_targets", 0)
+        # Resuming fit continues the count; testing a best checkpoint keeps the count of the whole fit.
+        if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
+            self.trained_targets = checkpoint.get("trained_targets", 0)
         set_asp_masks_aside(checkpoint)
 
     @staticmethod
