@@ -212,18 +212,10 @@ def test_bad_inputs_are_named(lm_teacher_dir: Path, tmp_path: Path, corpus: Path
         from_pretrained(teacher, str(other))
 
 
-def test_pruned_student_run_end_to_end(
-    compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """experiment=smollm2_to_small's pipeline on a tiny teacher: prune, store, distil, test, export."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    run = tmp_path / "run"
-    cfg = compose_train(
-        "experiment=smollm2_to_small",
-        "debug=smoke",
-        f"paths.output_dir={run}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"teacher.name_or_path={lm_teacher_dir}",
+def tiny_run(teacher: Path, corpus: Path) -> list[str]:
+    """Overrides that run experiment=smollm2_to_small's pipeline in seconds on the tiny teacher and corpus."""
+    return [
+        f"teacher.name_or_path={teacher}",
         f"data.data_dir={corpus}",
         "data.pattern=*.txt",
         "data.val_files=[work_3.txt]",
@@ -238,6 +230,21 @@ def test_pruned_student_run_end_to_end(
         "trainer.enable_progress_bar=false",
         "task.new_tokens=4",
         "logger=csv",
+    ]
+
+
+def test_pruned_student_run_end_to_end(
+    compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """experiment=smollm2_to_small's pipeline on a tiny teacher: prune, store, distil, test, export."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    cfg = compose_train(
+        "experiment=smollm2_to_small",
+        "debug=smoke",
+        f"paths.output_dir={run}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *tiny_run(lm_teacher_dir, corpus),
     )
     metrics = train(cfg)
     assert metrics["student/layer_params"] * 2 == metrics["teacher/layer_params"]
@@ -269,21 +276,7 @@ def test_decoder_compression_nm24_qat8(
         "compression=nm24_qat8",
         f"paths.output_dir={run}",
         f"paths.cache_dir={tmp_path / 'cache'}",
-        f"teacher.name_or_path={lm_teacher_dir}",
-        f"data.data_dir={corpus}",
-        "data.pattern=*.txt",
-        "data.val_files=[work_3.txt]",
-        "data.test_files=[work_4.txt]",
-        "data.block_size=16",
-        "data.train_limit_blocks=12",
-        "student.target_params=null",
-        "student.shape.num_layers=2",
-        "distill.teacher_cache_topk=8",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
-        "trainer.enable_progress_bar=false",
-        "task.new_tokens=4",
-        "logger=csv",
+        *tiny_run(lm_teacher_dir, corpus),
     )
     metrics = train(cfg)
     assert math.isfinite(metrics["student/test_ppl"]) and math.isfinite(metrics["student_int8/test_ppl"])

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from distill.data.augment import AugmentingCollator, build_augmenter
-from distill.data.sampler import LengthGroupedBatchSampler
+from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
 from distill.data.tsv import check_labels, check_tsv_layout
 
 HUB_DATASET = "nyu-mll/glue"
@@ -227,7 +227,7 @@ class GlueDataModule(pl.LightningDataModule):
         """
         dataset = self.splits[split]
         collate = DataCollatorWithPadding(self.tokenizer)
-        rank, replicas = shard or self._data_parallel_rank()
+        rank, replicas = shard or data_parallel_rank(self)
         if augment and self.augmenter is not None:
             collate = AugmentingCollator(collate, self.tokenizer, self.augmenter, self.seed, rank)
         if shuffle and self.group_by_length:
@@ -245,12 +245,6 @@ class GlueDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate
         )
-
-    def _data_parallel_rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", self.batch_size, shuffle=True, augment=True)

@@ -9,6 +9,7 @@ padding little, the same idea as Hugging Face Trainer's ``group_by_length``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -65,3 +66,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         positions = torch.randperm(len(batches), generator=generator).tolist()
         for position in positions[self.rank : len(self) * self.num_replicas : self.num_replicas]:
             yield batches[position]
+
+
+def data_parallel_rank(datamodule: Any) -> tuple[int, int]:
+    """(rank, number of ranks) of the trainer a data module is attached to; (0, 1) before it is."""
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is None:
+        return 0, 1
+    return trainer.global_rank, trainer.world_size

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from distill.data.glue import EXAMPLE_INDEX, tokenizer_fingerprint
+from distill.data.sampler import data_parallel_rank
 from distill.models.reference import load_tokenizer
 
 IGNORE_INDEX = -100
@@ -378,17 +379,11 @@ class TextDataModule(pl.LightningDataModule):
         dataset = self.splits[split]
         if not shuffle:
             return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers)
-        rank, replicas = shard or self._data_parallel_rank()
+        rank, replicas = shard or data_parallel_rank(self)
         sampler = DistributedSampler(
             dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed, drop_last=True
         )
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def _data_parallel_rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", self.batch_size, shuffle=True)
