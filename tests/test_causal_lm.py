@@ -200,7 +200,7 @@ def test_bad_inputs_are_named(lm_teacher_dir: Path, tmp_path: Path, corpus: Path
     with pytest.raises(FileNotFoundError, match="missing_model"):
         resolve(str(tmp_path / "missing_model"))
     data = text_module(corpus, str(lm_teacher_dir), tmp_path / "cache", block_size=256)
-    with pytest.raises(ValueError, match=r"data.block_size=256 is above the model's context of 128"):
+    with pytest.raises(ValueError, match=r"data.block_size=256 exceeds the model's context length of 128"):
         check_context(AutoModelForCausalLM.from_pretrained(lm_teacher_dir), data)
     other = tmp_path / "other_tokenizer"
     AutoModelForCausalLM.from_pretrained(lm_teacher_dir).save_pretrained(other)

@@ -118,11 +118,10 @@ def check_same_vocabulary(teacher: Teacher, student: PreTrainedModel) -> None:
 
 
 def check_context(model: PreTrainedModel, datamodule: Any) -> None:
-    """Blocks of packed text must fit the model's context window."""
-    block_size = getattr(datamodule, "block_size", None)
+    """Blocks of packed text must fit the model's context window (data modules without blocks pass)."""
     context = getattr(model.config, "max_position_embeddings", None)
-    if block_size is not None and context is not None and block_size > context:
-        raise ValueError(f"data.block_size={block_size} is above the model's context of {context} positions")
+    if context is not None and hasattr(datamodule, "check_block_size"):
+        datamodule.check_block_size(context)
 
 
 def draw_calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tensor]]:
