@@ -332,3 +332,15 @@ def test_real_smollm2_pruned_to_half_its_decoder_layers_by_depth(smollm2_gguf: P
     with torch.no_grad():
         losses = [student.eval()(**batch, labels=batch["input_ids"]).loss for batch in batches]
     assert all(torch.isfinite(loss) for loss in losses)
+
+
+def test_width_pruning_keeps_every_layer_and_skips_the_layer_skip_scores(tmp_path: Path) -> None:
+    """The default layer_score (nll) with width axes: no layer is dropped, so no layer-skip pass is needed."""
+    teacher = tiny_model("llama-untied-biases")
+    target = teacher.num_parameters() * 3 // 4
+    report_path = tmp_path / "pruning.json"
+    student = pruned_student(teacher, calibration(), target_params=target, axes=["width"], report_path=str(report_path))
+    assert student.config.num_hidden_layers == teacher.config.num_hidden_layers
+    assert student.num_parameters() <= target
+    report = json.loads(report_path.read_text())
+    assert report["depth_scores"]["nll_increase"] is None and report["kept_layers"] == [0, 1, 2, 3]

@@ -415,7 +415,9 @@ def pruned_student(
     # Skipping each layer in turn costs one forward pass per layer: measured only when it ranks layers to drop.
     drops_layers = chosen.num_layers < teacher_model.config.num_hidden_layers
     scores = calibration_scores(teacher_model, calibration, measure_nll=drops_layers and layer_score == "nll")
-    kept = kept_indices(teacher_model.config, chosen, scores, layer_score)
+    # Every layer stays when none is dropped: any ranking keeps them all.
+    ranking = layer_score if drops_layers else "bi"
+    kept = kept_indices(teacher_model.config, chosen, scores, ranking)
     student = _cut(teacher_model, chosen, kept)
     if report_path is not None:
         report = _report(teacher_model, student, scores, kept)
