@@ -33,6 +33,7 @@ class Settings(NamedTuple):
     ignore_index: int
     impl: str
     chunk_size: int
+    dtype: torch.dtype  # of the heads' matmuls (see _compute_dtype)
 
 
 def _row_terms(
@@ -48,25 +49,48 @@ def _row_terms(
     return loss, grad.to(s.dtype)
 
 
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype the heads' matmuls run in: autocast's (bf16-mixed training) where it is on."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+def _accumulate(out: Tensor, left: Tensor, right: Tensor) -> None:
+    """``out += left @ right``, in ``out``'s dtype (fp32 weight gradients of bf16 matmuls)."""
+    if left.dtype == out.dtype:
+        out.addmm_(left, right)
+    else:
+        out.add_(left @ right)
+
+
 class _LinearKD(torch.autograd.Function):
+    # Under autocast the matmuls run in its dtype, cast here once per step, not per chunk; the
+    # gradients come back in the inputs' dtypes, as autograd requires.
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, teacher_rows: Callable[[slice], Tensor | TopKTargets], labels, settings: Settings):
+        with torch.autocast(h_s.device.type, enabled=False):
+            return _LinearKD._forward(ctx, h_s, w_s, b_s, teacher_rows, labels, settings)
+
+    @staticmethod
+    def _forward(ctx, h_s, w_s, b_s, teacher_rows, labels, settings: Settings):
         hidden_s = h_s.reshape(-1, h_s.shape[-1])
         y = labels.reshape(-1) if labels is not None else None
         scale = mean_scale(kept_rows(hidden_s, y, settings.ignore_index))
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
         grad_h, grad_w = torch.empty_like(hidden_s), torch.zeros_like(w_s)
         grad_b = torch.zeros_like(b_s) if b_s is not None else None
+        hidden, weight = hidden_s.to(settings.dtype), w_s.to(settings.dtype)
+        bias = b_s.to(settings.dtype) if b_s is not None else None
         for start in range(0, hidden_s.shape[0], settings.chunk_size):
             rows = slice(start, start + settings.chunk_size)
-            student_logits = F.linear(hidden_s[rows], w_s, b_s)
+            student_logits = F.linear(hidden[rows], weight, bias)
             loss, grad = _row_terms(
                 student_logits, teacher_rows(rows), y[rows] if y is not None else None, settings, scale
             )
             del student_logits
             total += loss
-            torch.matmul(grad, w_s, out=grad_h[rows])
-            grad_w.addmm_(grad.t(), hidden_s[rows])
+            grad_h[rows] = grad @ weight
+            _accumulate(grad_w, grad.t(), hidden[rows])
             if grad_b is not None:
                 grad_b += grad.sum(dim=0, dtype=torch.float32).to(grad_b.dtype)
         ctx.save_for_backward(grad_h.view(h_s.shape), grad_w, grad_b)
@@ -116,11 +140,13 @@ def kd_loss_linear(
             student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index
         )
     rows = chunk_size or DEFAULT_CHUNK_ROWS[choice]
-    settings = Settings(float(temperature), float(alpha), ignore_index, choice, rows)
-    hidden_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    dtype = _compute_dtype(student_hidden)
+    settings = Settings(float(temperature), float(alpha), ignore_index, choice, rows, dtype)
+    hidden_t, weight_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).to(dtype), teacher_weight.to(dtype)
+    bias_t = teacher_bias.to(dtype) if teacher_bias is not None else None
 
     def teacher_rows(chunk: slice) -> Tensor:
-        return F.linear(hidden_t[chunk], teacher_weight, teacher_bias)
+        return F.linear(hidden_t[chunk], weight_t, bias_t)
 
     return _LinearKD.apply(student_hidden, student_weight, student_bias, teacher_rows, labels, settings)
 
@@ -152,9 +178,8 @@ def kd_loss_linear_topk(
     if pick_impl(student_hidden, impl) == "reference":
         student_logits = F.linear(student_hidden, student_weight, student_bias)
         return kd_loss(student_logits, targets, labels, temperature=temperature, alpha=alpha, ignore_index=ignore_index)
-    settings = Settings(
-        float(temperature), float(alpha), ignore_index, "chunked", chunk_size or DEFAULT_CHUNK_ROWS["chunked"]
-    )
+    rows = chunk_size or DEFAULT_CHUNK_ROWS["chunked"]
+    settings = Settings(float(temperature), float(alpha), ignore_index, "chunked", rows, _compute_dtype(student_hidden))
     k = targets.indices.shape[-1]
     flat = TopKTargets(
         targets.values.reshape(-1, k),

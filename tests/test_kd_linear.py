@@ -151,3 +151,32 @@ def test_topk_targets_through_the_head_equal_the_reference(alpha: float) -> None
     torch.testing.assert_close(results[1][0], expected.detach())
     for fused, reference in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("targets_kind", ["live", "topk"])
+def test_under_bf16_autocast_the_heads_run_in_bf16_and_gradients_keep_fp32(targets_kind: str) -> None:
+    """bf16-mixed training: the fused path follows autocast like the reference, within bf16's precision."""
+    from distill.kernels.kd_loss_linear import kd_loss_linear_topk
+    from distill.topk import topk_targets
+
+    student, teacher, labels = heads(rows=24, hidden=32, vocab=200)
+    settings = dict(temperature=2.0, alpha=0.5)
+    with torch.no_grad():
+        targets = topk_targets(F.linear(*teacher), 16, 2.0)
+
+    def loss_of(impl):
+        if targets_kind == "live":
+            return fused(student, teacher, labels, impl, chunk_size=5, **settings)
+        h_s, w_s, b_s = student
+        return kd_loss_linear_topk(h_s, w_s, targets, labels, student_bias=b_s, impl=impl, chunk_size=5, **settings)
+
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        expected, expected_grads = value_and_grads(lambda *_: loss_of("reference"), student)
+        actual, grads = value_and_grads(lambda *_: loss_of("chunked"), student)
+        raw_grads = torch.autograd.grad(loss_of("chunked"), [tensor for tensor in student if tensor is not None])
+    with torch.no_grad():
+        full_precision = loss_of("chunked")
+    assert all(grad.dtype == torch.float32 for grad in raw_grads)
+    assert torch.allclose(actual, expected, rtol=1e-4)
+    assert_close_grads(grads, expected_grads, 1e-2)
+    assert 0 < (actual - full_precision).abs() < 0.05 * full_precision  # bf16 logits: close, not equal
