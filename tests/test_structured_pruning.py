@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -127,23 +128,36 @@ def test_save_and_reload_gives_identical_logits(scored, family: str, tmp_path: P
     assert tied == teacher.config.tie_word_embeddings == (student.lm_head.weight is student.model.embed_tokens.weight)
 
 
+@pytest.mark.parametrize("axes", [["width"], ["hidden", "heads"]])
+def test_width_pruned_nine_head_model_saves_and_reloads(tmp_path: Path, axes: list[str]) -> None:
+    """SmolLM2's 9 heads: the hidden width must stay a multiple of the head count, or transformers
+    refuses to save the student (hidden 384 with 9 heads did, after a whole run)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**(SIZES | dict(hidden_size=144, num_attention_heads=9, num_key_value_heads=3)))
+    teacher = AutoModelForCausalLM.from_config(config).eval()
+    shape = choose_shape(config, target_params=int(teacher.num_parameters() * 0.6), axes=axes)
+    assert shape.hidden_size < 144 and shape.hidden_size % shape.num_attention_heads == 0
+    student = prune(teacher, shape, calibration_scores(teacher, calibration()))
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.hidden_size == shape.hidden_size
+    assert torch.equal(logits(reloaded, calibration()[0]), logits(student, calibration()[0]))
+
+
 def one_step_larger(shape: PrunedShape, teacher: PrunedShape, axis: str) -> PrunedShape:
     """Written apart from the code under test: the next size along ``axis`` at its documented granularity."""
     steps = {
         "depth": {"num_layers": shape.num_layers + 1},
         "ffn": {"intermediate_size": shape.intermediate_size + FFN_MULTIPLE},
-        "hidden": {"hidden_size": shape.hidden_size + 16},
+        "hidden": {"hidden_size": shape.hidden_size + math.lcm(8, shape.num_attention_heads)},
         "heads": {
             "num_key_value_heads": shape.num_key_value_heads + 1,
             "num_attention_heads": shape.num_attention_heads + 2,
         },
     }
     bigger = replace(shape, **steps[axis])
-    return (
-        bigger
-        if all(value <= limit for value, limit in zip(asdict(bigger).values(), asdict(teacher).values(), strict=True))
-        else None
-    )
+    fits = all(value <= limit for value, limit in zip(asdict(bigger).values(), asdict(teacher).values(), strict=True))
+    return bigger if fits and bigger.hidden_size % bigger.num_attention_heads == 0 else None
 
 
 @pytest.mark.parametrize("family", ["llama-tied", "llama-untied-biases"])
@@ -197,15 +211,15 @@ def test_dead_ffn_channel_kv_group_and_hidden_channel_are_the_ones_removed() -> 
         layer.self_attn.v_proj.weight[16:32].zero_()  # KV group 1: its two query heads output 0
         for norm in [teacher.model.norm, *(n for block in teacher.model.layers for n in block.children())]:
             if "Norm" in type(norm).__name__:
-                norm.weight[5] = 0.0  # hidden channel 5 is 0 after every norm
+                norm.weight[[5, 9]] = 0.0  # hidden channels 5 and 9 are 0 after every norm
     scores = calibration_scores(teacher, calibration(), measure_nll=False)
     assert scores.ffn[1, 37] == 0 and (scores.ffn[1, :37] > 0).all()
     assert torch.equal(scores.heads[1, 2:], torch.zeros(2)) and (scores.heads[1, :2] > 0).all()
-    assert scores.hidden[5] == 0 and scores.hidden.count_nonzero() == 63
-    shape = PrunedShape(4, 63, 127, 2, 1)
+    assert scores.hidden[[5, 9]].count_nonzero() == 0 and scores.hidden.count_nonzero() == 62
+    shape = PrunedShape(4, 62, 127, 2, 1)
     kept = kept_indices(teacher.config, shape, scores)
     assert 37 not in kept.ffn[1].tolist() and kept.kv_groups[1].tolist() == [0]
-    assert kept.hidden.tolist() == [c for c in range(64) if c != 5]
+    assert kept.hidden.tolist() == [c for c in range(64) if c not in (5, 9)]
     student = prune(teacher, shape, scores)
     expected_gate = teacher.model.layers[1].mlp.gate_proj.weight[kept.ffn[1]][:, kept.hidden]
     assert torch.equal(student.model.layers[1].mlp.gate_proj.weight, expected_gate)
@@ -289,6 +303,7 @@ def test_pruned_student_is_trainable_and_reports_its_choices(tmp_path: Path) -> 
             "student.shape.num_attention_heads=3 must be 2 x num_key_value_heads=1",
         ),
         ({"shape": {"num_attention_heads": 2, "num_key_value_heads": 2}}, "num_attention_heads=2 must be 2 x"),
+        ({"shape": {"hidden_size": 62}}, "student.shape.hidden_size=62 must be a multiple of num_attention_heads=4"),
         ({"shape": {"depth": 2}}, r"unknown fields \['depth'\]"),
         ({}, "exactly one of student.target_params"),
         ({"target_params": 10**5, "shape": {"num_layers": 2}}, "exactly one of"),

@@ -41,6 +41,10 @@ from distill.models.pruning_scores import LAYER_SCORES, ImportanceScores, calibr
 AXES = ("depth", "ffn", "hidden", "heads")
 AXIS_ALIASES = {"width": ("ffn", "hidden")}
 FFN_MULTIPLE = 64
+# The hidden width moves in steps that are multiples of 8 and of the head count: transformers
+# refuses to build (or save) a config whose hidden size the head count does not divide, even with
+# an explicit head_dim (SmolLM2's 9 heads: steps of 72).
+HIDDEN_MULTIPLE = 8
 BISECTION_STEPS = 30
 
 
@@ -135,7 +139,21 @@ def _validated(shape: PrunedShape, teacher: PrunedShape, given: Iterable[str] = 
             f"student.shape.num_attention_heads={shape.num_attention_heads} must be {teacher.queries_per_group} x "
             f"num_key_value_heads={shape.num_key_value_heads}: whole KV groups are kept with their query heads"
         )
+    if shape.hidden_size % shape.num_attention_heads:
+        raise ValueError(
+            f"student.shape.hidden_size={shape.hidden_size} must be a multiple of num_attention_heads="
+            f"{shape.num_attention_heads}: transformers refuses to build or save such a config"
+        )
     return shape
+
+
+def hidden_step(heads: int) -> int:
+    """The granularity of the hidden width for a student with ``heads`` attention heads."""
+    return math.lcm(HIDDEN_MULTIPLE, heads)
+
+
+def _divides(shape: PrunedShape) -> bool:
+    return shape.hidden_size % shape.num_attention_heads == 0
 
 
 def _explicit_shape(teacher: PrunedShape, shape: Mapping[str, int]) -> PrunedShape:
@@ -163,7 +181,6 @@ class _ShapeSearch:
     """Shapes reachable from the teacher along ``axes``, and their parameter counts."""
 
     teacher: PrunedShape
-    head_dim: int
     axes: frozenset[str]
     count: Callable[[PrunedShape], int]
 
@@ -175,11 +192,12 @@ class _ShapeSearch:
         if "ffn" in self.axes:
             ffn = teacher.intermediate_size
             sizes["intermediate_size"] = _round_down(ffn * scale, FFN_MULTIPLE, ffn)
-        if "hidden" in self.axes:
-            sizes["hidden_size"] = _round_down(teacher.hidden_size * scale, self.head_dim, teacher.hidden_size)
         if "heads" in self.axes:
             groups = max(1, math.floor(teacher.num_key_value_heads * scale))
             sizes.update(num_key_value_heads=groups, num_attention_heads=groups * teacher.queries_per_group)
+        if "hidden" in self.axes:
+            step = hidden_step(sizes.get("num_attention_heads", teacher.num_attention_heads))
+            sizes["hidden_size"] = _round_down(teacher.hidden_size * scale, step, teacher.hidden_size)
         return replace(teacher, **sizes)
 
     def grown(self, shape: PrunedShape, axis: str) -> PrunedShape:
@@ -188,7 +206,8 @@ class _ShapeSearch:
         if axis == "depth":
             return replace(shape, num_layers=min(teacher.num_layers, shape.num_layers + 1))
         if axis == "hidden":
-            return replace(shape, hidden_size=min(teacher.hidden_size, shape.hidden_size + self.head_dim))
+            step = hidden_step(shape.num_attention_heads)
+            return replace(shape, hidden_size=min(teacher.hidden_size, shape.hidden_size + step))
         if axis == "heads":
             groups = min(teacher.num_key_value_heads, shape.num_key_value_heads + 1)
             return replace(shape, num_key_value_heads=groups, num_attention_heads=groups * teacher.queries_per_group)
@@ -199,12 +218,15 @@ class _ShapeSearch:
         low, high = 0.0, 1.0
         for _ in range(BISECTION_STEPS):
             middle = (low + high) / 2
-            low, high = (middle, high) if self.count(self.scaled(middle)) <= target else (low, middle)
+            low, high = (middle, high) if self.fits(self.scaled(middle), target) else (low, middle)
         shape = self.scaled(low)
         for axis in ("depth", "hidden", "heads", "ffn"):
-            while axis in self.axes and (bigger := self.grown(shape, axis)) != shape and self.count(bigger) <= target:
+            while axis in self.axes and (bigger := self.grown(shape, axis)) != shape and self.fits(bigger, target):
                 shape = bigger
         return shape
+
+    def fits(self, shape: PrunedShape, target: float) -> bool:
+        return _divides(shape) and self.count(shape) <= target
 
 
 def _expand_axes(axes: Iterable[str]) -> frozenset[str]:
@@ -218,7 +240,7 @@ def _expand_axes(axes: Iterable[str]) -> frozenset[str]:
 def _shape_for_target(config: PretrainedConfig, target: float, axes: frozenset[str]) -> PrunedShape:
     if isinstance(target, bool) or not isinstance(target, (int, float)):
         raise ValueError(f"student.target_params={target!r} must be a number of parameters")
-    search = _ShapeSearch(PrunedShape.of(config), head_dim_of(config), axes, _param_counter(config))
+    search = _ShapeSearch(PrunedShape.of(config), axes, _param_counter(config))
     teacher_params = search.count(search.teacher)
     if target > teacher_params:
         raise ValueError(f"student.target_params={target} exceeds the teacher's {teacher_params} parameters")
