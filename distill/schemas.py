@@ -220,6 +220,39 @@ class QATSchema(TargetsSchema):
     weight_bits: int = 8
 
 
+@dataclass
+class CalibrationSchema:
+    # Training sequences (packed blocks or sentences) whose activations the solvers see.
+    samples: int = 64
+
+
+@dataclass
+class SparseGPTSchema:
+    block_size: int = 128
+    damp: float = 0.01
+    hessian_dtype: str = "float32"
+
+
+@dataclass
+class PruneSchema:
+    """``python -m distill.prune`` (conf/prune.yaml): one-shot pruning of one model."""
+
+    paths: Any = MISSING
+    data: Any = MISSING
+    task: Any = MISSING
+    task_name: str = "prune"
+    seed: int = 0
+    model: str = MISSING
+    method: str = "sparsegpt"
+    sparsity: float | None = None
+    pattern: str | None = None
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
+    sparsegpt: SparseGPTSchema = field(default_factory=SparseGPTSchema)
+    evaluate: bool = True
+
+
 _SCHEMAS = {
     ("teacher", "teacher_schema"): TeacherSchema,
     ("student", "from_teacher_schema"): FromTeacherSchema,
@@ -234,6 +267,7 @@ _SCHEMAS = {
     ("compression_schema", "magnitude_pruning"): MagnitudePruningSchema,
     ("compression_schema", "nm_sparsity"): NMSparsitySchema,
     ("compression_schema", "qat"): QATSchema,
+    (None, "prune_schema"): PruneSchema,
 }
 
 

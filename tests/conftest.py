@@ -22,6 +22,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distill.data.glue import GlueDataModule
 from distill.schemas import register_schemas
@@ -139,3 +140,42 @@ def tiny_run_overrides(tmp_path: Path, tiny_teacher_dir: Path, data_dir: Path) -
         "trainer.enable_progress_bar=false",
         "logger=csv",
     ]
+
+
+WORKS = {
+    f"work_{i}.txt": f"Act {i}. " + " ".join(f"Line {j} of the tale of king {i}." for j in range(60)) for i in range(5)
+}
+
+
+def tiny_llama(vocab_size: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def lm_teacher_dir(tmp_path_factory: pytest.TempPathFactory, hf_teacher_available: str) -> Path:
+    """A random 4-layer Llama with the offline BERT tokenizer, saved like a hub model."""
+    tokenizer = AutoTokenizer.from_pretrained(hf_teacher_available)
+    path = tmp_path_factory.mktemp("tiny_lm_teacher")
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name, text in WORKS.items():
+        (folder / name).write_text(text)
+    return folder

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from distill.data.glue import EXAMPLE_INDEX
 from distill.data.text import TextDataModule
@@ -28,44 +28,7 @@ from distill.teacher_logits import precompute_teacher_logits
 from distill.topk import topk_targets
 from distill.train import train
 from tests.callback_helpers import make_trainer
-
-WORKS = {
-    f"work_{i}.txt": f"Act {i}. " + " ".join(f"Line {j} of the tale of king {i}." for j in range(60)) for i in range(5)
-}
-
-
-def tiny_llama(vocab_size: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def lm_teacher_dir(tmp_path_factory: pytest.TempPathFactory, hf_teacher_available: str) -> Path:
-    """A random 4-layer Llama with the offline BERT tokenizer, saved like a hub model."""
-    tokenizer = AutoTokenizer.from_pretrained(hf_teacher_available)
-    path = tmp_path_factory.mktemp("tiny_lm_teacher")
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for name, text in WORKS.items():
-        (folder / name).write_text(text)
-    return folder
+from tests.conftest import tiny_llama
 
 
 def text_module(corpus: Path, tokenizer: str, cache: Path, **overrides) -> TextDataModule:

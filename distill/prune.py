@@ -1,0 +1,123 @@
+"""One-shot pruning of a Hugging Face model with SparseGPT, Wanda or magnitude.
+
+    python -m distill.prune method=sparsegpt pattern=2:4            # the default causal-LM teacher
+    python -m distill.prune task=classification data=sst2 model=<run>/student sparsity=0.5
+
+Composes conf/prune.yaml, prints it, draws calibration samples from the training split (never
+held-out text), scores the dense model (held-out perplexity / dev accuracy), prunes it block by
+block (:mod:`distill.oneshot.sequential`), scores it again and saves it with ``save_pretrained``,
+its tokenizer and its masks (``sparsity_masks.safetensors``: what ``compression=hold_masks``
+keeps while distilling) into the run folder, with ``prune.json``: the scores, the wall time and
+the peak memory of the pruning step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from distill.models.reference import load_tokenizer, resolve
+from distill.models.student import draw_calibration_batches
+from distill.oneshot.sequential import OneShotSettings, prune_oneshot
+from distill.oneshot.solvers import SparsityTarget
+from distill.schemas import register_schemas
+from distill.utils.run_record import git_state, write_json
+
+log = logging.getLogger("distill.prune")
+MASKS_FILE = "sparsity_masks.safetensors"
+
+
+def peak_memory_during(work: Callable[[], Any]) -> tuple[Any, float | None]:
+    """``work()`` and the process's peak resident memory while it ran, in MiB (None off Linux)."""
+    try:  # "5" resets the high-water mark (VmHWM) to the current resident size
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return work(), None
+    result = work()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return result, int(line.split()[1]) / 1024
+    return result, None
+
+
+def calibration_batches(datamodule: Any, samples: int) -> list[dict[str, torch.Tensor]]:
+    """``samples`` training sequences (blocks or sentences), in the data module's batches."""
+    if samples < 1:
+        raise ValueError(f"calibration.samples={samples!r} must be >= 1")
+    count = -(-samples // datamodule.batch_size)
+    try:
+        batches = draw_calibration_batches(datamodule, count)
+    except ValueError as error:
+        available = len(datamodule.splits["train"]) if hasattr(datamodule, "splits") else "fewer"
+        raise ValueError(f"calibration.samples={samples} is more than the {available} training sequences") from error
+    batches[-1] = {key: value[: samples - (count - 1) * datamodule.batch_size] for key, value in batches[-1].items()}
+    return batches
+
+
+def settings_of(cfg: DictConfig) -> OneShotSettings:
+    target = SparsityTarget.parse(cfg.sparsity, cfg.pattern)
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.sparsegpt.hessian_dtype)
+    if dtype is None:
+        raise ValueError(f"sparsegpt.hessian_dtype={cfg.sparsegpt.hessian_dtype!r} must be float32 or float64")
+    return OneShotSettings(cfg.method, target, cfg.sparsegpt.block_size, cfg.sparsegpt.damp, dtype)
+
+
+def prune(cfg: DictConfig) -> dict[str, Any]:
+    settings = settings_of(cfg)  # bad settings fail before anything loads
+    output_dir = Path(cfg.paths.output_dir)
+    torch.manual_seed(cfg.seed)
+    task = instantiate(cfg.task)
+    datamodule = instantiate(cfg.data)
+    model = task.auto_model.from_pretrained(resolve(cfg.model)).eval()
+    batches = calibration_batches(datamodule, cfg.calibration.samples)
+    datamodule.setup("test")
+    report: dict[str, Any] = {"model": cfg.model, "method": cfg.method, "target": str(settings.target)}
+    if cfg.evaluate:
+        report["dense"] = task.score(model, datamodule)
+    started = time.perf_counter()
+    call = lambda: prune_oneshot(model, batches, settings, cfg.include, cfg.exclude)  # noqa: E731
+    masks, report["peak_memory_mib"] = peak_memory_during(call)
+    report["prune_seconds"] = time.perf_counter() - started
+    pruned = sum(int((~keep).sum()) for keep in masks.values())
+    total = sum(keep.numel() for keep in masks.values())
+    report |= {"pruned_layers": len(masks), "layer_sparsity": pruned / total, "threads": torch.get_num_threads()}
+    report["calibration_tokens"] = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    if cfg.evaluate:
+        report["pruned"] = task.score(model, datamodule)
+    save_pruned(model, masks, cfg.model, output_dir / "model")
+    write_json(output_dir / "prune.json", report | {"git": git_state()})
+    return report
+
+
+def save_pruned(model: torch.nn.Module, masks: dict[str, torch.Tensor], reference: str, folder: Path) -> None:
+    model.save_pretrained(folder)
+    load_tokenizer(reference).save_pretrained(folder)
+    save_file({name: keep.contiguous() for name, keep in masks.items()}, str(folder / MASKS_FILE))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="prune")
+def main(cfg: DictConfig) -> None:
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    report = prune(cfg)
+    for key, value in report.items():
+        print(f"{key:>20}: {value}")
+    log.info("Run folder: %s", cfg.paths.output_dir)
+
+
+def cli() -> None:
+    """Console entry point (`distill-prune`); the schemas must be known before Hydra composes."""
+    register_schemas()
+    main()
+
+
+if __name__ == "__main__":
+    cli()

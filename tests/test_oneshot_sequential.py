@@ -1,0 +1,170 @@
+"""Layer-sequential one-shot pruning (distill/oneshot/sequential.py) and `python -m distill.prune`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification
+
+from distill.kernels.sparsity import is_nm_sparse
+from distill.oneshot import solvers
+from distill.oneshot.sequential import OneShotSettings, prune_oneshot, target_linears
+from distill.oneshot.solvers import SparsityTarget
+from distill.prune import MASKS_FILE, prune
+from tests.conftest import tiny_llama
+
+VOCAB = 100
+TWO_FOUR = SparsityTarget(n=2, m=4)
+
+
+def batches(seed: int = 1, count: int = 3) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    result = []
+    for _ in range(count):
+        input_ids = torch.randint(0, VOCAB, (2, 12), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, 8:] = 0
+        result.append({"input_ids": input_ids, "attention_mask": attention_mask})
+    return result
+
+
+def stack_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: model.get_submodule(name) for name in target_linears(model, None)}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_every_block_linear_is_exactly_2_4_and_nothing_else_changes(method: str) -> None:
+    model, dense = tiny_llama(VOCAB, layers=2), tiny_llama(VOCAB, layers=2)
+    masks = prune_oneshot(model, batches(), OneShotSettings(method, TWO_FOUR, block_size=16))
+    linears = stack_linears(model)
+    assert sorted(masks) == sorted(f"{name}.weight" for name in linears) and len(linears) == 14
+    for name, linear in linears.items():
+        keep = masks[f"{name}.weight"]
+        assert is_nm_sparse(linear.weight) and (keep.reshape(-1, 4).sum(-1) == 2).all()
+        assert not linear.weight[~keep].any()
+    untouched = {name for name, _ in model.named_parameters()} - set(masks)
+    for name in untouched:
+        assert torch.equal(model.get_parameter(name), dense.get_parameter(name)), name
+    with torch.no_grad():
+        assert torch.isfinite(model(**batches()[0]).logits).all()
+
+
+def test_each_block_is_calibrated_on_the_pruned_outputs_of_the_blocks_before_it() -> None:
+    model = tiny_llama(VOCAB, layers=2)
+    masks = prune_oneshot(model, batches(), OneShotSettings("wanda", SparsityTarget(sparsity=0.5)))
+    # The oracle: block 0 pruned with the masks found, block 1 still dense; block 1's Linear inputs
+    # on real tokens give the Wanda norms its masks must come from.
+    oracle = tiny_llama(VOCAB, layers=2)
+    with torch.no_grad():
+        for name, keep in masks.items():
+            if ".layers.0." in name:
+                oracle.get_parameter(name).mul_(keep)
+    norms, handles = {}, []
+    for name, linear in stack_linears(oracle).items():
+        if ".layers.1." in name:
+            norms[name] = torch.zeros(linear.in_features)
+
+            def record(_module, args, name=name):
+                norms[name] += (args[0][current["tokens"]] ** 2).sum(0)
+
+            handles.append(linear.register_forward_pre_hook(record))
+    current = {}
+    with torch.no_grad():
+        for batch in batches():
+            current["tokens"] = batch["attention_mask"].bool()
+            oracle(**batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for name, norm in norms.items():
+        _, expected = solvers.wanda(oracle.get_submodule(name).weight, SparsityTarget(sparsity=0.5), norm)
+        assert torch.equal(masks[f"{name}.weight"], expected), name
+
+
+def test_padding_never_enters_the_statistics() -> None:
+    padded = batches()
+    changed = [{**batch, "input_ids": batch["input_ids"].clone()} for batch in padded]
+    for batch in changed:
+        batch["input_ids"][1, 8:] = (batch["input_ids"][1, 8:] + 7) % VOCAB
+    settings = OneShotSettings("sparsegpt", TWO_FOUR, block_size=16)
+    first = prune_oneshot(tiny_llama(VOCAB, layers=2), padded, settings)
+    second = prune_oneshot(tiny_llama(VOCAB, layers=2), changed, settings)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_encoder_blocks_are_pruned_and_the_classifier_is_not() -> None:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    model = BertForSequenceClassification(config).eval()
+    classifier = model.classifier.weight.clone()
+    masks = prune_oneshot(model, batches(), OneShotSettings("sparsegpt", SparsityTarget(sparsity=0.5), block_size=16))
+    assert len(masks) == 12 and all(name.startswith("bert.encoder.layer.") for name in masks)
+    for name, keep in masks.items():
+        assert int((~keep).sum()) == keep.numel() // 2 and not model.get_parameter(name)[~keep].any()
+    assert torch.equal(model.classifier.weight, classifier)
+
+
+def test_targets_outside_the_blocks_or_matching_nothing_are_named() -> None:
+    model = tiny_llama(VOCAB, layers=2)
+    with pytest.raises(ValueError, match=r"include pattern 'lm_head' matches \['lm_head'\], outside the blocks"):
+        target_linears(model, ["lm_head"])
+    with pytest.raises(ValueError, match="include pattern 'model.layers.*.mlp.fc9' matches no Linear"):
+        target_linears(model, ["model.layers.*.mlp.fc9"])
+    with pytest.raises(ValueError, match="leaves no Linear layer"):
+        target_linears(model, ["model.layers.*.mlp.*"], ["*proj"])
+    assert len(target_linears(model, ["model.layers.*.mlp.*"], ["*down_proj"])) == 4
+    with pytest.raises(ValueError, match="method='obs' must be one of"):
+        OneShotSettings("obs", TWO_FOUR)
+
+
+@pytest.fixture
+def prune_overrides(tmp_path: Path, lm_teacher_dir: Path, corpus: Path) -> list[str]:
+    return [
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"model={lm_teacher_dir}",
+        f"data.data_dir={corpus}",
+        "data.pattern=*.txt",
+        "data.val_files=[work_3.txt]",
+        "data.test_files=[work_4.txt]",
+        "data.block_size=16",
+        "data.batch_size=2",
+        "data.eval_batch_size=2",
+        "calibration.samples=5",
+        "sparsegpt.block_size=16",
+    ]
+
+
+def test_prune_cli_saves_a_reloadable_model_with_its_masks(compose_train, prune_overrides, tmp_path: Path) -> None:
+    report = prune(compose_train(*prune_overrides, config_name="prune"))
+    folder = tmp_path / "run" / "model"
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    masks = load_file(str(folder / MASKS_FILE))
+    assert len(masks) == report["pruned_layers"] == 28 and report["layer_sparsity"] == 0.5
+    for name, keep in masks.items():
+        assert is_nm_sparse(reloaded.get_parameter(name)) and not reloaded.get_parameter(name)[~keep].any()
+    assert report["calibration_tokens"] == 5 * 16
+    assert 1 < report["pruned"]["test_ppl"] != report["dense"]["test_ppl"] > 1  # a random model: either way
+    assert report["peak_memory_mib"] > 0 and report["prune_seconds"] > 0
+    assert json.loads((tmp_path / "run" / "prune.json").read_text())["target"] == "2:4"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("calibration.samples=500", "calibration.samples=500 is more than the"),
+        ("pattern=5:12", "pattern 5:12 needs model.layers.0.self_attn.q_proj's input width"),
+        ("sparsity=1.5", "give exactly one of sparsity=1.5 and pattern='2:4'"),
+        ("method=obs", "method='obs' must be one of"),
+    ],
+)
+def test_prune_cli_names_bad_input_and_writes_nothing(compose_train, prune_overrides, override, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        prune(compose_train(*prune_overrides, override, config_name="prune"))
+    assert not (tmp_path / "run" / "model").exists()
