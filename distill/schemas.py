@@ -214,6 +214,13 @@ class NMSparsitySchema(MaskingSchema):
 
 
 @dataclass
+class HeldMasksSchema(MaskingSchema):
+    _target_: str = "distill.callbacks.held_masks.HeldMasks"
+    masks_file: str = MISSING
+    prefix: str = "student."
+
+
+@dataclass
 class QATSchema(TargetsSchema):
     _target_: str = "distill.callbacks.qat.QuantizationAwareTraining"
     start_step: int = 0
@@ -267,6 +274,7 @@ _SCHEMAS = {
     ("compression_schema", "magnitude_pruning"): MagnitudePruningSchema,
     ("compression_schema", "nm_sparsity"): NMSparsitySchema,
     ("compression_schema", "qat"): QATSchema,
+    ("compression_schema", "held_masks"): HeldMasksSchema,
     (None, "prune_schema"): PruneSchema,
 }
 

@@ -169,3 +169,52 @@ def test_prune_cli_names_bad_input_and_writes_nothing(compose_train, prune_overr
     with pytest.raises(ValueError, match=message):
         prune(compose_train(*prune_overrides, override, config_name="prune"))
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_distilling_the_pruned_model_holds_the_pruners_masks(
+    compose_train, prune_overrides, lm_teacher_dir: Path, corpus: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """prune (SparseGPT 2:4) -> distil from the dense teacher with compression=hold_masks_qat8: the
+    exported student has exactly the pruner's zeros, and its int8 copy is scored."""
+    from distill.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    prune(compose_train(*prune_overrides, config_name="prune"))
+    pruned = tmp_path / "run" / "model"
+    saved = load_file(str(pruned / MASKS_FILE))
+    data = [override for override in prune_overrides if override.startswith("data.")]
+    cfg = compose_train(
+        "experiment=smollm2_sparse_recover",
+        "debug=smoke",
+        f"student.name_or_path={pruned}",
+        "compression=hold_masks_qat8",
+        f"teacher.name_or_path={lm_teacher_dir}",
+        f"paths.output_dir={tmp_path / 'distil'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *data,
+        "data.train_limit_blocks=12",
+        "distill.teacher_cache_topk=8",
+        "distill.optimizer.lr=0.05",  # large steps: a mask that did not hold would show
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false",
+        "task.new_tokens=4",
+        "logger=csv",
+    )
+    metrics = train(cfg)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "distil" / "student")
+    assert len(saved) == 28
+    for name, keep in saved.items():
+        weight = student.get_parameter(name)
+        assert not weight[~keep].any(), name
+        assert weight[keep].count_nonzero() > 0.99 * keep.sum(), name  # the kept weights trained, not zeroed
+    dense = AutoModelForCausalLM.from_pretrained(pruned)
+    assert not torch.equal(student.get_parameter(next(iter(saved))), dense.get_parameter(next(iter(saved))))
+    assert metrics["student_int8/test_ppl"] > 1 and metrics["compression/quantized_layers"] == 28
+
+
+def test_held_masks_name_a_missing_file(compose_train, tmp_path: Path) -> None:
+    from distill.callbacks.held_masks import read_masks
+
+    with pytest.raises(FileNotFoundError, match=r"masks_file '.*/nothing/sparsity_masks\.safetensors' does not exist"):
+        read_masks(tmp_path / "nothing" / MASKS_FILE)
