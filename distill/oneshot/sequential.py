@@ -199,17 +199,19 @@ def prune_oneshot(
     model.eval()
     inputs = capture_inputs(model, stack[0], batches) if settings.method != "magnitude" else None
     masks: dict[str, Tensor] = {}
-    for index, block in enumerate(stack):
-        prefix = f"{stack_name}.{index}."
-        linears = {name: model.get_submodule(name) for name in names if name.startswith(prefix)}
+    per_block = [[name for name in names if name.startswith(f"{stack_name}.{index}.")] for index in range(len(stack))]
+    last = max(index for index, block_names in enumerate(per_block) if block_names)
+    for index, block in enumerate(stack[: last + 1]):
+        linears = {name: model.get_submodule(name) for name in per_block[index]}
         statistics = _gather(block, linears, inputs, settings.method, settings.hessian_dtype) if inputs else {}
         started = time.perf_counter()
         for name, linear in linears.items():
             weight, keep = settings.solve(name, linear.weight, statistics.get(name))
             linear.weight.copy_(weight)
             masks[f"{name}.weight"] = keep.cpu()
-        log.info("block %d: %d layers pruned in %.1f s", index, len(linears), time.perf_counter() - started)
-        if inputs is not None and index + 1 < len(stack):
+        if linears:
+            log.info("block %d: %d layers pruned in %.1f s", index, len(linears), time.perf_counter() - started)
+        if inputs is not None and index < last:  # the blocks after the last pruned one need no inputs
             inputs = _advance(block, inputs)
     model.train(was_training)
     return masks
