@@ -276,16 +276,24 @@ class DumpStudent(pl.Callback):
         torch.save(weights, self.folder / f"rank{trainer.global_rank}.pt")
 
 
-def test_token_mean_is_over_the_whole_step_across_ranks(tmp_path: Path) -> None:
-    """Two ranks with very different token counts take the step one process takes on both batches."""
-    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+def test_token_mean_is_over_the_whole_step_across_ranks_and_accumulated_batches(tmp_path: Path) -> None:
+    """Micro-batches and ranks with very different token counts take the step one process takes on
+    the whole batch: two ranks, two accumulated micro-batches, and both at once."""
+    ids = torch.randint(0, 97, (4, 10), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
-    labels[1, 3:] = -100  # rank 1 counts 2 tokens, rank 0 counts 9
+    labels[1, 3:] = -100  # 2 counted tokens against 9
+    labels[2, 7:] = -100  # 6
     items = [
-        {"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": labels[i]} for i in (0, 1)
+        {"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": labels[i]} for i in range(4)
     ]
+    arms = {  # name: (ranks, batch size, accumulated micro-batches); the reference takes all 4 at once
+        "single": (1, 4, 1),
+        "ddp": (2, 2, 1),
+        "accumulated": (1, 1, 4),
+        "ddp_accumulated": (2, 1, 2),
+    }
     results = {}
-    for name, devices, batch_size in (("ddp", 2, 1), ("single", 1, 2)):
+    for name, (devices, batch_size, accumulate) in arms.items():
         folder = tmp_path / name
         folder.mkdir()
         module = DistillationModule(
@@ -299,8 +307,12 @@ def test_token_mean_is_over_the_whole_step_across_ranks(tmp_path: Path) -> None:
             warmup_ratio=0.0,
         )
         strategy = "ddp_spawn" if devices > 1 else "auto"
-        trainer = make_trainer(folder, [DumpStudent(folder)], 1, devices=devices, strategy=strategy)
+        trainer = make_trainer(
+            folder, [DumpStudent(folder)], 1, devices=devices, strategy=strategy, accumulate_grad_batches=accumulate
+        )
+        # In order, unshuffled: the ranks' DistributedSampler interleaves, which the mean ignores.
         trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=batch_size))
         results[name] = torch.load(folder / "rank0.pt")
-    for key, value in results["single"].items():
-        torch.testing.assert_close(results["ddp"][key], value, rtol=1e-5, atol=1e-6)
+    for name in ("ddp", "accumulated", "ddp_accumulated"):
+        for key, value in results["single"].items():
+            torch.testing.assert_close(results[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")

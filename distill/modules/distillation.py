@@ -23,6 +23,7 @@ from distill.data.glue import EXAMPLE_INDEX
 from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
 from distill.losses import KDLoss, KDLossTerms, kd_loss_terms
 from distill.modules.frozen_teacher import FrozenTeacher
+from distill.modules.step_mean import StepMean
 from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
 from distill.tasks import ClassificationTask
 from distill.topk import TopKTargets
@@ -81,6 +82,7 @@ class DistillationModule(pl.LightningModule):
             raise ValueError("precomputed teacher logits hold no hidden states: set distill.hidden_weight=0")
         self.teacher_logits = teacher_logits
         self.copies_labelled_live = 0
+        self.step_mean = StepMean()
         self.trained_targets = 0  # examples or tokens (task.target_unit) this rank trained on, resumes included
         self.optimizer_factory = optimizer
         self.metrics = self.task.make_metrics()
@@ -108,26 +110,20 @@ class DistillationModule(pl.LightningModule):
         terms = None if copies else self.task.fused_terms(self, batch, labels, example_index)
         if terms is None:
             terms = self._loss_terms(batch, labels, example_index, copies, copy_fingerprint)
-        terms = self._mean_over_ranks(terms, self.task.count_targets(labels))
+        counted = self.task.count_targets(labels)
         if not torch.isfinite(terms.loss):
             # Stop before the optimizer step spreads it into the weights; saved checkpoints stay good.
             raise FloatingPointError(f"train/loss is {terms.loss.item()} at step {self.global_step}; stopping the run")
         size = labels.shape[0]
-        self.trained_targets += self.task.count_targets(labels)
+        self.trained_targets += counted
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=size)
         if terms.kd is not None:  # the fused kernels return the total only
             self.log("train/loss_kd", terms.kd, batch_size=size)
             self.log("train/loss_ce", terms.ce, batch_size=size)
-        return terms.loss
+        return terms.loss * self.step_mean.weight(self._trainer, counted, self.device)
 
-    def _mean_over_ranks(self, terms: KDLossTerms, counted: int) -> KDLossTerms:
-        """Each rank's loss is a mean over its own counted targets, and DDP averages ranks' gradients: weigh
-        each rank by its share so the step's gradient is that of the mean over every rank's targets."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return terms
-        total = self.trainer.strategy.reduce(torch.tensor(float(counted), device=self.device), reduce_op="sum")
-        weight = counted * self.trainer.world_size / total.clamp(min=1)
-        return KDLossTerms(*(term * weight if term is not None else None for term in terms))
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.step_mean.rescale(self._trainer, self.student.parameters(), self.device)
 
     def _loss_terms(
         self,
