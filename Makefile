@@ -2,7 +2,7 @@
 SHARED ?= ../shared
 OFFLINE = HF_HOME=$(SHARED)/hf HF_HUB_OFFLINE=1 DISTILL_DATA_DIR=$(SHARED)/data
 
-.PHONY: help install test test-fast lint format smoke train bench bench-gpu clean
+.PHONY: help install test test-fast lint format smoke train train-lm prune bench bench-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "%-10s %s\n", $$1, $$2}'
@@ -27,6 +27,14 @@ smoke:  ## the whole pipeline on a slice, in under 3 minutes
 
 train:  ## the full bert_to_tiny experiment
 	$(OFFLINE) python -m distill.train experiment=bert_to_tiny
+
+LM_TEACHER = DISTILL_LM_TEACHER=$(SHARED)/models/SmolLM2-135M-Instruct-Q4_1/SmolLM2-135M-Instruct.Q4_1.gguf
+
+train-lm:  ## SmolLM2-135M pruned to 15 layers and distilled back (experiment=smollm2_to_small)
+	$(OFFLINE) $(LM_TEACHER) python -m distill.train experiment=smollm2_to_small
+
+prune:  ## one-shot SparseGPT 2:4 of SmolLM2-135M (python -m distill.prune)
+	$(OFFLINE) $(LM_TEACHER) python -m distill.prune method=sparsegpt pattern=2:4
 
 bench:  ## CPU benchmarks (markdown tables; JSON under bench/results/)
 	$(OFFLINE) python bench/group_by_length.py
