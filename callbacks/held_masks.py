@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from safetensors.torch import load_file
 from torch import Tensor
 
-from distill.callbacks.masking import DEFAULT_INCLUDE, MaskingCallback
+from distill.callbacks.masking import DEFAULT_INCLUDE, MaskingCallback, check_masks_fit
 
 
 def read_masks(path: str | Path, prefix: str = "") -> dict[str, Tensor]:
@@ -40,13 +40,7 @@ class HeldMasks(MaskingCallback):
     def select_targets(self, pl_module: pl.LightningModule, names: list[str]) -> list[str]:
         """The targeted layers that the file has masks for; a mask for a missing or reshaped layer is an error."""
         self.saved_masks = read_masks(self.masks_file, self.prefix)
-        for name, mask in self.saved_masks.items():
-            try:
-                shape = tuple(pl_module.get_parameter(name).shape)
-            except AttributeError:
-                raise ValueError(f"{self.masks_file} has a mask for {name}, which the student does not have") from None
-            if tuple(mask.shape) != shape:
-                raise ValueError(f"{self.masks_file}: the mask for {name} is {tuple(mask.shape)}, the weight {shape}")
+        check_masks_fit(pl_module, self.saved_masks, str(self.masks_file))
         chosen = [name for name in names if name in self.saved_masks]
         if not chosen:
             raise ValueError(f"none of the {len(self.saved_masks)} masks in {self.masks_file} is among {self.include}")

@@ -45,6 +45,17 @@ def resolve_targets(module: nn.Module, include: Sequence[str], exclude: Sequence
     return [f"{name}.weight" for name in chosen]
 
 
+def check_masks_fit(module: nn.Module, masks: dict[str, Tensor], source: str) -> None:
+    """Every mask names a parameter of ``module`` of the mask's shape; else an error naming ``source``."""
+    for name, mask in masks.items():
+        try:
+            shape = tuple(module.get_parameter(name).shape)
+        except AttributeError:
+            raise ValueError(f"{source} has a mask for {name}, which this model does not have") from None
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"{source}: the mask for {name} has shape {tuple(mask.shape)}, the model's is {shape}")
+
+
 class MaskingCallback(pl.Callback):
     """Holds ``masks`` for named parameters and keeps the weights, gradients and optimizer state masked."""
 
@@ -117,13 +128,7 @@ class MaskingCallback(pl.Callback):
     # -- checkpoints ------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Restored masks (resume) or masks from an earlier fit: check them and put them back in force.
-        for name, mask in self.masks.items():
-            try:
-                shape = tuple(pl_module.get_parameter(name).shape)
-            except AttributeError:
-                raise ValueError(f"checkpoint has a mask for {name}, which this model does not have") from None
-            if tuple(mask.shape) != shape:
-                raise ValueError(f"checkpoint mask for {name} has shape {tuple(mask.shape)}, the model's is {shape}")
+        check_masks_fit(pl_module, self.masks, "checkpoint")
         self.apply_masks(pl_module)
 
     def state_dict(self) -> dict[str, Any]:

@@ -75,5 +75,5 @@ def test_masks_that_do_not_fit_the_model_are_refused(tmp_path: Path) -> None:
     name = next(iter(state["masks"]))
     state["masks"][name] = state["masks"][name][:, :4]
     torch.save(checkpoint, stopped_checkpoint)
-    with pytest.raises(ValueError, match=rf"checkpoint mask for {name} has shape \(\d+, 4\)"):
+    with pytest.raises(ValueError, match=rf"checkpoint: the mask for {name} has shape \(\d+, 4\)"):
         run(tmp_path / "second", gmp, ckpt_path=stopped_checkpoint)
