@@ -13,6 +13,7 @@ the peak memory of the pruning step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -84,8 +85,8 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     if cfg.evaluate:
         report["dense"] = task.score(model, datamodule)
     started = time.perf_counter()
-    call = lambda: prune_oneshot(model, batches, settings, cfg.include, cfg.exclude)  # noqa: E731
-    masks, report["peak_memory_mib"] = peak_memory_during(call)
+    work = functools.partial(prune_oneshot, model, batches, settings, cfg.include, cfg.exclude)
+    masks, report["peak_memory_mib"] = peak_memory_during(work)
     report["prune_seconds"] = time.perf_counter() - started
     pruned = sum(int((~keep).sum()) for keep in masks.values())
     total = sum(keep.numel() for keep in masks.values())
