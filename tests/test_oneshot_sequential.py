@@ -218,3 +218,30 @@ def test_held_masks_name_a_missing_file(compose_train, tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match=r"masks_file '.*/nothing/sparsity_masks\.safetensors' does not exist"):
         read_masks(tmp_path / "nothing" / MASKS_FILE)
+
+
+def test_prune_cli_on_a_sequence_classifier(compose_train, tiny_teacher_dir: Path, data_dir: Path, tmp_path: Path):
+    """task=classification data=sst2: calibration from SST-2's training sentences (padded), dev accuracy."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = compose_train(
+        "task=classification",
+        "data=sst2",
+        f"model={tiny_teacher_dir}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.data_dir={data_dir}",
+        "data.train_limit=64",
+        "data.val_limit=64",
+        "data.batch_size=16",
+        "calibration.samples=20",
+        "method=wanda",
+        config_name="prune",
+    )
+    report = prune(cfg)
+    assert 0 <= report["pruned"]["val_acc"] <= 1 and 0 <= report["dense"]["val_acc"] <= 1
+    assert report["pruned_layers"] == 12 and report["layer_sparsity"] == 0.5
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    assert all(
+        is_nm_sparse(student.get_parameter(name)) for name in load_file(str(tmp_path / "run" / "model" / MASKS_FILE))
+    )
