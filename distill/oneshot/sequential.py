@@ -67,7 +67,7 @@ class BlockInputs:
 
 
 class _Stop(Exception):
-    pass
+    """Raised by the hook on the first block: the rest of the forward is not needed."""
 
 
 @torch.no_grad()
