@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.kernels import is_nm_sparse, nm_mask
+from distill.kernels.sparsity import is_nm_sparse, nm_mask
 from distill.semi_structured import cuda_time_ms, graph_time_ms
 
 TOKENS = [512, 2048, 4096, 8192, 16384]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.callbacks.masking import DEFAULT_INCLUDE, MaskingCallback
-from distill.kernels import check_nm, nm_mask
+from distill.kernels.sparsity import check_nm, nm_mask
 from distill.modules.student_checkpoint import ASP_MASK_KEY
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from distill.kernels import is_nm_sparse
+from distill.kernels.sparsity import is_nm_sparse
 
 QUANT_BITS = {torch.int8: 8, torch.int4: 4}
 

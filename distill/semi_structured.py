@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distill.kernels import is_nm_sparse
+from distill.kernels.sparsity import is_nm_sparse
 
 log = logging.getLogger(__name__)
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from distill.data.glue import EXAMPLE_INDEX
 from distill.data.text import TextDataModule
-from distill.kernels import is_nm_sparse
+from distill.kernels.sparsity import is_nm_sparse
 from distill.losses import kd_loss_terms
 from distill.models.reference import resolve
 from distill.models.student import check_context, from_pretrained

@@ -9,7 +9,7 @@ from torchao.quantization import quantize_
 
 from distill.callbacks.qat import convert_to_int8, int8_qat_config
 from distill.compression_report import compression_report, layer_report
-from distill.kernels import nm_mask
+from distill.kernels.sparsity import nm_mask
 
 
 def linear(out_features: int = 16, in_features: int = 32, seed: int = 0) -> nn.Linear:

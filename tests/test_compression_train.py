@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from distill.kernels import is_nm_sparse
+from distill.kernels.sparsity import is_nm_sparse
 from distill.train import train
 
 GMP_FAST = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.kernels import asp_patterns, is_nm_sparse, nm_mask
+from distill.kernels.sparsity import asp_patterns, is_nm_sparse, nm_mask
 
 # The order ASP's argmax breaks ties in (notes/sparsity-qat.md, A.5), written out by hand.
 ASP_2_4_ORDER = [(0, 1, 0, 1), (1, 1, 0, 0), (0, 1, 1, 0), (1, 0, 1, 0), (1, 0, 0, 1), (0, 0, 1, 1)]

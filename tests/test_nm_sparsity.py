@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from distill.callbacks import nm_sparsity
 from distill.callbacks.nm_sparsity import NMSparsity
-from distill.kernels import is_nm_sparse, nm_mask
+from distill.kernels.sparsity import is_nm_sparse, nm_mask
 from tests.callback_helpers import ENCODER, batches, make_trainer, masks_of, tiny_module
 
 

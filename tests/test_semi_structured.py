@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from distill import semi_structured
-from distill.kernels import nm_mask
+from distill.kernels.sparsity import nm_mask
 from distill.semi_structured import convert_layer, ineligibility, to_semi_structured
 
 
