@@ -1,16 +1,17 @@
-"""Quantization-aware training (int8) of the student's Linear layers, built on torchao's QAT API.
+"""Quantization-aware training (int8) of the student's Linear layers, in the arithmetic the deployed model runs.
 
-In ``setup`` (before any checkpoint restore or optimizer exists) the targeted ``nn.Linear``
-layers become torchao ``FakeQuantizedLinear``: same parameter objects, same state-dict keys, so
-optimizers, masks and checkpoints carry over. Weights are fake-quantized symmetric per output
-channel (zero stays exactly zero, so pruning masks survive), activations per token, dynamically.
-Fake quantization is switched on at ``start_step``; nothing is converted during fit (that broke
-Lightning's old QAT callback): :func:`convert_to_int8` makes the real int8 model at export.
+In ``setup`` (before any checkpoint restore or optimizer exists) the targeted ``nn.Linear`` layers become
+torchao ``FakeQuantizedLinear`` containers (same parameter objects, same state-dict keys, so optimizers, masks
+and checkpoints carry over) holding the two quantizers below. They simulate ONNX Runtime's dynamic int8 MatMul,
+which is what ``distill.serve.onnx_int8`` exports and serves: weights int8 symmetric per output channel in
+[-127, 127] with scale max|w|/127 (zero stays zero, so pruning masks survive); activations uint8 per tensor, at
+every call, over a range that always contains 0 (``DynamicQuantizeLinear``). Both round half to even, as ORT
+does, and pass gradients straight through. So the fake-quant accuracy of fit is the deployed accuracy, up to
+float summation order. Fake quantization is switched on at ``start_step``; nothing is converted during fit.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -18,35 +19,68 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, quantize_
-from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
+from torchao.quantization.qat import FakeQuantizedLinear
 
 from distill.callbacks.masking import DEFAULT_INCLUDE, resolve_targets
 
 log = logging.getLogger(__name__)
 
 
-def int8_qat_config(weight_bits: int = 8) -> QATConfig:
-    """Symmetric per-channel weights, asymmetric per-token dynamic int8 activations."""
-    weight_dtype = {8: torch.int8, 4: torch.int4}.get(weight_bits)
-    if weight_dtype is None:
-        raise ValueError(f"weight_bits={weight_bits!r} must be 8 or 4")
-    return QATConfig(
-        activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
-        weight_config=IntxFakeQuantizeConfig(weight_dtype, "per_channel", is_symmetric=True),
-        step="prepare",
-    )
+def _straight_through(value: torch.Tensor, simulated: torch.Tensor) -> torch.Tensor:
+    return value + (simulated.to(value.dtype) - value).detach()
 
 
-def int8_base_config(weight_bits: int = 8) -> Int8DynamicActivationIntxWeightConfig:
-    """The post-training config that QAT simulates, for the conversion at export."""
-    return Int8DynamicActivationIntxWeightConfig(
-        weight_dtype={8: torch.int8, 4: torch.int4}[weight_bits], weight_granularity=PerAxis(0)
-    )
+class WeightFakeQuantizer(nn.Module):
+    """Int8 symmetric per output channel, as ORT's quantizer stores a MatMul's constant weight."""
+
+    bits = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        # ORT computes the scale in float64 (2·absmax / 254) and stores it as float32; an all-zero row gets 1.
+        scale = (weight.detach().abs().amax(dim=1, keepdim=True).double() * 2 / 254).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        quantized = torch.clamp(torch.round(weight.float() / scale), -127, 127) * scale
+        return _straight_through(weight, quantized)
+
+
+class ActivationFakeQuantizer(nn.Module):
+    """Uint8 asymmetric per tensor, computed at every call, as ORT's ``DynamicQuantizeLinear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return inputs
+        values = inputs.detach().float()
+        low, high = values.min().clamp(max=0), values.max().clamp(min=0)
+        scale = (high - low) / 255
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
+        quantized = torch.clamp(torch.round(inputs.float() / scale) + zero_point, 0, 255)
+        return _straight_through(inputs, (quantized - zero_point) * scale)
 
 
 def fake_quantized_layers(model: nn.Module) -> dict[str, FakeQuantizedLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, FakeQuantizedLinear)}
+
+
+def fake_quantize(model: nn.Module, names: Sequence[str]) -> None:
+    """Swap the named ``nn.Linear`` layers for fake-quantized ones sharing their parameters."""
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = FakeQuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.weight_fake_quantizer, layer.activation_fake_quantizer = WeightFakeQuantizer(), ActivationFakeQuantizer()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
@@ -56,39 +90,23 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
                 quantizer.enabled = enabled
 
 
-def convert_to_int8(model: nn.Module, weight_bits: int = 8, include: Sequence[str] | None = None) -> nn.Module:
-    """A converted copy: fake-quantized layers (or, for a float model, the ``include`` Linears) in int8."""
-    converted = copy.deepcopy(model).cpu().eval()
-    if fake_quantized_layers(converted):
-        quantize_(converted, QATConfig(int8_base_config(weight_bits), step="convert"))
-    else:
-        names = {name.removesuffix(".weight") for name in resolve_targets(converted, include or ["*"])}
-        quantize_(converted, int8_base_config(weight_bits), filter_fn=lambda module, fqn: fqn in names)
-    return converted
-
-
 class QuantizationAwareTraining(pl.Callback):
     """Fake-quantize the targeted Linear layers from ``start_step`` to the end of fit."""
 
-    def __init__(
-        self, start_step: int = 0, weight_bits: int = 8, include: Sequence[str] = DEFAULT_INCLUDE, exclude=()
-    ) -> None:
+    def __init__(self, start_step: int = 0, include: Sequence[str] = DEFAULT_INCLUDE, exclude=()) -> None:
         if start_step < 0:
             raise ValueError(f"start_step={start_step!r} must be >= 0")
-        self.config = int8_qat_config(weight_bits)
-        self.start_step, self.weight_bits = start_step, weight_bits
+        self.start_step = start_step
         self.include, self.exclude = list(include), list(exclude)
         self.active = False
         self.layers: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         names = {name.removesuffix(".weight") for name in resolve_targets(pl_module, self.include, self.exclude)}
-        fresh = [name for name in names if not isinstance(pl_module.get_submodule(name), FakeQuantizedLinear)]
+        fresh = sorted(name for name in names if not isinstance(pl_module.get_submodule(name), FakeQuantizedLinear))
         if fresh:
-            quantize_(pl_module, self.config, filter_fn=lambda module, fqn: fqn in fresh)
-            log.info(
-                "QAT: %d Linear layers fake-quantized (int%d weights, int8 activations)", len(fresh), self.weight_bits
-            )
+            fake_quantize(pl_module, fresh)
+            log.info("QAT: %d Linear layers fake-quantized (int8 weights, uint8 dynamic activations)", len(fresh))
         self.layers = sorted(fake_quantized_layers(pl_module))
         set_fake_quant(pl_module, self.active)
 
@@ -105,20 +123,16 @@ class QuantizationAwareTraining(pl.Callback):
     def describe(self) -> dict[str, Any]:
         """For the export manifest."""
         return {
-            "weights": f"int{self.weight_bits} symmetric per output channel",
-            "activations": "int8 asymmetric per token, dynamic",
+            "weights": "int8 symmetric per output channel, [-127, 127]",
+            "activations": "uint8 asymmetric per tensor, dynamic (ONNX Runtime DynamicQuantizeLinear)",
             "start_step": self.start_step,
             "layers": self.layers,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"active": self.active, "start_step": self.start_step, "weight_bits": self.weight_bits}
+        return {"active": self.active, "start_step": self.start_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["weight_bits"] != self.weight_bits:
-            raise ValueError(
-                f"checkpoint was trained with int{state_dict['weight_bits']} QAT, not int{self.weight_bits}"
-            )
         self.active = state_dict["active"]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,7 +2,7 @@
 
 Sizes are the bytes a deployed copy would take, tensor by tensor:
 
-* dense: ``params * bits / 8`` (32 bits, or 8/4 for a QAT-fake-quantized or int8 layer, plus one
+* dense: ``params * bits / 8`` (32 bits, or 8 for a QAT-fake-quantized layer, plus one
   fp32 scale per output channel);
 * 2:4-compressed (every group of 4 input weights holds <= 2 non-zeros): half the values plus
   2 bits of position metadata per kept value, the layout cuSPARSELt/CUTLASS store;
@@ -21,8 +21,6 @@ from torch import nn
 
 from distill.kernels.sparsity import is_nm_sparse
 
-QUANT_BITS = {torch.int8: 8, torch.int4: 4}
-
 
 @dataclass
 class LayerReport:
@@ -39,23 +37,15 @@ class LayerReport:
 
 
 def weight_bits(module: nn.Module) -> int:
-    """Bits per weight once deployed: from an active QAT fake-quantizer or an int8 weight, else the dtype's."""
+    """Bits per weight once deployed: from an active QAT fake-quantizer, else the dtype's."""
     quantizer = getattr(module, "weight_fake_quantizer", None)
     if quantizer is not None and getattr(quantizer, "enabled", False):
-        return QUANT_BITS[quantizer.config.dtype]
-    qdata = getattr(module.weight, "qdata", None)
-    if qdata is not None:
-        return qdata.element_size() * 8
+        return quantizer.bits
     return module.weight.element_size() * 8
 
 
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    weight = module.weight
-    return weight.dequantize() if hasattr(weight, "qdata") else weight.detach()
-
-
 def layer_report(name: str, module: nn.Linear) -> LayerReport:
-    weight = dense_weight(module)
+    weight = module.weight.detach()
     params, nonzero = weight.numel(), int(torch.count_nonzero(weight))
     bits = weight_bits(module)
     scale_bytes = weight.shape[0] * 4 if bits < 16 else 0

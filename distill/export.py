@@ -3,13 +3,15 @@
 ``student/`` is ``save_pretrained`` of the float student with pruned entries as exact zeros
 (QAT's fake-quantized layers are turned back into ``nn.Linear``), so it loads with plain
 ``AutoModelForSequenceClassification.from_pretrained``. ``student/compression.json`` says what
-was compressed. A student trained with QAT is also converted to a real int8 model for CPU
-(``student_int8.pt``, a torchao state dict) whose accuracy, size and latency are measured here.
+was compressed. A student trained with QAT is also exported as the int8 model QAT simulated
+(``student_int8/``, ONNX Runtime; ``distill.serve.onnx_int8``), whose score, size and latency are
+measured here against the float student.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -17,12 +19,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchao.quantization import quantize_
-from torchao.quantization.qat import QATConfig
 
-from distill.callbacks.qat import convert_to_int8, fake_quantized_layers
+from distill.callbacks.qat import fake_quantized_layers
 from distill.compression_report import LayerReport, compression_report
+from distill.data.glue import EXAMPLE_INDEX
 from distill.eval import latency_ms
+from distill.serve.onnx_int8 import OnnxModel, save_int8
 from distill.utils.run_record import write_json
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
 def float_student(student: nn.Module) -> nn.Module:
     """A copy with fake-quantized layers swapped back to ``nn.Linear`` (same weights)."""
     plain = copy.deepcopy(student).cpu().eval()
-    if fake_quantized_layers(plain):
-        quantize_(plain, QATConfig(step="convert"))
+    for name, layer in fake_quantized_layers(plain).items():
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent), child, layer.to_linear())
     return plain
 
 
@@ -45,30 +48,26 @@ def manifest(callbacks: list[Any], totals: dict[str, Any]) -> dict[str, Any]:
     return entries
 
 
-def quantized_weight_bytes(model: nn.Module) -> tuple[int, int]:
-    """Bytes of the int8 Linear weights (data, scales, zero points) and of the same weights in fp32."""
-    stored = fp32 = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None) if isinstance(module, nn.Linear) else None
-        if weight is not None and hasattr(weight, "tensor_data_names"):
-            stored += sum(
-                getattr(weight, name).numel() * getattr(weight, name).element_size()
-                for name in weight.tensor_data_names
-            )
-            fp32 += weight.qdata.numel() * 4
-    return stored, fp32
+def example_batch(datamodule, rows: int = 4) -> dict[str, torch.Tensor]:
+    """Model inputs of a few validation rows, for tracing."""
+    batch = next(iter(datamodule.val_dataloader()))
+    return {name: value[:rows] for name, value in batch.items() if name not in ("labels", EXAMPLE_INDEX)}
 
 
 def export_int8(student: nn.Module, float_model: nn.Module, datamodule, output_dir: Path, task) -> dict[str, Any]:
-    """Convert, save, and measure the int8 student against its float weights (task score, storage, latency)."""
-    int8 = convert_to_int8(student)
-    torch.save(int8.state_dict(), output_dir / "student_int8.pt")
-    int8_bytes, fp32_bytes = quantized_weight_bytes(int8)
+    """Export the int8 model QAT simulated and measure it against the float student (score, bytes, latency)."""
+    int8_dir = save_int8(
+        float_model,
+        sorted(fake_quantized_layers(student)),
+        example_batch(datamodule),
+        datamodule.tokenizer,
+        output_dir / "student_int8",
+    )
+    int8, record = OnnxModel(int8_dir), json.loads((int8_dir / "quantization.json").read_text())
     results = {
         **{f"student_int8/{name}": value for name, value in task.score(int8, datamodule).items()},
-        "student_int8/linear_bytes": int8_bytes,
-        "student_int8/linear_bytes_vs_fp32": int8_bytes / fp32_bytes,
-        "student_int8/file_bytes": (output_dir / "student_int8.pt").stat().st_size,
+        "student_int8/file_bytes": record["file_bytes"],
+        "student_int8/file_bytes_vs_fp32": record["file_bytes"] / record["fp32_file_bytes"],
     }
     for batch_size in task.latency_batch_sizes:
         results[f"student_int8/latency_ms_b{batch_size}"] = latency_ms(int8, datamodule, batch_size, 2, 10)

@@ -224,7 +224,6 @@ class HeldMasksSchema(MaskingSchema):
 class QATSchema(TargetsSchema):
     _target_: str = "distill.callbacks.qat.QuantizationAwareTraining"
     start_step: int = 0
-    weight_bits: int = 8
 
 
 @dataclass

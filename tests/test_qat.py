@@ -1,15 +1,24 @@
-"""QuantizationAwareTraining: torchao fake quantization from start_step, zeros kept, int8 conversion."""
+"""QuantizationAwareTraining: fake quantization from start_step, zeros kept, ONNX Runtime's arithmetic exactly."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper
+from onnxruntime.quantization.quant_utils import quantize_data
 
 from distill.callbacks.nm_sparsity import NMSparsity
-from distill.callbacks.qat import QuantizationAwareTraining, convert_to_int8, fake_quantized_layers
+from distill.callbacks.qat import (
+    ActivationFakeQuantizer,
+    QuantizationAwareTraining,
+    WeightFakeQuantizer,
+    fake_quantized_layers,
+)
 from distill.compression_report import compression_report
 from distill.modules.distillation import DistillationModule
 from tests.callback_helpers import ENCODER, batches, make_trainer, tiny_module
@@ -52,25 +61,46 @@ def test_symmetric_weights_keep_2_4_zeros_exactly(tmp_path: Path) -> None:
     assert totals["nm24_valid_layers"] == 12 and totals["quantized_layers"] == 12
 
 
-def test_int8_conversion_matches_fake_quantization(tmp_path: Path) -> None:
-    module = tiny_module()
-    make_trainer(tmp_path, [QuantizationAwareTraining(include=[ENCODER])], 2).fit(module, train_dataloaders=batches())
-    student = module.student.eval()
-    inputs = next(iter(batches()))
-    inputs.pop("labels")
-    int8 = convert_to_int8(student)
-    assert not fake_quantized_layers(int8) and all(
-        hasattr(layer.weight, "qdata")
-        for name, layer in int8.named_modules()
-        if ".encoder.layer." in f".{name}" and isinstance(layer, torch.nn.Linear)
+def _run_onnx_graph(nodes: list, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    graph = helper.make_graph(
+        nodes,
+        "reference",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, value.shape) for name, value in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
     )
-    with torch.no_grad():
-        assert torch.allclose(int8(**inputs).logits, student(**inputs).logits, atol=1e-5)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(outputs, inputs)
 
 
-def test_weight_bits_are_checked() -> None:
-    with pytest.raises(ValueError, match="weight_bits=3 must be 8 or 4"):
-        QuantizationAwareTraining(weight_bits=3)
-    callback = QuantizationAwareTraining()
-    with pytest.raises(ValueError, match="trained with int4 QAT, not int8"):
-        callback.load_state_dict({"active": True, "start_step": 0, "weight_bits": 4})
+@pytest.mark.parametrize("shift", [0.0, 3.0, -3.0], ids=["straddles-zero", "all-positive", "all-negative"])
+def test_activation_fake_quantizer_is_onnx_runtimes_dynamic_quantize_linear(shift: float) -> None:
+    values = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)) + shift
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "scale", "zero_point"]),
+        helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["y"]),
+    ]
+    (expected,) = _run_onnx_graph(nodes, {"x": values.numpy()}, ["y"])
+    torch.testing.assert_close(ActivationFakeQuantizer()(values), torch.from_numpy(expected), rtol=0, atol=1e-6)
+
+
+def _ort_dequantized(channel: torch.Tensor) -> torch.Tensor:
+    """ORT's own weight quantization of one output channel, de-quantized."""
+    zero_point, scale, quantized = quantize_data(channel.numpy(), TensorProto.INT8, symmetric=True)
+    return torch.from_numpy((quantized.astype(np.float32) - np.float32(zero_point)) * np.float32(scale))
+
+
+def test_weight_fake_quantizer_is_onnx_runtimes_per_channel_int8() -> None:
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    weight[2] = 0  # an all-zero channel (pruned away) stays zero
+    weight[:, ::4] = 0
+    simulated = WeightFakeQuantizer()(weight)
+    torch.testing.assert_close(simulated, torch.stack([_ort_dequantized(row) for row in weight]), rtol=0, atol=0)
+    assert not simulated[weight == 0].any()
+
+
+def test_switched_off_quantizers_are_the_identity() -> None:
+    values = torch.randn(4, 16)
+    for quantizer in (WeightFakeQuantizer(), ActivationFakeQuantizer()):
+        quantizer.enabled = False
+        assert quantizer(values) is values

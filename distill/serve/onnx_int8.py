@@ -1,0 +1,169 @@
+"""CPU int8 deployment through ONNX Runtime: export a model's logits graph, quantize its Linears, serve it.
+
+Why ONNX Runtime: torchao's CPU int8 path de-quantizes at every call and ran slower than fp32, while ORT's
+``MatMulInteger`` runs int8 GEMMs (AVX-512 VNNI here); ``bench/int8_runtimes.py`` measures the candidates side by
+side (docs/results/deploy.md). The quantization is ORT's dynamic scheme, the one QAT simulates
+(``distill.callbacks.qat``). Only the layers QAT fake-quantized are quantized: they are found in the graph by
+their weights' bytes, which no exporter renames.
+
+A served folder holds ``model.onnx``, the model's ``config.json`` and tokenizer, and ``quantization.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from torch import nn
+
+from distill.utils.run_record import write_json
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+
+
+@dataclass
+class OnnxOutput:
+    logits: torch.Tensor
+
+
+class _LogitsOnly(nn.Module):
+    """Positional inputs in, logits out: the shape an ONNX graph takes."""
+
+    def __init__(self, model: nn.Module, input_names: list[str]) -> None:
+        super().__init__()
+        self.model, self.input_names = model, input_names
+        self.extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.input_names, inputs, strict=True)), **self.extra).logits
+
+
+def with_padding(example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The example with at least one masked position: tracing an unpadded batch drops the mask from the graph."""
+    padded = {name: tensor.clone() for name, tensor in example.items()}
+    mask = padded["attention_mask"]
+    if bool(mask.all()):
+        mask[0, -1] = 0
+    return padded
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, example: Mapping[str, torch.Tensor], path: Path) -> Path:
+    """The fp32 logits graph, dynamic in batch and sequence length."""
+    example = with_padding(example)
+    names = list(example)
+    wrapper = _LogitsOnly(model.float().cpu().eval(), names)
+    logits_axes = {0: "batch", 1: "sequence"} if wrapper(*example.values()).dim() == 3 else {0: "batch"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        wrapper,
+        tuple(example.values()),
+        str(path),
+        input_names=names,
+        output_names=["logits"],
+        dynamic_axes={name: {0: "batch", 1: "sequence"} for name in names} | {"logits": logits_axes},
+        opset_version=17,
+        dynamo=False,
+    )
+    return path
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def matmuls_with_weights(path: Path, weights: Iterable[torch.Tensor]) -> list[str]:
+    """Names of the MatMul nodes whose constant operand is one of ``weights`` (as ``x @ W.T``)."""
+    wanted = {_digest(weight.detach().float().cpu().T.numpy()): index for index, weight in enumerate(weights)}
+    graph = onnx.load(str(path), load_external_data=True).graph
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    nodes, found = [], set()
+    for node in graph.node:
+        constant = constants.get(node.input[1]) if node.op_type == "MatMul" else None
+        index = wanted.get(_digest(numpy_helper.to_array(constant))) if constant is not None else None
+        if index is not None:
+            nodes.append(node.name)
+            found.add(index)
+    missing = sorted(set(wanted.values()) - found)
+    if missing:
+        raise ValueError(f"weights {missing} (by position) are not a MatMul operand in {path}: cannot quantize them")
+    return nodes
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, weights: Iterable[torch.Tensor]) -> list[str]:
+    """ORT dynamic int8 of the MatMuls that use ``weights``; returns the quantized nodes' names."""
+    nodes = matmuls_with_weights(fp32_path, weights)
+    quantize_dynamic(
+        fp32_path,
+        int8_path,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=nodes,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    return nodes
+
+
+def save_int8(
+    model: nn.Module, layers: list[str], example: Mapping[str, torch.Tensor], tokenizer: Any, output_dir: Path
+) -> Path:
+    """``output_dir``: the int8 ONNX model of ``model`` (``layers`` quantized), its config and tokenizer."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fp32_path = export_onnx(model, example, output_dir / "fp32.onnx")
+    weights = [model.get_submodule(name).weight for name in layers]
+    nodes = quantize_int8(fp32_path, output_dir / ONNX_FILE, weights)
+    fp32_bytes = fp32_path.stat().st_size
+    fp32_path.unlink()
+    model.config.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    write_json(
+        output_dir / "quantization.json",
+        {
+            "runtime": f"onnxruntime {ort.__version__}",
+            "weights": "int8 symmetric per output channel",
+            "activations": "uint8 per tensor, dynamic",
+            "layers": layers,
+            "nodes": nodes,
+            "file_bytes": (output_dir / ONNX_FILE).stat().st_size,
+            "fp32_file_bytes": fp32_bytes,
+        },
+    )
+    log.info("int8 ONNX model: %d MatMuls quantized -> %s", len(nodes), output_dir / ONNX_FILE)
+    return output_dir
+
+
+class OnnxModel(nn.Module):
+    """An ONNX Runtime session behind a Hugging Face-style call: ``model(**batch).logits``."""
+
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        super().__init__()
+        path = Path(path)
+        if path.is_dir():
+            path = path / ONNX_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no ONNX model at {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [node.name for node in self.session.get_inputs()]
+
+    def forward(self, **batch: torch.Tensor) -> OnnxOutput:
+        missing = [name for name in self.input_names if name not in batch]
+        if missing:
+            raise KeyError(f"the ONNX model needs inputs {missing}; the batch has {sorted(batch)}")
+        (logits,) = self.session.run(["logits"], {name: batch[name].cpu().numpy() for name in self.input_names})
+        return OnnxOutput(torch.from_numpy(logits))

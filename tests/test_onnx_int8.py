@@ -1,0 +1,107 @@
+"""The ONNX Runtime export: fp32 parity, int8 = QAT's fake quantization, only the QAT layers quantized."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from distill.callbacks.qat import fake_quantize
+from distill.export import float_student
+from distill.serve.onnx_int8 import OnnxModel, export_onnx, matmuls_with_weights, save_int8
+from tests.callback_helpers import tiny_bert
+from tests.conftest import tiny_llama
+
+
+class NoTokenizer:
+    def save_pretrained(self, directory: Path) -> None:
+        (Path(directory) / "tokenizer.json").write_text("{}")
+
+
+def token_batch(rows: int, length: int, seed: int, vocab: int = 50) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    batch = {
+        "input_ids": torch.randint(1, vocab, (rows, length), generator=generator),
+        "attention_mask": torch.ones(rows, length, dtype=torch.long),
+    }
+    batch["attention_mask"][-1, length // 2 :] = 0  # right padding in the last row
+    return batch
+
+
+def encoder_linears(model: torch.nn.Module) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if ".encoder.layer." in f".{name}" and isinstance(module, torch.nn.Linear)
+    ]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize(
+    "model_factory", [lambda: tiny_bert(0, hidden=32), lambda: tiny_llama(50)], ids=["bert", "llama"]
+)
+def test_fp32_graph_equals_the_model_at_other_shapes(model_factory, tmp_path: Path) -> None:
+    model = model_factory().eval()
+    session = OnnxModel(export_onnx(model, token_batch(2, 6, seed=0), tmp_path / "fp32.onnx"))
+    for rows, length in ((1, 3), (5, 11)):
+        batch = token_batch(rows, length, seed=rows)
+        with torch.no_grad():
+            expected = model(**batch).logits
+        assert relative_error(session(**batch).logits, expected) < 1e-5
+
+
+def qat_bert(seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
+    model = tiny_bert(seed, hidden=32).eval()
+    with torch.no_grad():  # weights of a trained scale, so that int8 rounding is visible in the logits
+        for parameter in model.parameters():
+            parameter.mul_(8)
+    names = encoder_linears(model)
+    fake_quantize(model, names)
+    return model, names
+
+
+def test_int8_model_computes_what_qat_simulated(tmp_path: Path) -> None:
+    fake_quantized, names = qat_bert()
+    plain = float_student(fake_quantized)
+    served = OnnxModel(save_int8(plain, names, token_batch(2, 6, seed=0), NoTokenizer(), tmp_path / "int8"))
+    for rows, length in ((1, 5), (4, 9)):
+        batch = token_batch(rows, length, seed=10 + rows)
+        with torch.no_grad():
+            simulated, unquantized = fake_quantized(**batch).logits, plain(**batch).logits
+        deployed = served(**batch).logits
+        # int8 rounding moves the logits; the deployed model moves them exactly as fit saw them
+        assert relative_error(deployed, simulated) < 1e-5 < 1e-3 < relative_error(deployed, unquantized)
+
+
+def test_only_the_qat_layers_are_quantized(tmp_path: Path) -> None:
+    fake_quantized, names = qat_bert()
+    chosen = names[:5]
+    out = save_int8(float_student(fake_quantized), chosen, token_batch(2, 6, seed=0), NoTokenizer(), tmp_path / "q")
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert sum(node.op_type == "MatMulInteger" for node in graph.node) == 5
+    record = json.loads((out / "quantization.json").read_text())
+    assert record["layers"] == chosen and len(record["nodes"]) == 5
+    assert {"config.json", "tokenizer.json", "model.onnx"} <= {path.name for path in out.iterdir()}
+    assert not (out / "fp32.onnx").exists()
+
+
+def test_a_weight_missing_from_the_graph_is_named(tmp_path: Path) -> None:
+    model = tiny_bert(0, hidden=32).eval()
+    path = export_onnx(model, token_batch(2, 6, seed=0), tmp_path / "fp32.onnx")
+    stranger = torch.randn(32, 32)
+    with pytest.raises(ValueError, match=r"weights \[1\] \(by position\) are not a MatMul operand"):
+        matmuls_with_weights(path, [model.bert.encoder.layer[0].attention.self.query.weight, stranger])
+
+
+def test_serving_errors_name_the_file_and_the_inputs(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no ONNX model at"):
+        OnnxModel(tmp_path)
+    session = OnnxModel(export_onnx(tiny_bert(0).eval(), token_batch(2, 6, seed=0), tmp_path / "fp32.onnx"))
+    with pytest.raises(KeyError, match=r"needs inputs \['attention_mask'\]"):
+        session(input_ids=torch.ones(1, 4, dtype=torch.long))
