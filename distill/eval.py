@@ -3,7 +3,8 @@
     python -m distill.eval student_path=logs/bert_to_tiny/runs/<run>/student
 
 Loads the model with plain ``AutoModelForSequenceClassification.from_pretrained``, so it
-measures exactly what a user of the exported folder gets. Writes eval.json to the run folder.
+measures exactly what a user of the exported folder gets; an int8 export (``student_int8/``, with
+``model.onnx``) is served by ONNX Runtime instead. Writes eval.json to the run folder.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from distill.data.glue import GlueDataModule
 from distill.schemas import register_schemas
+from distill.serve.onnx_int8 import ONNX_FILE, OnnxModel
 from distill.utils.run_record import count_parameters, write_json
 
 log = logging.getLogger("distill.eval")
@@ -52,14 +54,21 @@ def latency_ms(model: PreTrainedModel, datamodule: GlueDataModule, batch_size: i
     return statistics.median(timings)
 
 
+def load_served(path: Path) -> torch.nn.Module:
+    """A save_pretrained classifier (PyTorch), or an int8 export (ONNX Runtime)."""
+    if (path / ONNX_FILE).is_file():
+        return OnnxModel(path)
+    return AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule: GlueDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("validate")
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.student_path).eval()
     if cfg.latency.threads:
         torch.set_num_threads(cfg.latency.threads)
-    counts = count_parameters(model)
+    model = load_served(Path(cfg.student_path))
+    counts = count_parameters(model) if isinstance(model, PreTrainedModel) else {"params": None, "nonzero_params": None}
     results: dict[str, Any] = {
         "student_path": str(cfg.student_path),
         "task": datamodule.task,

@@ -259,6 +259,29 @@ class PruneSchema:
     evaluate: bool = True
 
 
+@dataclass
+class GenerationBenchSchema:
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+
+
+@dataclass
+class ServeBenchSchema:
+    """``python -m distill.serve_bench`` (conf/serve_bench.yaml): serving latency and energy of a run."""
+
+    paths: Any = MISSING
+    data: Any = MISSING
+    task_name: str = "serve_bench"
+    seed: int = 0
+    run_dir: str = MISSING
+    teacher_path: str | None = None
+    threads: list[int] = field(default_factory=lambda: [1, 2])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 3
+    repeats: int = 20
+    generation: GenerationBenchSchema = field(default_factory=GenerationBenchSchema)
+
+
 _SCHEMAS = {
     ("teacher", "teacher_schema"): TeacherSchema,
     ("student", "from_teacher_schema"): FromTeacherSchema,
@@ -275,6 +298,7 @@ _SCHEMAS = {
     ("compression_schema", "qat"): QATSchema,
     ("compression_schema", "held_masks"): HeldMasksSchema,
     (None, "prune_schema"): PruneSchema,
+    (None, "serve_bench_schema"): ServeBenchSchema,
 }
 
 

@@ -1,0 +1,180 @@
+"""Serving speed and energy of a run's artifacts against the teacher, on the same real inputs.
+
+    python -m distill.serve_bench run_dir=logs/bert_to_tiny/runs/<run> teacher_path=<teacher folder>
+    python -m distill.serve_bench run_dir=logs/smollm2_to_small/runs/<run> data=shakespeare \
+        teacher_path=$DISTILL_LM_TEACHER
+
+Classifiers: p50/p90 latency of one batch of real dev sentences at each batch size, throughput and J per
+1,000 requests, for the teacher, ``student/`` (PyTorch fp32), ``student_int8/`` (ONNX Runtime int8) and, on a
+GPU, the 2:4 student through ``distill.semi_structured``. Causal LMs: greedy generation from held-out prompts,
+batch 1: time to first token, prefill and decode tokens/s. Arms are interleaved (``distill.serve.latency``).
+An artifact that cannot be served here is listed under ``skipped`` with the reason. Writes
+``serve_bench.json`` into the run folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from distill.models.reference import load_causal_lm
+from distill.schemas import register_schemas
+from distill.serve.energy import cpu_energy
+from distill.serve.latency import measure, summarize
+from distill.serve.onnx_int8 import ONNX_FILE, OnnxModel
+from distill.utils.run_record import write_json
+
+log = logging.getLogger("distill.serve_bench")
+
+
+def is_causal_lm(student_dir: Path) -> bool:
+    return any(name.endswith("ForCausalLM") for name in AutoConfig.from_pretrained(student_dir).architectures or [])
+
+
+def two_four_student(student_dir: Path) -> tuple[nn.Module | None, str | None]:
+    """The 2:4 student on the GPU's sparse kernels, or why it cannot be served here."""
+    manifest = student_dir / "compression.json"
+    pattern = json.loads(manifest.read_text()).get("NMSparsity", {}).get("pattern") if manifest.is_file() else None
+    if pattern != "2:4":
+        return None, None
+    if not torch.cuda.is_available():
+        return None, "2:4 kernels (cuSPARSELt/CUTLASS) need a CUDA GPU; none here"
+    from distill.semi_structured import to_semi_structured
+
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir, dtype=torch.float16).cuda().eval()
+    to_semi_structured(model)
+    return model, None
+
+
+def classifier_arms(cfg: DictConfig, threads: int) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    run, models, skipped = Path(cfg.run_dir), {}, {}
+    if cfg.teacher_path:
+        models["teacher_fp32"] = AutoModelForSequenceClassification.from_pretrained(cfg.teacher_path).eval()
+    models["student_fp32"] = AutoModelForSequenceClassification.from_pretrained(run / "student").eval()
+    if (run / "student_int8" / ONNX_FILE).is_file():
+        models["student_int8"] = OnnxModel(run / "student_int8", threads)
+    sparse, reason = two_four_student(run / "student")
+    if sparse is not None:
+        models["student_2:4_gpu"] = sparse
+    if reason:
+        skipped["student_2:4_gpu"] = reason
+    return models, skipped
+
+
+def on_device(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    device = next(model.parameters(), torch.empty(0)).device  # an ONNX Runtime session has none: CPU
+    return {name: value.to(device) for name, value in batch.items()}
+
+
+def serve(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    return model(**batch)
+
+
+@torch.inference_mode()
+def bench_classifier(cfg: DictConfig, threads: int) -> tuple[list[dict[str, Any]], dict[str, str], str]:
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    models, skipped = classifier_arms(cfg, threads)
+    energy = cpu_energy(threads, os.cpu_count() or 1)
+    rows = []
+    for batch_size in cfg.batch_sizes:
+        batch = next(iter(datamodule.dataloader("validation", batch_size, shuffle=False)))
+        batch.pop("labels")
+        arms = {name: functools.partial(serve, model, on_device(model, batch)) for name, model in models.items()}
+        for name, samples in measure(arms, cfg.warmup, cfg.repeats, energy).items():
+            rows.append({"arm": name, "threads": threads, "batch_size": batch_size, **summarize(samples, batch_size)})
+    return rows, skipped, energy.source
+
+
+def causal_lm_arms(cfg: DictConfig) -> dict[str, nn.Module]:
+    models = {}
+    if cfg.teacher_path:
+        models["teacher_fp32"] = load_causal_lm(cfg.teacher_path)
+    models["student_fp32"] = AutoModelForCausalLM.from_pretrained(Path(cfg.run_dir) / "student").eval()
+    return models
+
+
+@torch.inference_mode()
+def bench_causal_lm(cfg: DictConfig, threads: int) -> tuple[list[dict[str, Any]], dict[str, str], str]:
+    """Batch-1 greedy generation: first token (prefill) and ``new_tokens`` tokens, timed as separate arms."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    prompt = datamodule.prompts("test", 1, cfg.generation.prompt_tokens)[0]
+    ids = datamodule.tokenizer(prompt, return_tensors="pt")
+    new_tokens = cfg.generation.new_tokens
+    energy = cpu_energy(threads, os.cpu_count() or 1)
+    arms: dict[str, Callable[[], Any]] = {}
+    for name, model in causal_lm_arms(cfg).items():
+        for kind, count in (("prefill", 1), ("generate", new_tokens)):
+            arms[f"{name}/{kind}"] = lambda model=model, count=count: model.generate(
+                **ids, max_new_tokens=count, min_new_tokens=count, do_sample=False
+            )
+    samples = measure(arms, cfg.warmup, cfg.repeats, energy)
+    rows = []
+    for name in {arm.split("/")[0] for arm in arms}:
+        prefill, generate = summarize(samples[f"{name}/prefill"], 1), summarize(samples[f"{name}/generate"], 1)
+        decode_s = (generate["p50_ms"] - prefill["p50_ms"]) / 1000
+        rows.append({
+            "arm": name, "threads": threads, "batch_size": 1, "prompt_tokens": ids["input_ids"].shape[1],
+            "time_to_first_token_ms": prefill["p50_ms"],
+            "prefill_tokens_per_s": ids["input_ids"].shape[1] / prefill["p50_ms"] * 1000,
+            "decode_tokens_per_s": (new_tokens - 1) / decode_s,
+            "generate_p90_ms": generate["p90_ms"],
+            "joules_per_1000_tokens": generate.get("joules_per_1000_requests", 0) / new_tokens,
+        })  # fmt: skip
+    return rows, {}, energy.source
+
+
+def serve_bench(cfg: DictConfig) -> dict[str, Any]:
+    student_dir = Path(cfg.run_dir) / "student"
+    if not (student_dir / "config.json").is_file():
+        raise FileNotFoundError(f"run_dir={cfg.run_dir!r} has no exported student/ (config.json)")
+    bench = bench_causal_lm if is_causal_lm(student_dir) else bench_classifier
+    rows, skipped, energy_source = [], {}, None
+    for threads in cfg.threads:
+        torch.set_num_threads(threads)
+        thread_rows, skipped, energy_source = bench(cfg, threads)
+        rows += thread_rows
+    return {"rows": rows, "skipped": skipped, "energy_source": energy_source, "cpu": os.cpu_count()}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    columns = [key for key in results["rows"][0] if key not in ("arm",)]
+    lines = ["| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in results["rows"]:
+        cells = [f"{row[key]:.4g}" if isinstance(row[key], float) else str(row[key]) for key in columns]
+        lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
+    lines += [f"skipped {name}: {reason}" for name, reason in results["skipped"].items()]
+    return "\n".join([*lines, f"energy: {results['energy_source']}"])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve_bench")
+def main(cfg: DictConfig) -> None:
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    results = serve_bench(cfg)
+    write_json(Path(cfg.run_dir) / "serve_bench.json", results)
+    log.info("serve bench of %s\n%s", cfg.run_dir, markdown(results))
+
+
+def cli() -> None:
+    """Console entry point (`distill-serve-bench`); the schemas must be known before Hydra composes."""
+    register_schemas()
+    main()
+
+
+if __name__ == "__main__":
+    cli()

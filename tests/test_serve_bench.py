@@ -1,0 +1,148 @@
+"""The serving harness: interleaved and warm-up-free timing, energy counters, and the bench over a run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import distill.serve_bench as serve_bench_module
+from distill.callbacks.qat import fake_quantize
+from distill.eval import evaluate
+from distill.export import float_student
+from distill.serve.energy import PowerModelEstimate, RaplEnergy
+from distill.serve.latency import Samples, measure, percentile, summarize
+from distill.serve.onnx_int8 import save_int8
+from distill.serve_bench import markdown, serve_bench
+
+
+def test_arms_interleave_in_rotating_order_and_warm_up_is_not_recorded() -> None:
+    calls: list[str] = []
+    arms = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = measure(arms, warmup=2, repeats=3)
+    rounds = [calls[index : index + 3] for index in range(0, len(calls), 3)]
+    assert len(rounds) == 5 and all(sorted(order) == ["a", "b", "c"] for order in rounds)
+    assert [order[0] for order in rounds] == ["a", "b", "c", "a", "b"]  # who goes first rotates
+    assert all(len(samples[name].seconds) == 3 for name in "abc")
+
+
+def test_each_request_is_timed_alone() -> None:
+    samples = measure({"slow": lambda: time.sleep(0.02), "fast": lambda: None}, warmup=0, repeats=3)
+    assert min(samples["slow"].seconds) >= 0.02 > max(samples["fast"].seconds)
+
+
+def test_bad_repeat_counts_are_named() -> None:
+    with pytest.raises(ValueError, match="repeats=0 must be >= 1"):
+        measure({"a": lambda: None}, warmup=0, repeats=0)
+
+
+def test_summary_percentiles_throughput_and_energy() -> None:
+    samples = Samples(seconds=[0.4, 0.1, 0.3, 0.2, 0.5], joules=[2.0, 1.0, 3.0, 2.0, 2.0])
+    summary = summarize(samples, requests_per_call=10)
+    assert summary["p50_ms"] == pytest.approx(300) and summary["p90_ms"] == pytest.approx(460)
+    assert summary["requests_per_s"] == pytest.approx(10 / 0.3)
+    assert summary["joules_per_1000_requests"] == pytest.approx(2.0 / 10 * 1000)
+    assert percentile([1.0], 0.9) == 1.0
+
+
+def test_rapl_counter_unwraps_at_its_range(tmp_path: Path) -> None:
+    domain = tmp_path / "intel-rapl:0"
+    domain.mkdir()
+    (domain / "max_energy_range_uj").write_text("1000000")
+    (domain / "energy_uj").write_text("900000")
+    counter = RaplEnergy(root=str(tmp_path))
+    before = counter.joules()
+    (domain / "energy_uj").write_text("100000")  # wrapped: 0.2 J later
+    assert counter.joules() - before == pytest.approx(0.2)
+    assert "RAPL" in counter.source
+
+
+def test_power_model_estimate_scales_with_threads_and_says_it_is_an_estimate() -> None:
+    counter = PowerModelEstimate(threads=1, cpu_threads=2, cpu_watts=8.0)
+    before = counter.joules()
+    time.sleep(0.05)
+    assert 0.05 * 4.0 <= counter.joules() - before < 0.5 * 4.0
+    assert counter.source.startswith("estimate") and counter.watts == 4.0
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, tiny_teacher_dir: Path) -> Path:
+    """A run folder as a qat8 + nm24 run leaves it: student/, its 2:4 manifest and student_int8/."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_teacher_dir, run / "student")
+    (run / "student" / "compression.json").write_text(json.dumps({"NMSparsity": {"pattern": "2:4"}}))
+    model = AutoModelForSequenceClassification.from_pretrained(run / "student").eval()
+    layers = [name for name, _ in model.named_modules() if name.endswith(("query", "key", "value", "dense"))]
+    layers = [name for name in layers if ".encoder.layer." in f".{name}"]
+    fake_quantize(model, layers)
+    example = AutoTokenizer.from_pretrained(run / "student")(["a fine film", "dull"], padding=True, return_tensors="pt")
+    save_int8(
+        float_student(model),
+        layers,
+        dict(example),
+        AutoTokenizer.from_pretrained(run / "student"),
+        run / "student_int8",
+    )
+    return run
+
+
+def test_bench_serves_every_artifact_on_the_same_dev_batch(
+    compose_train, run_dir, tiny_teacher_dir, data_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[int, set[tuple[str, bytes]]] = {}
+
+    def recording_serve(model, batch):
+        seen.setdefault(batch["input_ids"].shape[0], set()).add(
+            (type(model).__name__, batch["input_ids"].numpy().tobytes())
+        )
+        return model(**batch)
+
+    monkeypatch.setattr(serve_bench_module, "serve", recording_serve)
+    cfg = compose_train(
+        f"run_dir={run_dir}",
+        f"teacher_path={tiny_teacher_dir}",
+        f"paths.output_dir={run_dir / 'bench'}",
+        f"paths.cache_dir={run_dir / 'cache'}",
+        f"paths.data_dir={data_dir}",
+        "threads=[1]",
+        "batch_sizes=[1,4]",
+        "warmup=1",
+        "repeats=3",
+        config_name="serve_bench",
+    )
+    results = serve_bench(cfg)
+    arms = {(row["arm"], row["batch_size"]) for row in results["rows"]}
+    assert arms == {(arm, size) for arm in ("teacher_fp32", "student_fp32", "student_int8") for size in (1, 4)}
+    assert "need a CUDA GPU" in results["skipped"]["student_2:4_gpu"]
+    assert all(row["p90_ms"] >= row["p50_ms"] > 0 and row["joules_per_1000_requests"] > 0 for row in results["rows"])
+    for size, served in seen.items():  # three arms (two model classes), one batch of real sentences per size
+        assert len({data for _, data in served}) == 1 and len(served) == 2, size
+    table = markdown(results)
+    assert "student_int8" in table and "skipped student_2:4_gpu" in table and "energy:" in table
+
+
+def test_a_run_without_a_student_is_named(compose_train, tmp_path: Path) -> None:
+    cfg = compose_train(f"run_dir={tmp_path}", f"paths.output_dir={tmp_path / 'bench'}", config_name="serve_bench")
+    with pytest.raises(FileNotFoundError, match=r"run_dir='.*' has no exported student/"):
+        serve_bench(cfg)
+
+
+def test_eval_serves_the_int8_export_with_onnx_runtime(compose_train, run_dir, data_dir) -> None:
+    results = {}
+    for artifact in ("student", "student_int8"):
+        cfg = compose_train(
+            f"student_path={run_dir / artifact}",
+            f"paths.output_dir={run_dir / 'eval'}",
+            f"paths.cache_dir={run_dir / 'cache'}",
+            f"paths.data_dir={data_dir}",
+            "latency.repeats=2",
+            config_name="eval",
+        )
+        results[artifact] = evaluate(cfg)
+    assert results["student_int8"]["params"] is None and results["student"]["params"] > 0
+    assert abs(results["student_int8"]["val_acc"] - results["student"]["val_acc"]) < 0.05
+    assert results["student_int8"]["latency_ms/batch_32"] > 0
