@@ -11,20 +11,20 @@ measured here against the float student.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from distill.callbacks.qat import fake_quantized_layers
 from distill.compression_report import LayerReport, compression_report
-from distill.data.glue import EXAMPLE_INDEX
 from distill.eval import latency_ms
-from distill.serve.onnx_int8 import OnnxModel, save_int8
+from distill.serve.onnx_decoder import load_onnx
+from distill.serve.onnx_int8 import save_int8
 from distill.utils.run_record import write_json
 
 log = logging.getLogger(__name__)
@@ -48,22 +48,16 @@ def manifest(callbacks: list[Any], totals: dict[str, Any]) -> dict[str, Any]:
     return entries
 
 
-def example_batch(datamodule, rows: int = 4) -> dict[str, torch.Tensor]:
-    """Model inputs of a few validation rows, for tracing."""
-    batch = next(iter(datamodule.val_dataloader()))
-    return {name: value[:rows] for name, value in batch.items() if name not in ("labels", EXAMPLE_INDEX)}
-
-
 def export_int8(student: nn.Module, float_model: nn.Module, datamodule, output_dir: Path, task) -> dict[str, Any]:
     """Export the int8 model QAT simulated and measure it against the float student (score, bytes, latency)."""
     int8_dir = save_int8(
         float_model,
         sorted(fake_quantized_layers(student)),
-        example_batch(datamodule),
         datamodule.tokenizer,
         output_dir / "student_int8",
+        functools.partial(task.export_onnx, float_model, datamodule),
     )
-    int8, record = OnnxModel(int8_dir), json.loads((int8_dir / "quantization.json").read_text())
+    int8, record = load_onnx(int8_dir), json.loads((int8_dir / "quantization.json").read_text())
     results = {
         **{f"student_int8/{name}": value for name, value in task.score(int8, datamodule).items()},
         "student_int8/file_bytes": record["file_bytes"],

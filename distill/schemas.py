@@ -275,11 +275,27 @@ class ServeBenchSchema:
     seed: int = 0
     run_dir: str = MISSING
     teacher_path: str | None = None
+    int8_path: str | None = None
     threads: list[int] = field(default_factory=lambda: [1, 2])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     warmup: int = 3
     repeats: int = 20
     generation: GenerationBenchSchema = field(default_factory=GenerationBenchSchema)
+
+
+@dataclass
+class QuantizeSchema:
+    """``python -m distill.quantize`` (conf/quantize.yaml): post-training int8 export for ONNX Runtime."""
+
+    paths: Any = MISSING
+    data: Any = MISSING
+    task: Any = MISSING
+    task_name: str = "quantize"
+    seed: int = 0
+    model: str = MISSING
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    evaluate: bool = True
 
 
 _SCHEMAS = {
@@ -299,6 +315,7 @@ _SCHEMAS = {
     ("compression_schema", "held_masks"): HeldMasksSchema,
     (None, "prune_schema"): PruneSchema,
     (None, "serve_bench_schema"): ServeBenchSchema,
+    (None, "quantize_schema"): QuantizeSchema,
 }
 
 

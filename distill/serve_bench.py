@@ -5,8 +5,9 @@
         teacher_path=$DISTILL_LM_TEACHER
 
 Classifiers: p50/p90 latency of one batch of real dev sentences at each batch size, throughput and J per
-1,000 requests, for the teacher, ``student/`` (PyTorch fp32), ``student_int8/`` (ONNX Runtime int8) and, on a
-GPU, the 2:4 student through ``distill.semi_structured``. Causal LMs: greedy generation from held-out prompts,
+1,000 requests, for the teacher, ``student/`` (PyTorch fp32), the int8 export (ONNX Runtime: the run's
+``student_int8/`` after QAT, or ``int8_path``, e.g. ``model_int8/`` of ``distill.quantize``) and, on a GPU,
+the 2:4 student through ``distill.semi_structured``. Causal LMs: greedy generation from held-out prompts,
 batch 1: time to first token, prefill and decode tokens/s. Arms are interleaved (``distill.serve.latency``).
 An artifact that cannot be served here is listed under ``skipped`` with the reason. Writes
 ``serve_bench.json`` into the run folder.
@@ -33,7 +34,8 @@ from distill.models.reference import load_causal_lm
 from distill.schemas import register_schemas
 from distill.serve.energy import cpu_energy
 from distill.serve.latency import measure, summarize
-from distill.serve.onnx_int8 import ONNX_FILE, OnnxModel
+from distill.serve.onnx_decoder import load_onnx
+from distill.serve.onnx_int8 import ONNX_FILE
 from distill.utils.run_record import write_json
 
 log = logging.getLogger("distill.serve_bench")
@@ -63,8 +65,8 @@ def classifier_arms(cfg: DictConfig, threads: int) -> tuple[dict[str, nn.Module]
     if cfg.teacher_path:
         models["teacher_fp32"] = AutoModelForSequenceClassification.from_pretrained(cfg.teacher_path).eval()
     models["student_fp32"] = AutoModelForSequenceClassification.from_pretrained(run / "student").eval()
-    if (run / "student_int8" / ONNX_FILE).is_file():
-        models["student_int8"] = OnnxModel(run / "student_int8", threads)
+    if int8_artifact(cfg) is not None:
+        models["student_int8"] = load_onnx(int8_artifact(cfg), threads)
     sparse, reason = two_four_student(run / "student")
     if sparse is not None:
         models["student_2:4_gpu"] = sparse
@@ -99,11 +101,23 @@ def bench_classifier(cfg: DictConfig, threads: int) -> tuple[list[dict[str, Any]
     return rows, skipped, energy.source
 
 
-def causal_lm_arms(cfg: DictConfig) -> dict[str, nn.Module]:
+def int8_artifact(cfg: DictConfig) -> Path | None:
+    """``int8_path`` if given, else the run's ``student_int8/`` (QAT runs) if there is one."""
+    if cfg.int8_path:
+        if not (Path(cfg.int8_path) / ONNX_FILE).is_file():
+            raise FileNotFoundError(f"int8_path={cfg.int8_path!r} holds no {ONNX_FILE}")
+        return Path(cfg.int8_path)
+    exported = Path(cfg.run_dir) / "student_int8"
+    return exported if (exported / ONNX_FILE).is_file() else None
+
+
+def causal_lm_arms(cfg: DictConfig, threads: int) -> dict[str, nn.Module]:
     models = {}
     if cfg.teacher_path:
         models["teacher_fp32"] = load_causal_lm(cfg.teacher_path)
     models["student_fp32"] = AutoModelForCausalLM.from_pretrained(Path(cfg.run_dir) / "student").eval()
+    if int8_artifact(cfg) is not None:
+        models["student_int8"] = load_onnx(int8_artifact(cfg), threads)
     return models
 
 
@@ -114,11 +128,12 @@ def bench_causal_lm(cfg: DictConfig, threads: int) -> tuple[list[dict[str, Any]]
     datamodule.prepare_data()
     datamodule.setup("test")
     prompt = datamodule.prompts("test", 1, cfg.generation.prompt_tokens)[0]
-    ids = datamodule.tokenizer(prompt, return_tensors="pt")
+    encoded = datamodule.tokenizer(prompt, return_tensors="pt")
+    ids = {name: encoded[name] for name in ("input_ids", "attention_mask")}
     new_tokens = cfg.generation.new_tokens
     energy = cpu_energy(threads, os.cpu_count() or 1)
     arms: dict[str, Callable[[], Any]] = {}
-    for name, model in causal_lm_arms(cfg).items():
+    for name, model in causal_lm_arms(cfg, threads).items():
         for kind, count in (("prefill", 1), ("generate", new_tokens)):
             arms[f"{name}/{kind}"] = lambda model=model, count=count: model.generate(
                 **ids, max_new_tokens=count, min_new_tokens=count, do_sample=False

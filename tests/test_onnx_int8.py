@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -56,6 +57,10 @@ def test_fp32_graph_equals_the_model_at_other_shapes(model_factory, tmp_path: Pa
         assert relative_error(session(**batch).logits, expected) < 1e-5
 
 
+def int8_export(model: torch.nn.Module, layers: list[str], output_dir: Path) -> Path:
+    return save_int8(model, layers, NoTokenizer(), output_dir, partial(export_onnx, model, token_batch(2, 6, seed=0)))
+
+
 def qat_bert(seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
     model = tiny_bert(seed, hidden=32).eval()
     with torch.no_grad():  # weights of a trained scale, so that int8 rounding is visible in the logits
@@ -69,7 +74,7 @@ def qat_bert(seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
 def test_int8_model_computes_what_qat_simulated(tmp_path: Path) -> None:
     fake_quantized, names = qat_bert()
     plain = float_student(fake_quantized)
-    served = OnnxModel(save_int8(plain, names, token_batch(2, 6, seed=0), NoTokenizer(), tmp_path / "int8"))
+    served = OnnxModel(int8_export(plain, names, tmp_path / "int8"))
     for rows, length in ((1, 5), (4, 9)):
         batch = token_batch(rows, length, seed=10 + rows)
         with torch.no_grad():
@@ -82,7 +87,7 @@ def test_int8_model_computes_what_qat_simulated(tmp_path: Path) -> None:
 def test_only_the_qat_layers_are_quantized(tmp_path: Path) -> None:
     fake_quantized, names = qat_bert()
     chosen = names[:5]
-    out = save_int8(float_student(fake_quantized), chosen, token_batch(2, 6, seed=0), NoTokenizer(), tmp_path / "q")
+    out = int8_export(float_student(fake_quantized), chosen, tmp_path / "q")
     graph = onnx.load(str(out / "model.onnx")).graph
     assert sum(node.op_type == "MatMulInteger" for node in graph.node) == 5
     record = json.loads((out / "quantization.json").read_text())

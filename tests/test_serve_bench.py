@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ import distill.serve_bench as serve_bench_module
 from distill.callbacks.qat import fake_quantize
 from distill.eval import evaluate
 from distill.export import float_student
+from distill.quantize import quantize
 from distill.serve.energy import PowerModelEstimate, RaplEnergy
 from distill.serve.latency import Samples, measure, percentile, summarize
-from distill.serve.onnx_int8 import save_int8
+from distill.serve.onnx_int8 import export_onnx, save_int8
 from distill.serve_bench import markdown, serve_bench
 
 
@@ -79,14 +81,10 @@ def run_dir(tmp_path: Path, tiny_teacher_dir: Path) -> Path:
     layers = [name for name, _ in model.named_modules() if name.endswith(("query", "key", "value", "dense"))]
     layers = [name for name in layers if ".encoder.layer." in f".{name}"]
     fake_quantize(model, layers)
-    example = AutoTokenizer.from_pretrained(run / "student")(["a fine film", "dull"], padding=True, return_tensors="pt")
-    save_int8(
-        float_student(model),
-        layers,
-        dict(example),
-        AutoTokenizer.from_pretrained(run / "student"),
-        run / "student_int8",
-    )
+    tokenizer = AutoTokenizer.from_pretrained(run / "student")
+    example = tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    plain = float_student(model)
+    save_int8(plain, layers, tokenizer, run / "student_int8", partial(export_onnx, plain, dict(example)))
     return run
 
 
@@ -146,3 +144,61 @@ def test_eval_serves_the_int8_export_with_onnx_runtime(compose_train, run_dir, d
     assert results["student_int8"]["params"] is None and results["student"]["params"] > 0
     assert abs(results["student_int8"]["val_acc"] - results["student"]["val_acc"]) < 0.05
     assert results["student_int8"]["latency_ms/batch_32"] > 0
+
+
+def corpus_overrides(corpus: Path) -> list[str]:
+    return [
+        "data=shakespeare",
+        f"data.data_dir={corpus}",
+        "data.pattern=*.txt",
+        "data.val_files=[work_3.txt]",
+        "data.test_files=[work_4.txt]",
+        "data.block_size=16",
+    ]
+
+
+def test_post_training_int8_of_a_causal_lm_then_its_decode_bench(
+    compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(lm_teacher_dir, run / "student")
+    report = quantize(
+        compose_train(
+            f"model={run / 'student'}",
+            f"paths.output_dir={tmp_path / 'quantize'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            *corpus_overrides(corpus)[1:],
+            config_name="quantize",
+        )
+    )
+    assert report["layers"] == 4 * 7 and 1 < report["float"]["test_ppl"] < report["int8"]["test_ppl"] * 1.5
+    cfg = compose_train(
+        f"run_dir={run}",
+        f"teacher_path={lm_teacher_dir}",
+        f"int8_path={tmp_path / 'quantize' / 'model_int8'}",
+        f"paths.output_dir={tmp_path / 'bench'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *corpus_overrides(corpus),
+        "threads=[1]",
+        "warmup=1",
+        "repeats=2",
+        "generation.prompt_tokens=8",
+        "generation.new_tokens=4",
+        config_name="serve_bench",
+    )
+    rows = {row["arm"]: row for row in serve_bench(cfg)["rows"]}
+    assert set(rows) == {"teacher_fp32", "student_fp32", "student_int8"}
+    for row in rows.values():
+        assert row["decode_tokens_per_s"] > 0 and row["time_to_first_token_ms"] > 0 and row["prompt_tokens"] > 1
+
+
+def test_an_int8_path_without_a_model_is_named(compose_train, run_dir, tmp_path: Path, data_dir) -> None:
+    cfg = compose_train(
+        f"run_dir={run_dir}",
+        f"int8_path={tmp_path}",
+        f"paths.output_dir={tmp_path / 'bench'}",
+        f"paths.data_dir={data_dir}",
+        config_name="serve_bench",
+    )
+    with pytest.raises(FileNotFoundError, match=r"int8_path='.*' holds no model.onnx"):
+        serve_bench(cfg)

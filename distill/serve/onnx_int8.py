@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,11 +118,15 @@ def quantize_int8(fp32_path: Path, int8_path: Path, weights: Iterable[torch.Tens
 
 
 def save_int8(
-    model: nn.Module, layers: list[str], example: Mapping[str, torch.Tensor], tokenizer: Any, output_dir: Path
+    model: nn.Module, layers: list[str], tokenizer: Any, output_dir: Path, export: Callable[[Path], Any]
 ) -> Path:
-    """``output_dir``: the int8 ONNX model of ``model`` (``layers`` quantized), its config and tokenizer."""
+    """``output_dir``: the int8 ONNX model of ``model`` (``layers`` quantized), its config and tokenizer.
+
+    ``export(path)`` writes the fp32 graph (the task's: logits only, or a decoder step with a KV cache).
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
-    fp32_path = export_onnx(model, example, output_dir / "fp32.onnx")
+    fp32_path = output_dir / "fp32.onnx"
+    export(fp32_path)
     weights = [model.get_submodule(name).weight for name in layers]
     nodes = quantize_int8(fp32_path, output_dir / ONNX_FILE, weights)
     fp32_bytes = fp32_path.stat().st_size

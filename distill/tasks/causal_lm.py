@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from distill.data.glue import EXAMPLE_INDEX
 from distill.kernels.kd_loss_linear import kd_loss_linear, kd_loss_linear_topk
 from distill.losses import KDLossTerms
+from distill.serve.onnx_decoder import export_decoder
 from distill.topk import TopKTargets
 from distill.utils.run_record import write_json
 
@@ -172,6 +173,10 @@ class CausalLMTask:
     def score(self, model: nn.Module, datamodule: Any) -> dict[str, float]:
         """Held-out (test split) perplexity of a standalone model (e.g. the exported int8 student)."""
         return {"test_ppl": perplexity(model, datamodule.test_dataloader())}
+
+    def export_onnx(self, model: nn.Module, datamodule: Any, path: Path) -> None:
+        """A decoder step with a KV cache: it scores (empty past) and generates."""
+        export_decoder(model, path)
 
     def export_extras(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any, output_dir: Path) -> dict:
         """Greedy continuations of held-out prompts, teacher's and student's side by side."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForSequenceClassification
+
+from distill.data.glue import EXAMPLE_INDEX
+from distill.serve.onnx_int8 import export_onnx
 
 
 class ClassificationTask:
@@ -57,6 +61,13 @@ class ClassificationTask:
         from distill.eval import accuracy
 
         return {"val_acc": accuracy(model, datamodule)}
+
+    def export_onnx(self, model: nn.Module, datamodule: Any, path: Path) -> None:
+        """The logits graph, traced on a few real dev sentences."""
+        batch = next(iter(datamodule.dataloader("validation", 4, shuffle=False)))
+        export_onnx(
+            model, {name: value for name, value in batch.items() if name not in ("labels", EXAMPLE_INDEX)}, path
+        )
 
     def export_extras(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any, output_dir: Any) -> dict:
         return {}
