@@ -1,0 +1,111 @@
+"""CPU int8 runtimes for the bert_to_tiny student, side by side: which one ``qat8`` should export.
+
+    python bench/int8_runtimes.py [--student <run>/student] [--repeats 30] [--threads 1 2]
+
+Arms, all on the same batches of real SST-2 dev sentences (batch 1 and 32), interleaved round by round
+(``distill.serve.latency``): PyTorch fp32 eager (the baseline), torchao's CPU int8 (int8 dynamic
+activations, int8 weights: what ``qat8`` exported until this bench), ONNX Runtime fp32 and ONNX Runtime
+int8 (``distill.serve.onnx_int8``: dynamic int8 MatMuls). Only the encoder Linears are quantized, as
+``qat8`` does. Without ``--student`` the student is built as the run builds it (MiniLM-L6, layers 0 and 5):
+weights do not change times. Prints markdown (median ms and speed-up over PyTorch fp32); writes JSON to
+bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, quantize_
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from distill.serve.latency import measure, summarize
+from distill.serve.onnx_int8 import OnnxModel, export_onnx, save_int8
+
+TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def student(path: str | None) -> nn.Module:
+    if path:
+        return AutoModelForSequenceClassification.from_pretrained(path).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(TEACHER, num_labels=2).eval()
+    model.bert.encoder.layer = nn.ModuleList([model.bert.encoder.layer[0], model.bert.encoder.layer[5]])
+    model.config.num_hidden_layers = 2
+    return model
+
+
+def dev_batches(tokenizer, sizes: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    data_dir = Path(os.environ.get("DISTILL_DATA_DIR", "../shared/data"))
+    with open(data_dir / "sst2" / "dev.tsv", newline="") as handle:
+        sentences = [row["sentence"] for row in csv.DictReader(handle, delimiter="\t")]
+    return {size: dict(tokenizer(sentences[:size], padding=True, return_tensors="pt")) for size in sizes}
+
+
+def encoder_linears(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if ".encoder.layer." in f".{n}" and isinstance(m, nn.Linear)]
+
+
+def torchao_int8(model: nn.Module, layers: list[str]) -> nn.Module:
+    converted = copy.deepcopy(model)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    quantize_(converted, config, filter_fn=lambda module, name: name in layers)
+    return converted
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    model = student(args.student)
+    tokenizer = AutoTokenizer.from_pretrained(args.student or TEACHER)
+    batches = dev_batches(tokenizer, [1, 32])
+    layers = encoder_linears(model)
+    folder = Path(tempfile.mkdtemp())
+    export_onnx(model, batches[32], folder / "fp32.onnx")
+    save_int8(model, layers, tokenizer, folder / "int8", partial(export_onnx, model, batches[32]))
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        models = {
+            "pytorch_fp32": model,
+            "torchao_int8": torchao_int8(model, layers),
+            "onnxruntime_fp32": OnnxModel(folder / "fp32.onnx", threads),
+            "onnxruntime_int8": OnnxModel(folder / "int8", threads),
+        }
+        for size, batch in batches.items():
+            arms = {name: partial(forward, net, batch) for name, net in models.items()}
+            with torch.inference_mode():
+                samples = measure(arms, args.warmup, args.repeats)
+            base = summarize(samples["pytorch_fp32"], size)["p50_ms"]
+            for name, timing in samples.items():
+                p50 = summarize(timing, size)["p50_ms"]
+                rows.append({"arm": name, "threads": threads, "batch": size, "p50_ms": p50, "speedup": base / p50})
+    return rows
+
+
+def forward(model: nn.Module, batch: dict[str, torch.Tensor]):
+    return model(**batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", default=None, help="a save_pretrained student folder (default: built)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    rows = run(args)
+    print("| runtime | threads | batch | p50 ms | speed-up vs PyTorch fp32 |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['arm']} | {row['threads']} | {row['batch']} | {row['p50_ms']:.2f} | {row['speedup']:.2f}x |")
+    out = Path(__file__).parent / "results" / "int8_runtimes.json"
+    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
