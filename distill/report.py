@@ -6,6 +6,11 @@ Reads every job folder's ``metrics.json`` (and its ``.hydra/`` config for the sw
 writes ``frontier.md`` (a table sorted by size, Pareto-optimal points marked, failed jobs named)
 and ``frontier.png`` (accuracy against student bytes and against sparsity, one series per
 temperature) into the multirun folder, and logs both to W&B when the jobs shared a W&B group.
+
+Where a job folder holds ``serve_bench.json`` (``python -m distill.serve_bench run_dir=<job>``), its
+measured serving cost joins the table and the plot: p50 latency of a batch of 32 dev sentences and
+J per 1,000 requests, for the artifact a user would deploy (the int8 export if the job made one, else
+the fp32 student), with the teacher's point measured on the same harness.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,9 @@ class Point:
     energy_kwh: float | None
     wall_time_s: float | None
     pareto: bool = field(default=False)
+    served_as: str | None = None
+    latency_ms: float | None = None
+    joules_per_1000: float | None = None
 
     @property
     def retained(self) -> float | None:
@@ -43,6 +52,27 @@ class Point:
     @property
     def retained_per_kwh(self) -> float | None:
         return self.retained / self.energy_kwh if self.retained and self.energy_kwh else None
+
+
+@dataclass
+class TeacherPoint:
+    val_acc: float
+    size_bytes: float | None
+    latency_ms: float
+    joules_per_1000: float | None
+
+
+SERVE_BATCH = 32
+
+
+def serving_rows(folder: Path) -> dict[str, dict[str, Any]]:
+    """``serve_bench.json``'s rows at batch 32 and the most threads it measured, by arm (empty if none)."""
+    path = folder / "serve_bench.json"
+    if not path.is_file():
+        return {}
+    rows = [row for row in json.loads(path.read_text())["rows"] if row["batch_size"] == SERVE_BATCH]
+    most = max((row["threads"] for row in rows), default=None)
+    return {row["arm"]: row for row in rows if row["threads"] == most}
 
 
 def job_folders(multirun: Path) -> list[Path]:
@@ -68,26 +98,60 @@ def read_point(folder: Path, multirun: Path) -> Point | None:
         sparsity=metrics.get("compression/linear_sparsity", 0.0),
         energy_kwh=metrics.get("energy/kwh"),
         wall_time_s=metrics.get("wall_time_s"),
+        **deployed_cost(serving_rows(folder)),
     )
+
+
+def deployed_cost(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    arm = next((name for name in ("student_int8", "student_fp32") if name in rows), None)
+    if arm is None:
+        return {}
+    return {
+        "served_as": arm,
+        "latency_ms": rows[arm]["p50_ms"],
+        "joules_per_1000": rows[arm].get("joules_per_1000_requests"),
+    }
+
+
+def teacher_point(folders: list[Path]) -> TeacherPoint | None:
+    """The teacher as measured by the first job whose serve bench included it."""
+    for folder in folders:
+        row = serving_rows(folder).get("teacher_fp32")
+        metrics_path = folder / "metrics.json"
+        if row is None or not metrics_path.is_file():
+            continue
+        metrics = json.loads(metrics_path.read_text())
+        if metrics.get("teacher/val_acc") is not None:
+            return TeacherPoint(
+                metrics["teacher/val_acc"], metrics.get("compression/teacher_size_bytes"), row["p50_ms"],
+                row.get("joules_per_1000_requests"),
+            )  # fmt: skip
+    return None
 
 
 def mark_pareto(points: list[Point]) -> None:
     """Optimal: no other point is at most as big and at least as accurate, and better in one."""
+    optimal = {id(point) for point in front(points, lambda p: p.size_bytes)}
     for point in points:
-        point.pareto = not any(
-            other.size_bytes <= point.size_bytes
-            and other.val_acc >= point.val_acc
-            and (other.size_bytes < point.size_bytes or other.val_acc > point.val_acc)
-            for other in points
-        )
+        point.pareto = id(point) in optimal
 
 
-def markdown(points: list[Point], failed: list[tuple[str, list[str]]]) -> str:
+def _optional(value: float | None, spec: str) -> str:
+    return format(value, spec) if value is not None else "n/a"
+
+
+def markdown(points: list[Point], failed: list[tuple[str, list[str]]], teacher: TeacherPoint | None = None) -> str:
     lines = [
         "| Pareto | job | swept values | T | alpha | sparsity | size (MB) | dev acc | retained | energy (Wh) "
-        "| retained / kWh |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| retained / kWh | served as | p50 ms (batch {SERVE_BATCH}) | J / 1,000 requests |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if teacher is not None:
+        size = _optional(teacher.size_bytes and teacher.size_bytes / 1e6, ".2f")
+        lines.append(
+            f"| | **teacher** | | | | | {size} | {100 * teacher.val_acc:.2f} | 100 % | | | teacher_fp32 "
+            f"| {teacher.latency_ms:.2f} | {_optional(teacher.joules_per_1000, '.3g')} |"
+        )
     for p in sorted(points, key=lambda p: (p.size_bytes, -p.val_acc)):
         energy = f"{1000 * p.energy_kwh:.2f}" if p.energy_kwh else "n/a"
         per_kwh = f"{p.retained_per_kwh:.0f}" if p.retained_per_kwh else "n/a"
@@ -95,37 +159,72 @@ def markdown(points: list[Point], failed: list[tuple[str, list[str]]]) -> str:
         lines.append(
             f"| {'★' if p.pareto else ''} | {p.job} | {' '.join(p.overrides)} | {p.temperature:g} | {p.alpha:g} "
             f"| {100 * p.sparsity:.1f} % | {p.size_bytes / 1e6:.2f} | {100 * p.val_acc:.2f} | {retained} "
-            f"| {energy} | {per_kwh} |"
+            f"| {energy} | {per_kwh} | {p.served_as or 'n/a'} | {_optional(p.latency_ms, '.2f')} "
+            f"| {_optional(p.joules_per_1000, '.3g')} |"
         )
     text = "\n".join(lines) + "\n\n★ Pareto-optimal: no other run is as small and as accurate.\n"
+    if any(p.latency_ms for p in points) or teacher is not None:
+        text += (
+            f"Serving cost: `distill.serve_bench`, a batch of {SERVE_BATCH} dev sentences, the most threads measured.\n"
+        )
     if failed:
         text += "\n**Failed jobs** (no metrics.json):\n" + "".join(f"- {job}: {' '.join(o)}\n" for job, o in failed)
     return text
 
 
-def plot(points: list[Point], path: Path) -> None:
+def front(points: list[Any], cost: Callable[[Any], float]) -> list[Any]:
+    """Points no other point beats on both cost and accuracy, cheapest first."""
+    optimal = [
+        point
+        for point in points
+        if not any(
+            cost(other) <= cost(point)
+            and other.val_acc >= point.val_acc
+            and (cost(other) < cost(point) or other.val_acc > point.val_acc)
+            for other in points
+        )
+    ]
+    return sorted(optimal, key=cost)
+
+
+def plot(points: list[Point], path: Path, teacher: TeacherPoint | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (by_size, by_sparsity) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for index, temperature in enumerate(sorted({p.temperature for p in points})):
-        series = sorted((p for p in points if p.temperature == temperature), key=lambda p: p.size_bytes)
-        # Hollow markers of shrinking size: series that land on the same point stay visible.
-        style = dict(marker="osD^v"[index % 5], markersize=max(12 - 3 * index, 4), markerfacecolor="none", mew=2)
-        label = f"T = {temperature:g}"
-        by_size.plot([p.size_bytes / 1e6 for p in series], [100 * p.val_acc for p in series], "-", label=label, **style)
-        by_sparsity.plot(
-            [100 * p.sparsity for p in series], [100 * p.val_acc for p in series], ls="", label=label, **style
-        )
-    front = sorted((p for p in points if p.pareto), key=lambda p: p.size_bytes)
-    by_size.plot(
-        [p.size_bytes / 1e6 for p in front], [100 * p.val_acc for p in front], "k--", lw=1, label="Pareto front"
-    )
-    by_size.set(xlabel="student size (MB, as deployed)", ylabel="SST-2 dev accuracy (%)", title="Accuracy vs size")
-    by_sparsity.set(xlabel="Linear-weight sparsity (%)", ylabel="SST-2 dev accuracy (%)", title="Accuracy vs sparsity")
-    for axis in (by_size, by_sparsity):
+    costs: list[tuple[str, Callable[[Any], float | None], str]] = [
+        ("size_bytes", lambda p: p.size_bytes and p.size_bytes / 1e6, "student size (MB, as deployed)"),
+        ("sparsity", lambda p: 100 * p.sparsity, "Linear-weight sparsity (%)"),
+    ]
+    if any(p.latency_ms for p in points):
+        costs += [
+            ("latency", lambda p: p.latency_ms, f"measured CPU latency, batch {SERVE_BATCH} (ms, p50)"),
+            ("energy", lambda p: p.joules_per_1000, "energy per 1,000 requests (J)"),
+        ]
+    figure, axes = plt.subplots(1, len(costs), figsize=(5.5 * len(costs), 4.2), constrained_layout=True)
+    for axis, (name, cost, label) in zip(axes, costs, strict=True):
+        for index, temperature in enumerate(sorted({p.temperature for p in points})):
+            series = [p for p in points if p.temperature == temperature and cost(p) is not None]
+            # Hollow markers of shrinking size: series that land on the same point stay visible.
+            style = dict(marker="osD^v"[index % 5], markersize=max(12 - 3 * index, 4), markerfacecolor="none", mew=2)
+            axis.plot(
+                [cost(p) for p in series],
+                [100 * p.val_acc for p in series],
+                ls="",
+                label=f"T = {temperature:g}",
+                **style,
+            )
+        comparable = [p for p in points if cost(p) is not None]
+        if name != "sparsity" and teacher is not None and cost(teacher) is not None:
+            axis.plot([cost(teacher)], [100 * teacher.val_acc], "k*", markersize=14, label="teacher")
+            comparable.append(teacher)
+        if name != "sparsity" and comparable:
+            optimal = front(comparable, cost)
+            axis.plot([cost(p) for p in optimal], [100 * p.val_acc for p in optimal], "k--", lw=1, label="Pareto front")
+        if name in ("latency", "energy"):
+            axis.set_xscale("log")
+        axis.set(xlabel=label, ylabel="SST-2 dev accuracy (%)", title=f"Accuracy vs {label.split(' (')[0]}")
         axis.grid(alpha=0.3)
         axis.legend()
     figure.savefig(path, dpi=120)
@@ -144,10 +243,11 @@ def wandb_group(folders: list[Path]) -> tuple[str, str] | None:
 def log_to_wandb(group: tuple[str, str], points: list[Point], png: Path) -> None:
     import wandb
 
-    columns = ["job", "temperature", "alpha", "sparsity", "size_bytes", "val_acc", "retained", "energy_kwh", "pareto"]
-    rows = [
-        [p.job, p.temperature, p.alpha, p.sparsity, p.size_bytes, p.val_acc, p.retained, p.energy_kwh, p.pareto]
-        for p in points
+    fields = ["job", "temperature", "alpha", "sparsity", "size_bytes", "val_acc", "retained", "energy_kwh", "pareto"]
+    fields += ["served_as", "latency_ms", "joules_per_1000"]
+    rows = [[getattr(p, name) for name in fields] for p in points]
+    columns = [
+        {"latency_ms": "latency_ms_b32", "joules_per_1000": "joules_per_1000_requests"}.get(f, f) for f in fields
     ]
     run = wandb.init(project=group[0], group=group[1], job_type="report", name=f"{group[1]}-frontier")
     run.log({"frontier/table": wandb.Table(columns=columns, data=rows), "frontier/plot": wandb.Image(str(png))})
@@ -173,9 +273,10 @@ def report(multirun: Path) -> dict[str, Any]:
     for point in points:  # the table shows what the sweep varied, not what every job shared
         point.overrides = [o for o in point.overrides if o not in shared]
     failed = [(job, [o for o in overrides if o not in shared]) for job, overrides in failed]
-    (multirun / "frontier.md").write_text(f"# Frontier of {multirun}\n\n" + markdown(points, failed))
+    teacher = teacher_point(folders)
+    (multirun / "frontier.md").write_text(f"# Frontier of {multirun}\n\n" + markdown(points, failed, teacher))
     if points:
-        plot(points, multirun / "frontier.png")
+        plot(points, multirun / "frontier.png", teacher)
     group = wandb_group(folders)
     if group and points:
         log_to_wandb(group, points, multirun / "frontier.png")

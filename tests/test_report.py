@@ -44,7 +44,7 @@ def test_frontier_table_marks_pareto_points_and_names_failures(tmp_path: Path) -
     assert [row.split("|")[2].strip() for row in rows] == ["1", "0", "2"]  # sorted by size
     assert [row.split("|")[1].strip() for row in rows] == ["★", "★", ""]
     assert "seed=1" not in rows[0] and "compression=gmp80" in rows[0]  # only what the sweep varied
-    assert rows[0].endswith("| 93.3 % | 10.00 | 93 |")  # retained, Wh, retained per kWh
+    assert rows[0].endswith("| 93.3 % | 10.00 | 93 | n/a | n/a | n/a |")  # retained, Wh, per kWh; not served
     assert (
         "**Failed jobs**" in (tmp_path / "frontier.md").read_text()
         and "- 3: " in (tmp_path / "frontier.md").read_text()
@@ -72,3 +72,32 @@ def test_a_shared_wandb_group_gets_the_table_and_plot(tmp_path: Path, monkeypatc
     report(sweep)
     runs = list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def serve_rows(job: Path, int8: float | None, fp32: float, teacher: float) -> None:
+    rows = [
+        {"arm": arm, "threads": threads, "batch_size": 32, "p50_ms": ms * (3 - threads), "joules_per_1000_requests": ms}
+        for arm, ms in (("student_int8", int8), ("student_fp32", fp32), ("teacher_fp32", teacher))
+        if ms is not None
+        for threads in (1, 2)
+    ]
+    (job / "serve_bench.json").write_text(json.dumps({"rows": rows, "skipped": {}, "energy_source": "estimate"}))
+
+
+def test_measured_serving_cost_joins_the_table_and_the_plot(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fake_job(tmp_path, "0", 1.0, None, 0.85, 4e6)
+    fake_job(tmp_path, "1", 1.0, 0.8, 0.84, 1e6)
+    serve_rows(tmp_path / "0", int8=None, fp32=40.0, teacher=120.0)
+    serve_rows(tmp_path / "1", int8=10.0, fp32=40.0, teacher=120.0)
+    report(tmp_path)
+    text = (tmp_path / "frontier.md").read_text()
+    rows = {row.split("|")[2].strip(): row for row in text.splitlines() if row.startswith("| ")}
+    assert rows["1"].endswith("| student_int8 | 10.00 | 10 |")  # int8 deployed; 2 threads, batch 32
+    assert rows["0"].endswith("| student_fp32 | 40.00 | 40 |")
+    assert "| **teacher** |" in text and "| 90.00 | 100 % |" in text and "| teacher_fp32 | 120.00 | 120 |" in text
+    two_panels = plt.imread(tmp_path / "frontier.png").shape[1]
+    fake_job(tmp_path / "bare", "0", 1.0, None, 0.85, 4e6)
+    report(tmp_path / "bare")
+    assert two_panels > plt.imread(tmp_path / "bare" / "frontier.png").shape[1] * 1.8  # latency and energy panels
