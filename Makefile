@@ -43,6 +43,7 @@ bench:  ## CPU benchmarks (markdown tables; JSON under bench/results/)
 	python bench/kd_loss.py
 	python bench/kd_loss.py --inputs hidden --vocab 32768
 	python bench/framework_overhead.py
+	$(OFFLINE) python bench/int8_runtimes.py
 
 bench-gpu:  ## GPU benchmarks (CUDA; sm80+ for 2:4): KD loss at vocab 128k, its launch settings, 2:4 Linear layers
 	python bench/kd_loss.py --device cuda --dtype bfloat16 --vocab 131072 --positions 8192

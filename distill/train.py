@@ -18,6 +18,7 @@ import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill.compression_report import report_rows
@@ -138,12 +139,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     task = instantiate(cfg.task)
     log.info("Instantiating teacher <%s>", cfg.teacher._target_)
-    teacher = instantiate(cfg.teacher, datamodule=datamodule, task=task)
+    with RunMeter(1, measure=rank_zero_only.rank == 0, stage="teacher_stage") as teacher_meter:
+        teacher = instantiate(cfg.teacher, datamodule=datamodule, task=task)
     check_context(teacher.model, datamodule)
     loggers = instantiate_named(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    teacher_logits = teacher_logit_store(cfg, teacher, datamodule, trainer.world_size)
+    with RunMeter(trainer.world_size, measure=trainer.is_global_zero, stage="logit_store") as store_meter:
+        teacher_logits = teacher_logit_store(cfg, teacher, datamodule, trainer.world_size)
     # The teacher stage and the logit pass run only when their caches are empty: reseed so that the
     # student's run is the same whether they ran in this process or not.
     pl.seed_everything(cfg.seed, workers=True)
@@ -166,7 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=test_from)
 
     metrics = summarize(teacher, module, results, started) | before | store_facts(teacher_logits, datamodule)
-    metrics |= meter.metrics()
+    metrics |= meter.metrics() | teacher_meter.metrics() | store_meter.metrics()
     if trainer.is_global_zero:
         report, layers = export_student(module, datamodule, output_dir, callbacks, teacher.model, cfg.export)
         metrics |= report

@@ -56,6 +56,8 @@ def test_tiny_distillation_end_to_end(
     assert metrics["student/params"] < metrics["teacher/params"]
     assert metrics["global_step"] == 6 and metrics["energy/device_hours"] > 0
     assert metrics["energy/kwh"] is None or metrics["energy/kwh"] > 0  # None where CodeCarbon cannot start
+    assert metrics["energy/teacher_stage_seconds"] > 0 and metrics["energy/logit_store_seconds"] >= 0
+    assert "energy/teacher_stage_kwh" in metrics and "energy/logit_store_kwh" in metrics
     assert json.loads((run / "git.json").read_text()).keys() >= {"commit", "dirty"}
     assert "BertForSequenceClassification" in (run / "student_architecture.txt").read_text()
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "csv" / "metrics.csv").is_file()

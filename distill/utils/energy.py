@@ -1,4 +1,4 @@
-"""Wall time, device-hours and energy of a run, for the sweep report's per-kWh column.
+"""Wall time, device-hours and energy of a run and of its stages, for the sweep report's per-kWh column.
 
 Energy comes from CodeCarbon's offline tracker (no network): RAPL counters where the machine
 exposes them, otherwise its CPU-power model, plus GPU (NVML) and RAM estimates. Only one process
@@ -15,10 +15,17 @@ log = logging.getLogger(__name__)
 
 
 class RunMeter:
-    """``with RunMeter(world_size, measure=rank == 0) as meter: ...`` then ``meter.metrics()``."""
+    """``with RunMeter(world_size, measure=rank == 0) as meter: ...`` then ``meter.metrics()``.
 
-    def __init__(self, world_size: int, measure: bool = True, country_iso_code: str = "USA") -> None:
-        self.world_size = world_size
+    Without ``stage`` it meters distillation (fit + test): ``energy/kwh``. With one (``teacher_stage``,
+    ``logit_store``) it meters that stage: ``energy/<stage>_kwh`` and ``energy/<stage>_seconds``; a stage
+    served from its cache costs what reading the cache costs.
+    """
+
+    def __init__(
+        self, world_size: int, measure: bool = True, country_iso_code: str = "USA", stage: str | None = None
+    ) -> None:
+        self.world_size, self.stage = world_size, stage
         self.measure = measure
         self.country_iso_code = country_iso_code
         self.tracker = None
@@ -52,6 +59,8 @@ class RunMeter:
             self.energy_kwh = self.tracker.final_emissions_data.energy_consumed
 
     def metrics(self) -> dict[str, Any]:
+        if self.stage:
+            return {f"energy/{self.stage}_seconds": round(self.seconds, 1), f"energy/{self.stage}_kwh": self.energy_kwh}
         return {
             "energy/fit_test_seconds": round(self.seconds, 1),
             "energy/device_hours": self.seconds / 3600 * self.world_size,
