@@ -164,7 +164,13 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(threads)
         thread_rows, skipped, energy_source = bench(cfg, threads)
         rows += thread_rows
-    return {"rows": rows, "skipped": skipped, "energy_source": energy_source, "cpu": os.cpu_count()}
+    # PyTorch's OpenMP pool spins after each call unless OMP_WAIT_POLICY=PASSIVE, which slows the arm that runs
+    # next on a machine with few cores: the README's commands set it; the result records it.
+    wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    return {
+        "rows": rows, "skipped": skipped, "energy_source": energy_source, "cpu": os.cpu_count(),
+        "omp_wait_policy": wait_policy,
+    }  # fmt: skip
 
 
 def markdown(results: dict[str, Any]) -> str:
