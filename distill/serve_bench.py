@@ -140,7 +140,7 @@ def bench_causal_lm(cfg: DictConfig, threads: int) -> tuple[list[dict[str, Any]]
             )
     samples = measure(arms, cfg.warmup, cfg.repeats, energy)
     rows = []
-    for name in {arm.split("/")[0] for arm in arms}:
+    for name in dict.fromkeys(arm.split("/")[0] for arm in arms):
         prefill, generate = summarize(samples[f"{name}/prefill"], 1), summarize(samples[f"{name}/generate"], 1)
         decode_s = (generate["p50_ms"] - prefill["p50_ms"]) / 1000
         rows.append({
