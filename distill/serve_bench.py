@@ -60,18 +60,20 @@ def two_four_student(student_dir: Path) -> tuple[nn.Module | None, str | None]:
     return model, None
 
 
-def classifier_arms(cfg: DictConfig, threads: int) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    run, models, skipped = Path(cfg.run_dir), {}, {}
+def float_models(cfg: DictConfig, causal: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The PyTorch arms, loaded once for every thread count; and the arms that cannot be served here, with why."""
+    auto_model = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    student_dir, models, skipped = Path(cfg.run_dir) / "student", {}, {}
     if cfg.teacher_path:
-        models["teacher_fp32"] = AutoModelForSequenceClassification.from_pretrained(cfg.teacher_path).eval()
-    models["student_fp32"] = AutoModelForSequenceClassification.from_pretrained(run / "student").eval()
-    if int8_artifact(cfg) is not None:
-        models["student_int8"] = load_onnx(int8_artifact(cfg), threads)
-    sparse, reason = two_four_student(run / "student")
-    if sparse is not None:
-        models["student_2:4_gpu"] = sparse
-    if reason:
-        skipped["student_2:4_gpu"] = reason
+        load = load_causal_lm if causal else auto_model.from_pretrained
+        models["teacher_fp32"] = load(cfg.teacher_path).eval()
+    models["student_fp32"] = auto_model.from_pretrained(student_dir).eval()
+    if not causal:
+        sparse, reason = two_four_student(student_dir)
+        if sparse is not None:
+            models["student_2:4_gpu"] = sparse
+        if reason:
+            skipped["student_2:4_gpu"] = reason
     return models, skipped
 
 
@@ -85,12 +87,7 @@ def serve(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
 
 
 @torch.inference_mode()
-def bench_classifier(cfg: DictConfig, threads: int) -> tuple[list[dict[str, Any]], dict[str, str], str]:
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-    models, skipped = classifier_arms(cfg, threads)
-    energy = cpu_energy(threads, os.cpu_count() or 1)
+def bench_classifier(cfg: DictConfig, datamodule: Any, models: dict[str, nn.Module], threads: int, energy: Any):
     rows = []
     for batch_size in cfg.batch_sizes:
         batch = next(iter(datamodule.dataloader("validation", batch_size, shuffle=False)))
@@ -98,7 +95,7 @@ def bench_classifier(cfg: DictConfig, threads: int) -> tuple[list[dict[str, Any]
         arms = {name: functools.partial(serve, model, on_device(model, batch)) for name, model in models.items()}
         for name, samples in measure(arms, cfg.warmup, cfg.repeats, energy).items():
             rows.append({"arm": name, "threads": threads, "batch_size": batch_size, **summarize(samples, batch_size)})
-    return rows, skipped, energy.source
+    return rows
 
 
 def int8_artifact(cfg: DictConfig) -> Path | None:
@@ -111,36 +108,22 @@ def int8_artifact(cfg: DictConfig) -> Path | None:
     return exported if (exported / ONNX_FILE).is_file() else None
 
 
-def causal_lm_arms(cfg: DictConfig, threads: int) -> dict[str, nn.Module]:
-    models = {}
-    if cfg.teacher_path:
-        models["teacher_fp32"] = load_causal_lm(cfg.teacher_path)
-    models["student_fp32"] = AutoModelForCausalLM.from_pretrained(Path(cfg.run_dir) / "student").eval()
-    if int8_artifact(cfg) is not None:
-        models["student_int8"] = load_onnx(int8_artifact(cfg), threads)
-    return models
-
-
 @torch.inference_mode()
-def bench_causal_lm(cfg: DictConfig, threads: int) -> tuple[list[dict[str, Any]], dict[str, str], str]:
+def bench_causal_lm(cfg: DictConfig, datamodule: Any, models: dict[str, nn.Module], threads: int, energy: Any):
     """Batch-1 greedy generation: first token (prefill) and ``new_tokens`` tokens, timed as separate arms."""
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("test")
     prompt = datamodule.prompts("test", 1, cfg.generation.prompt_tokens)[0]
     encoded = datamodule.tokenizer(prompt, return_tensors="pt")
     ids = {name: encoded[name] for name in ("input_ids", "attention_mask")}
     new_tokens = cfg.generation.new_tokens
-    energy = cpu_energy(threads, os.cpu_count() or 1)
     arms: dict[str, Callable[[], Any]] = {}
-    for name, model in causal_lm_arms(cfg, threads).items():
+    for name, model in models.items():
         for kind, count in (("prefill", 1), ("generate", new_tokens)):
             arms[f"{name}/{kind}"] = lambda model=model, count=count: model.generate(
                 **ids, max_new_tokens=count, min_new_tokens=count, do_sample=False
             )
     samples = measure(arms, cfg.warmup, cfg.repeats, energy)
     rows = []
-    for name in dict.fromkeys(arm.split("/")[0] for arm in arms):
+    for name in models:
         prefill, generate = summarize(samples[f"{name}/prefill"], 1), summarize(samples[f"{name}/generate"], 1)
         decode_s = (generate["p50_ms"] - prefill["p50_ms"]) / 1000
         rows.append({
@@ -151,24 +134,32 @@ def bench_causal_lm(cfg: DictConfig, threads: int) -> tuple[list[dict[str, Any]]
             "generate_p90_ms": generate["p90_ms"],
             "joules_per_1000_tokens": generate.get("joules_per_1000_requests", 0) / new_tokens,
         })  # fmt: skip
-    return rows, {}, energy.source
+    return rows
 
 
 def serve_bench(cfg: DictConfig) -> dict[str, Any]:
     student_dir = Path(cfg.run_dir) / "student"
     if not (student_dir / "config.json").is_file():
         raise FileNotFoundError(f"run_dir={cfg.run_dir!r} has no exported student/ (config.json)")
-    bench = bench_causal_lm if is_causal_lm(student_dir) else bench_classifier
-    rows, skipped, energy_source = [], {}, None
+    causal, int8_path = is_causal_lm(student_dir), int8_artifact(cfg)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test" if causal else "validate")
+    models, skipped = float_models(cfg, causal)
+    bench = bench_causal_lm if causal else bench_classifier
+    rows, energy = [], None
     for threads in cfg.threads:
         torch.set_num_threads(threads)
-        thread_rows, skipped, energy_source = bench(cfg, threads)
-        rows += thread_rows
+        arms = dict(models)
+        if int8_path is not None:  # an ORT session's thread count is fixed when it is created
+            arms["student_int8"] = load_onnx(int8_path, threads)
+        energy = cpu_energy(threads, os.cpu_count() or 1)
+        rows += bench(cfg, datamodule, arms, threads, energy)
     # PyTorch's OpenMP pool spins after each call unless OMP_WAIT_POLICY=PASSIVE, which slows the arm that runs
     # next on a machine with few cores: the README's commands set it; the result records it.
     wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     return {
-        "rows": rows, "skipped": skipped, "energy_source": energy_source, "cpu": os.cpu_count(),
+        "rows": rows, "skipped": skipped, "energy_source": energy.source if energy else None, "cpu": os.cpu_count(),
         "omp_wait_policy": wait_policy,
     }  # fmt: skip
 

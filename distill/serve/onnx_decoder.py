@@ -10,11 +10,12 @@ from Python values (padding present or not, one query or many) that a trace woul
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from distill.serve.onnx_int8 import OnnxModel, OnnxOutput
+from distill.serve.onnx_int8 import OnnxModel, OnnxOutput, cpu_session
 
 
 def _names(layers: int, prefix: str) -> list[str]:
@@ -73,8 +74,8 @@ def export_decoder(model: nn.Module, path) -> None:
 class OnnxCausalLM(OnnxModel):
     """A decoder-step graph served as ``model(**batch).logits`` (empty past) and as greedy ``generate``."""
 
-    def __init__(self, path, threads: int | None = None) -> None:
-        super().__init__(path, threads)
+    def __init__(self, path, threads: int | None = None, session: ort.InferenceSession | None = None) -> None:
+        super().__init__(path, threads, session)
         past = [node for node in self.session.get_inputs() if node.name.startswith("past_")]
         if not past:
             raise ValueError(f"{path} is not a decoder-step graph (no past_* inputs)")
@@ -119,7 +120,6 @@ class OnnxCausalLM(OnnxModel):
 
 def load_onnx(path, threads: int | None = None) -> OnnxModel:
     """An exported ONNX folder or file, served the way its graph allows."""
-    model = OnnxModel(path, threads)
-    if any(node.name.startswith("past_") for node in model.session.get_inputs()):
-        return OnnxCausalLM(path, threads)
-    return model
+    session = cpu_session(path, threads)
+    decoder = any(node.name.startswith("past_") for node in session.get_inputs())
+    return (OnnxCausalLM if decoder else OnnxModel)(path, threads, session)

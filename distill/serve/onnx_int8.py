@@ -152,20 +152,11 @@ def save_int8(
 class OnnxModel(nn.Module):
     """An ONNX Runtime session behind a Hugging Face-style call: ``model(**batch).logits``."""
 
-    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+    def __init__(
+        self, path: Path | str, threads: int | None = None, session: ort.InferenceSession | None = None
+    ) -> None:
         super().__init__()
-        path = Path(path)
-        if path.is_dir():
-            path = path / ONNX_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no ONNX model at {path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # Idle pool threads sleep instead of spinning: spinning steals the cores from whatever runs next in
-        # this process (PyTorch's own pool, another session), which decides latency on a 2-core machine.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = session or cpu_session(path, threads)
         self.input_names = [node.name for node in self.session.get_inputs()]
 
     def forward(self, **batch: torch.Tensor) -> OnnxOutput:
@@ -174,3 +165,19 @@ class OnnxModel(nn.Module):
             raise KeyError(f"the ONNX model needs inputs {missing}; the batch has {sorted(batch)}")
         (logits,) = self.session.run(["logits"], {name: batch[name].cpu().numpy() for name in self.input_names})
         return OnnxOutput(torch.from_numpy(logits))
+
+
+def cpu_session(path: Path | str, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session of a served folder (or ``.onnx`` file) on ``threads`` threads (default: torch's)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ONNX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {path}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # Idle pool threads sleep instead of spinning: spinning steals the cores from whatever runs next in
+    # this process (PyTorch's own pool, another session), which decides latency on a 2-core machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
