@@ -101,6 +101,16 @@ class CausalLMTaskSchema:
 
 
 @dataclass
+class OnPolicySchema:
+    """GKD's on-policy steps (distill/modules/on_policy.py); probability (λ) 0 turns them off."""
+
+    probability: float = 0.0
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
 class DistillSchema:
     temperature: float = 2.0
     alpha: float = 0.5
@@ -115,6 +125,7 @@ class DistillSchema:
     # float16: top-K values stored in half precision (token-level stores: 260 bytes per token at K=64).
     teacher_cache_dtype: str = "float32"
     optimizer: Any = MISSING
+    on_policy: OnPolicySchema = field(default_factory=OnPolicySchema)
 
 
 @dataclass
@@ -174,6 +185,41 @@ class TextDataSchema:
     train_limit_blocks: int | None = None
     val_limit_blocks: int | None = None
     test_limit_blocks: int | None = None
+
+
+@dataclass
+class GenerationSchema:
+    """How the teacher's responses are drawn (distill/generation.py: SamplingSettings)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+    seed: int = 0
+
+
+@dataclass
+class PromptDataSchema:
+    """Prompts cut from a corpus and the teacher's responses (distill/data/prompts.py)."""
+
+    _target_: str = "distill.data.prompts.PromptResponseDataModule"
+    corpus: TextDataSchema = field(default_factory=TextDataSchema)
+    cache_dir: str = MISSING
+    instruction: str = "{passage}"
+    prompts: dict[str, int] = field(default_factory=lambda: {"train": 1024, "validation": 64, "test": 128})
+    passage_tokens: int = 48
+    max_prompt_tokens: int = 128
+    chat_template: bool = True
+    generation: GenerationSchema = field(default_factory=GenerationSchema)
+    shard_size: int = 256
+    generation_batch_size: int = 16
+    train_on: str = "responses"
+    train_tokens: int | None = None
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    seed: int = 0
+    pool_seed: int = 0
 
 
 ENCODER_LINEARS = ["student.*encoder.layer.*"]
@@ -307,6 +353,7 @@ _SCHEMAS = {
     ("task", "classification_schema"): ClassificationTaskSchema,
     ("task", "causal_lm_schema"): CausalLMTaskSchema,
     ("data", "text_data_schema"): TextDataSchema,
+    ("data", "prompt_data_schema"): PromptDataSchema,
     ("distill", "distill_schema"): DistillSchema,
     ("data", "data_schema"): DataSchema,
     ("compression_schema", "magnitude_pruning"): MagnitudePruningSchema,
@@ -358,9 +405,9 @@ def validate(cfg: DictConfig) -> None:
     _check_range("distill.warmup_ratio", cfg.distill.warmup_ratio, 0.0, 1.0)
     _check_range("teacher.finetune_settings.warmup_ratio", cfg.teacher.finetune_settings.warmup_ratio, 0.0, 1.0)
     check_divergence_args(cfg.distill.divergence, cfg.distill.beta)
-    length_key = "max_length" if "max_length" in cfg.data else "block_size"
-    if cfg.data[length_key] < 2:
-        raise ValueError(f"data.{length_key}={cfg.data[length_key]!r} must be >= 2")
+    for length_key in ("max_length", "block_size", "max_prompt_tokens"):
+        if length_key in cfg.data and cfg.data[length_key] < 2:
+            raise ValueError(f"data.{length_key}={cfg.data[length_key]!r} must be >= 2")
     for key in ("batch_size", "eval_batch_size"):
         if cfg.data[key] < 1:
             raise ValueError(f"data.{key}={cfg.data[key]!r} must be >= 1")

@@ -23,9 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.compression_report import report_rows
 from distill.export import export_student
+from distill.generation import end_token_ids
 from distill.models.student import check_context, check_same_vocabulary, transformer_layer_params
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
+from distill.modules.on_policy import OnPolicy
 from distill.schemas import register_schemas, validate
 from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits, weights_fingerprint
 from distill.utils.energy import RunMeter
@@ -57,6 +59,15 @@ def teacher_logit_store(
     )
 
 
+def generation_stage(datamodule: Any, teacher: Teacher) -> dict[str, float]:
+    """The teacher's responses to a prompt pool, for data modules that train on them (cached)."""
+    attach = getattr(datamodule, "attach_teacher", None)
+    if attach is None:
+        return {}
+    log.info("Generation stage: the teacher answers the prompt pool <%s>", type(datamodule).__name__)
+    return {f"generation/{key}": value for key, value in attach(teacher.model).items()}
+
+
 def build_module(
     cfg: DictConfig,
     task: Any,
@@ -80,7 +91,22 @@ def build_module(
         hidden_layers=cfg.distill.hidden_layers,
         teacher_logits=teacher_logits,
         teacher_memo=teacher_memo_file(cfg, teacher, task),
+        on_policy=on_policy_sampler(cfg, datamodule, teacher),
     )
+
+
+def on_policy_sampler(cfg: DictConfig, datamodule: Any, teacher: Teacher) -> OnPolicy | None:
+    """GKD's student sampling when ``distill.on_policy.probability`` (λ) > 0; it needs prompts to sample from."""
+    settings = cfg.distill.on_policy
+    if settings.probability == 0:
+        return None
+    if not hasattr(datamodule, "attach_teacher"):
+        raise ValueError(
+            f"distill.on_policy.probability={settings.probability} samples responses to prompts: it needs "
+            f"prompt/response data (e.g. data=shakespeare_prompts), not {type(datamodule).__name__}"
+        )
+    end_ids = end_token_ids(teacher.model, datamodule.tokenizer)
+    return OnPolicy(**settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
 
 
 def teacher_memo_file(cfg: DictConfig, teacher: Teacher, task: Any) -> Path:
@@ -108,6 +134,7 @@ def summarize(teacher: Teacher, module: DistillationModule, results: dict[str, f
         "student/nonzero_params": student_counts["nonzero_params"],
         "student/layer_params": transformer_layer_params(module.student),
         "global_step": module.global_step,
+        **(module.on_policy.metrics() if module.on_policy is not None else {}),
         "wall_time_s": round(time.time() - started, 1),
     }
 
@@ -142,6 +169,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with RunMeter(1, measure=rank_zero_only.rank == 0, stage="teacher_stage") as teacher_meter:
         teacher = instantiate(cfg.teacher, datamodule=datamodule, task=task)
     check_context(teacher.model, datamodule)
+    with RunMeter(1, measure=rank_zero_only.rank == 0, stage="generation") as generation_meter:
+        generation = generation_stage(datamodule, teacher)
     loggers = instantiate_named(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -169,7 +198,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=test_from)
 
     metrics = summarize(teacher, module, results, started) | before | store_facts(teacher_logits, datamodule)
-    metrics |= meter.metrics() | teacher_meter.metrics() | store_meter.metrics()
+    metrics |= generation | meter.metrics() | teacher_meter.metrics() | store_meter.metrics()
+    metrics |= generation_meter.metrics() if generation else {}
     if trainer.is_global_zero:
         report, layers = export_student(module, datamodule, output_dir, callbacks, teacher.model, cfg.export)
         metrics |= report

@@ -346,6 +346,10 @@ class TextDataModule(pl.LightningDataModule):
         mask = self.splits[split].select_columns(["attention_mask"]).with_format("numpy")[:]["attention_mask"]
         return int(mask.sum())
 
+    def document_texts(self, split: str) -> list[str]:
+        """The text of the documents of ``split``, in :meth:`documents` order."""
+        return list(self._load_documents()[split].texts["text"])
+
     def documents(self, split: str) -> list[str]:
         """Names of the documents of ``split`` (file names relative to ``data_dir``)."""
         return list(self._load_documents()[split].names)
@@ -364,26 +368,33 @@ class TextDataModule(pl.LightningDataModule):
         starts = zip(picked["input_ids"][:, :length], picked["attention_mask"][:, :length], strict=True)
         return [self.tokenizer.decode(ids[real == 1], skip_special_tokens=True) for ids, real in starts]
 
+    def reference_prompts(
+        self, split: str, count: int, prompt_tokens: int, new_tokens: int
+    ) -> list[tuple[list[int], list[int]]]:
+        """(prompt, true continuation) token ids: the first ``prompt_tokens`` real tokens of ``count`` evenly
+        spaced held-out blocks and the next ``new_tokens`` (fewer where the block ends first)."""
+        prompt_tokens = min(prompt_tokens, self.block_size - 1)
+        self.setup()
+        blocks = self.splits[split].with_format("numpy")
+        count = min(count, len(blocks))
+        picked = blocks.select([row * len(blocks) // count for row in range(count)])[:]
+        pairs = []
+        for ids, real in zip(picked["input_ids"], picked["attention_mask"], strict=True):
+            tokens = ids[real == 1].tolist()
+            pairs.append((tokens[:prompt_tokens], tokens[prompt_tokens : prompt_tokens + new_tokens]))
+        return pairs
+
+    def extra_test_loaders(self) -> dict[str, DataLoader]:
+        """Held-out loaders beyond the test split: none (the test split is the corpus)."""
+        return {}
+
     # Loaders.
 
     def dataloader(
         self, split: str, batch_size: int, shuffle: bool, shard: tuple[int, int] | None = None
     ) -> DataLoader:
-        """A loader over ``split`` ("train", "validation" or "test") after :meth:`setup`.
-
-        Shuffled loaders draw a seeded order per epoch (Lightning sets the sampler's epoch) and give each
-        data-parallel rank disjoint blocks; the few that do not divide among the ranks are dropped for
-        the epoch. ``shard`` (rank, number of ranks) replaces the attached trainer's. Unshuffled loaders
-        are whole on every rank, so held-out metrics count every token once.
-        """
-        dataset = self.splits[split]
-        if not shuffle:
-            return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers)
-        rank, replicas = shard or data_parallel_rank(self)
-        sampler = DistributedSampler(
-            dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed, drop_last=True
-        )
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers)
+        """A loader over ``split`` ("train", "validation" or "test") after :meth:`setup` (:func:`split_loader`)."""
+        return split_loader(self, self.splits[split], batch_size, shuffle, shard)
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", self.batch_size, shuffle=True)
@@ -393,3 +404,27 @@ class TextDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test", self.eval_batch_size, shuffle=False)
+
+
+def split_loader(
+    datamodule: pl.LightningDataModule,
+    dataset: datasets.Dataset,
+    batch_size: int,
+    shuffle: bool,
+    shard: tuple[int, int] | None = None,
+) -> DataLoader:
+    """A loader over one split of fixed-length rows.
+
+    Shuffled loaders draw a seeded order per epoch (Lightning sets the sampler's epoch) and give each
+    data-parallel rank disjoint rows; the few that do not divide among the ranks are dropped for the
+    epoch. ``shard`` (rank, number of ranks) replaces the attached trainer's. Unshuffled loaders are
+    whole on every rank, so held-out metrics count every token once.
+    """
+    workers = datamodule.num_workers
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    rank, replicas = shard or data_parallel_rank(datamodule)
+    sampler = DistributedSampler(
+        dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=datamodule.seed, drop_last=True
+    )
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)

@@ -23,6 +23,7 @@ from distill.data.glue import EXAMPLE_INDEX
 from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
 from distill.losses import KDLoss, KDLossTerms, kd_loss_terms
 from distill.modules.frozen_teacher import FrozenTeacher
+from distill.modules.on_policy import OnPolicy
 from distill.modules.step_mean import StepMean
 from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
 from distill.tasks import ClassificationTask
@@ -50,6 +51,8 @@ class DistillationModule(pl.LightningModule):
             its ``copies``; the teacher then runs for evaluation and for copies the store lacks.
         task: what differs per task (:mod:`distill.tasks`); ``None`` is classification with ``num_labels``.
         teacher_memo: a file that keeps the teacher's evaluation answers across runs (see :class:`FrozenTeacher`).
+        on_policy: resamples some steps' responses from the student (:class:`~distill.modules.on_policy.OnPolicy`);
+            the live teacher grades them, whatever store the run has.
     """
 
     def __init__(
@@ -68,11 +71,13 @@ class DistillationModule(pl.LightningModule):
         beta: float = 0.5,
         task: Any = None,
         teacher_memo: str | None = None,
+        on_policy: OnPolicy | None = None,
     ) -> None:
         super().__init__()
         if teacher is None and alpha != 1:
             raise ValueError(f"alpha={alpha!r} needs a teacher; without one only alpha=1 (fine-tuning) works")
-        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "teacher_logits", "task", "teacher_memo"])
+        ignored = ["student", "teacher", "optimizer", "teacher_logits", "task", "teacher_memo", "on_policy"]
+        self.save_hyperparameters(ignore=ignored)
         self.task = task if task is not None else ClassificationTask(num_labels)
         self.student = student
         self.teacher = FrozenTeacher(teacher, teacher_memo) if teacher is not None else None
@@ -81,6 +86,7 @@ class DistillationModule(pl.LightningModule):
         if teacher_logits is not None and self.hidden_loss is not None:
             raise ValueError("precomputed teacher logits hold no hidden states: set distill.hidden_weight=0")
         self.teacher_logits = teacher_logits
+        self.on_policy = on_policy
         self.copies_labelled_live = 0
         self.step_mean = StepMean()
         self.trained_targets = 0  # examples or tokens (task.target_unit) this rank trained on, resumes included
@@ -107,6 +113,9 @@ class DistillationModule(pl.LightningModule):
         example_index = batch.pop(EXAMPLE_INDEX, None)
         copy_fingerprint = batch.pop(COPY_FINGERPRINT, None)
         copies = pop_copies(batch)
+        if self.on_policy is not None and self.on_policy.draws(self.global_step):
+            batch, labels = self.on_policy.resample(self.student, batch, labels)
+            example_index = None  # no stored targets for the student's own samples: the live teacher's
         terms = None if copies else self.task.fused_terms(self, batch, labels, example_index)
         if terms is None:
             terms = self._loss_terms(batch, labels, example_index, copies, copy_fingerprint)
@@ -192,9 +201,7 @@ class DistillationModule(pl.LightningModule):
         self, batch: dict[str, Tensor], example_index: Tensor | None, with_hidden: bool
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         """Teacher logits (from the precomputed store when there is one) and hidden states if asked."""
-        if self.teacher_logits is not None:
-            if example_index is None:
-                raise ValueError(f"precomputed teacher logits need batches with an {EXAMPLE_INDEX!r} field")
+        if self.teacher_logits is not None and example_index is not None:
             return self.teacher_logits(example_index), None
         out = self.teacher(batch, output_hidden_states=with_hidden)
         return out.logits, out.hidden_states

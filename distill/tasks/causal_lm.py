@@ -10,6 +10,7 @@ a split, token-weighted, accumulated across batches and data-parallel ranks.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ from torchmetrics import Metric
 from transformers import AutoModelForCausalLM
 
 from distill.data.glue import EXAMPLE_INDEX
+from distill.generation import Generator, SamplingSettings, end_token_ids
 from distill.kernels.kd_loss_linear import kd_loss_linear, kd_loss_linear_topk
 from distill.losses import KDLossTerms
+from distill.rouge import rouge_l
 from distill.serve.onnx_decoder import export_decoder
 from distill.topk import TopKTargets
 from distill.utils.run_record import write_json
@@ -67,19 +70,11 @@ def perplexity(model: nn.Module, loader: Any) -> float:
     return float(metric.compute())
 
 
-@torch.inference_mode()
-def greedy(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int) -> tuple[str, int]:
-    """The greedy continuation of ``prompt`` (KV-cached ``generate``) and how many tokens it produced."""
-    encoded = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    inputs = {key: encoded[key] for key in ("input_ids", "attention_mask")}  # no token_type_ids for decoders
-    output = model.eval().generate(
-        **inputs,
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    produced = output[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(produced, skip_special_tokens=True), int(produced.numel())
+def greedy_responses(model: nn.Module, tokenizer: Any, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy, KV-cached responses of ``model`` to token-id ``prompts``, batched (left-padded)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator = Generator(model, SamplingSettings(max_new_tokens=new_tokens), pad_id, end_token_ids(model, tokenizer))
+    return [response for response, _ in generator(prompts)]
 
 
 def drop_last_position(targets: Tensor | TopKTargets) -> Tensor | TopKTargets:
@@ -132,7 +127,8 @@ class CausalLMTask:
         applies = self.fused_kd and uses_teacher and module.loss.divergence == "forward_kl"
         if not applies or module.hidden_loss is not None:
             return None
-        stored = module.teacher_logits(example_index) if module.teacher_logits is not None else None
+        has_store = module.teacher_logits is not None and example_index is not None
+        stored = module.teacher_logits(example_index) if has_store else None
         if stored is not None and not isinstance(stored, TopKTargets):
             return None  # full-vocabulary stores take the logits path
         student_hidden = module.student.base_model(**batch).last_hidden_state[..., :-1, :]
@@ -179,20 +175,26 @@ class CausalLMTask:
         export_decoder(model, path)
 
     def export_extras(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any, output_dir: Path) -> dict:
-        """Greedy continuations of held-out prompts, teacher's and student's side by side."""
-        prompts = datamodule.prompts("test", self.samples, min(self.prompt_tokens, datamodule.block_size))
-        rows = [{"prompt": prompt} for prompt in prompts]
-        timings = {}
+        """Greedy responses to held-out prompts, the student's and the teacher's side by side, scored by
+        ROUGE-L against the data's reference (the text's true continuation, or the teacher's stored
+        response); perplexity on the data's extra held-out loaders (e.g. the corpus of a prompt pool)."""
+        pairs = datamodule.reference_prompts("test", self.samples, self.prompt_tokens, self.new_tokens)
+        decode = partial(datamodule.tokenizer.decode, skip_special_tokens=True)
+        rows = [{"prompt": decode(prompt), "reference": decode(reference)} for prompt, reference in pairs]
+        metrics = {}
         for name, model in (("student", student), ("teacher", teacher)):
             if model is None:
                 continue
-            started, new_tokens = time.perf_counter(), 0
-            for row, prompt in zip(rows, prompts, strict=True):
-                row[name], produced = greedy(model, datamodule.tokenizer, prompt, self.new_tokens)
-                new_tokens += produced
-            timings[f"{name}/greedy_tokens_per_s"] = new_tokens / (time.perf_counter() - started)
-        write_json(output_dir / "generations.json", {"samples": rows, **timings})
-        return timings
+            started = time.perf_counter()
+            responses = greedy_responses(model, datamodule.tokenizer, [prompt for prompt, _ in pairs], self.new_tokens)
+            metrics[f"{name}/greedy_tokens_per_s"] = sum(map(len, responses)) / (time.perf_counter() - started)
+            for row, response in zip(rows, responses, strict=True):
+                row[name] = decode(response)
+            metrics[f"{name}/rougeL"] = 100 * sum(rouge_l(row[name], row["reference"]) for row in rows) / len(rows)
+        for loader_name, loader in datamodule.extra_test_loaders().items():
+            metrics[f"student/{loader_name}_test_ppl"] = perplexity(student, loader)
+        write_json(output_dir / "generations.json", {"samples": rows, **metrics})
+        return metrics
 
     def summary(self, results: dict[str, float]) -> dict[str, Any]:
         return {"teacher/test_ppl": results.get("test/teacher_ppl"), "student/test_ppl": results["test/ppl"]}

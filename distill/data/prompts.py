@@ -1,0 +1,294 @@
+"""Prompts and the teacher's responses to them, for sequence-level KD, as a LightningDataModule.
+
+Contract:
+
+* The prompt pool is real text: passages of a plain-text corpus (:class:`~distill.data.text.TextDataModule`,
+  split by whole documents), each wrapped in ``instruction`` and, with ``chat_template``, in the
+  tokenizer's chat template as a user turn awaiting the assistant's answer. Passages are runs of
+  whole lines of at least ``passage_tokens`` tokens; ``prompts[split]`` of them are drawn per split
+  with ``pool_seed``, so held-out prompts come from held-out documents only.
+* Responses are the teacher's (:mod:`distill.generation`), made once by :meth:`attach_teacher` (the
+  run's generation stage) and cached: every split's prompts, held-out ones included, since the
+  teacher's held-out responses are what the student is scored against.
+* Every row is ``prompt + response``, right-padded to ``max_prompt_tokens + max_new_tokens``, with
+  labels -100 on the prompt and the padding: no prompt token counts in any loss or metric.
+* ``train_on=corpus`` trains on the corpus's blocks instead (the token-level baselines) and keeps the
+  held-out prompt/response rows, so every recipe is scored the same way. ``train_tokens`` caps the
+  training rows at the first (seeded order) whose counted tokens reach it: recipes compare at equal tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import lightning.pytorch as pl
+import numpy as np
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from distill.data.glue import EXAMPLE_INDEX
+from distill.data.text import BLOCK_FEATURES, HELD_OUT, IGNORE_INDEX, SPLITS, TextDataModule, digest, split_loader
+from distill.generation import GenerationStore, Generator, SamplingSettings, end_token_ids, settings_key
+from distill.teacher_logits import weights_fingerprint
+
+log = logging.getLogger(__name__)
+TRAIN_SOURCES = ("responses", "corpus")
+
+
+def passages(text: str, tokenizer: Any, min_tokens: int) -> list[str]:
+    """Runs of consecutive non-blank lines of ``text`` (blank lines dropped) of at least ``min_tokens`` tokens."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return []
+    counts = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    found, current, tokens = [], [], 0
+    for line, ids in zip(lines, counts, strict=True):
+        current.append(line)
+        tokens += len(ids)
+        if tokens >= min_tokens:
+            found.append("\n".join(current))
+            current, tokens = [], 0
+    return found
+
+
+def pack_responses(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], width: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Right-padded ``prompt + response`` rows of ``width`` tokens with labels on the response only."""
+    input_ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(prompts), width), dtype=np.int64)
+    labels = np.full((len(prompts), width), IGNORE_INDEX, dtype=np.int64)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        end = len(prompt) + len(response)
+        input_ids[row, :end] = [*prompt, *response]
+        attention_mask[row, :end] = 1
+        labels[row, len(prompt) : end] = response
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def prompt_lengths(labels: Tensor, attention_mask: Tensor) -> list[int]:
+    """Where each row's response starts: its first counted label (rows without one: after its last token)."""
+    counted = labels != IGNORE_INDEX
+    first = counted.int().argmax(dim=1).tolist()
+    ends = attention_mask.sum(dim=1).tolist()
+    return [
+        start if any_counted else end
+        for start, any_counted, end in zip(first, counted.any(dim=1).tolist(), ends, strict=True)
+    ]
+
+
+class PromptResponseDataModule(pl.LightningDataModule):
+    """Teacher responses to passage-continuation prompts (and, for baselines, the corpus itself).
+
+    Args:
+        corpus: the text the prompts are cut from (and the blocks ``train_on=corpus`` trains on).
+        instruction: the user turn; ``{passage}`` stands for the passage.
+        prompts: how many prompts each split draws (``train``, ``validation``, ``test``).
+        passage_tokens: the least tokens of a passage.
+        max_prompt_tokens: the longest prompt accepted, template included (longer ones are an error).
+        chat_template: wrap prompts in the tokenizer's chat template (an error if it has none).
+        generation: :class:`~distill.generation.SamplingSettings` of the teacher's responses.
+        shard_size / generation_batch_size: prompts per store shard / per ``generate`` call.
+        train_on: ``responses`` (sequence-level KD) or ``corpus`` (token-level baselines).
+        train_tokens: cap on counted training tokens (``None``: all rows).
+    """
+
+    task = "causal_lm"
+
+    def __init__(
+        self,
+        corpus: TextDataModule,
+        cache_dir: str,
+        instruction: str = "{passage}",
+        prompts: dict[str, int] | None = None,
+        passage_tokens: int = 48,
+        max_prompt_tokens: int = 128,
+        chat_template: bool = True,
+        generation: dict[str, Any] | None = None,
+        shard_size: int = 256,
+        generation_batch_size: int = 16,
+        train_on: str = "responses",
+        train_tokens: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        seed: int = 0,
+        pool_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.counts = dict(prompts or {"train": 1024, "validation": 64, "test": 128})
+        self._check(train_on, train_tokens, instruction)
+        self.corpus, self.cache_dir, self.instruction = corpus, cache_dir, instruction
+        self.passage_tokens, self.max_prompt_tokens, self.chat_template = (
+            passage_tokens,
+            max_prompt_tokens,
+            chat_template,
+        )
+        self.settings = SamplingSettings(**(generation or {}))
+        self.shard_size, self.generation_batch_size = shard_size, generation_batch_size
+        self.train_on, self.train_tokens = train_on, train_tokens
+        self.batch_size, self.eval_batch_size, self.seed, self.pool_seed = batch_size, eval_batch_size, seed, pool_seed
+        self.tokenizer, self.pad_id, self.num_workers = corpus.tokenizer, corpus.pad_id, corpus.num_workers
+        self.max_length = max_prompt_tokens + self.settings.max_new_tokens
+        self.responses: dict[str, datasets.Dataset] = {}
+        self.splits: dict[str, datasets.Dataset] = {}
+        self.store: GenerationStore | None = None
+
+    def _check(self, train_on: str, train_tokens: int | None, instruction: str) -> None:
+        if train_on not in TRAIN_SOURCES:
+            raise ValueError(f"data.train_on={train_on!r} must be one of {TRAIN_SOURCES}")
+        if train_tokens is not None and train_tokens < 1:
+            raise ValueError(f"data.train_tokens={train_tokens!r} must be a positive number of tokens or null")
+        if "{passage}" not in instruction:
+            raise ValueError(f"data.instruction={instruction!r} must contain {{passage}}, where the passage goes")
+        for split in SPLITS:
+            if self.counts.get(split, 0) < 1:
+                raise ValueError(
+                    f"data.prompts.{split}={self.counts.get(split)!r}: the prompt pool needs >= 1 prompt per split"
+                )
+
+    # The prompt pool.
+
+    def prompt_texts(self, split: str) -> list[str]:
+        """``prompts[split]`` passages of ``split``'s documents, drawn with ``pool_seed``, in ``instruction``."""
+        found = [
+            p for text in self.corpus.document_texts(split) for p in passages(text, self.tokenizer, self.passage_tokens)
+        ]
+        wanted = self.counts[split]
+        if len(found) < wanted:
+            raise ValueError(
+                f"data.prompts.{split}={wanted} but the {split} documents hold {len(found)} passages of "
+                f"{self.passage_tokens}+ tokens: ask for fewer prompts or shorter passages"
+            )
+        picked = np.random.default_rng([self.pool_seed, SPLITS.index(split)]).choice(len(found), wanted, replace=False)
+        return [self.instruction.format(passage=found[i]) for i in sorted(picked)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.chat_template:
+            if self.tokenizer.chat_template is None:
+                raise ValueError(
+                    f"data.chat_template=true but tokenizer {self.tokenizer.name_or_path!r} has no chat "
+                    "template: use an instruction model's tokenizer or set data.chat_template=false"
+                )
+            turn = [{"role": "user", "content": text}]
+            text = self.tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=not self.chat_template)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(
+                f"a prompt of {len(ids)} tokens exceeds data.max_prompt_tokens={self.max_prompt_tokens}:"
+                f" {text[:80]!r}...; raise data.max_prompt_tokens or lower data.passage_tokens"
+            )
+        return ids
+
+    def prompt_ids(self) -> dict[str, list[list[int]]]:
+        return {split: [self.encode_prompt(text) for text in self.prompt_texts(split)] for split in SPLITS}
+
+    # The generation stage.
+
+    def attach_teacher(self, teacher: nn.Module) -> dict[str, float]:
+        """Make (or reuse) the teacher's responses to every split's prompts; returns generation statistics."""
+        prompts = self.prompt_ids()
+        ordered = [prompt for split in SPLITS for prompt in prompts[split]]
+        key = {
+            "teacher_weights": weights_fingerprint(teacher),
+            "tokenizer": self.corpus.tokenizer_key,
+            "prompts": digest(ordered),
+            "settings": settings_key(self.settings),
+        }
+        self.store = GenerationStore(self.cache_dir, "responses", key, self.shard_size)
+        generator = Generator(
+            teacher, self.settings, self.pad_id, end_token_ids(teacher, self.tokenizer), self.generation_batch_size
+        )
+        rows = self.store.build(generator, ordered)
+        per_prompt, start = self.settings.num_return_sequences, 0
+        for split in SPLITS:
+            count = len(prompts[split]) * per_prompt
+            self.responses[split] = rows.select(range(start, start + count))
+            start += count
+        return self.store.statistics()
+
+    # Rows.
+
+    def prepare_data(self) -> None:
+        self.corpus.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if not self.responses:
+            raise RuntimeError("no teacher responses yet: the run's generation stage (attach_teacher) comes first")
+        self.corpus.setup(stage)
+        train = self.corpus.splits["train"] if self.train_on == "corpus" else self._rows(self.responses["train"])
+        train = self._limit_tokens(
+            train.with_format(None).remove_columns([name for name in train.column_names if name == EXAMPLE_INDEX])
+        )
+        splits = {"train": train.add_column(EXAMPLE_INDEX, list(range(len(train))))}
+        splits |= {split: self._rows(self.responses[split]) for split in HELD_OUT}
+        self.splits = {split: rows.with_format("torch") for split, rows in splits.items()}
+
+    def _rows(self, responses: datasets.Dataset) -> datasets.Dataset:
+        """``prompt + response`` rows of ``max_length`` tokens, labels only on the response."""
+        packed = pack_responses(responses["prompt_ids"], responses["response_ids"], self.max_length, self.pad_id)
+        return datasets.Dataset.from_dict(packed, features=BLOCK_FEATURES)
+
+    def _limit_tokens(self, rows: datasets.Dataset) -> datasets.Dataset:
+        if self.train_tokens is None:
+            return rows
+        order = np.random.default_rng(self.pool_seed).permutation(len(rows))
+        labels = rows.select_columns(["labels"]).with_format("numpy")[:]["labels"]
+        counted = np.cumsum((labels[order, 1:] != IGNORE_INDEX).sum(axis=1))
+        if counted[-1] < self.train_tokens:
+            log.warning("data.train_tokens=%d: the training rows hold only %d", self.train_tokens, counted[-1])
+        keep = int(np.searchsorted(counted, self.train_tokens)) + 1
+        return rows.select(order[:keep])
+
+    def train_fingerprint(self) -> str:
+        """Identity of the training rows: the responses (or corpus blocks), the row layout and the token cap."""
+        self.setup("fit")
+        source = self.corpus.train_fingerprint() if self.train_on == "corpus" else self.store.folder.name
+        return digest(
+            [source, self.train_on, self.max_length, self.train_tokens, self.pool_seed, len(self.splits["train"])]
+        )
+
+    def check_block_size(self, max_positions: int) -> None:
+        """Prompt plus response (and the corpus's blocks) must fit the model's context."""
+        if self.max_length > max_positions:
+            raise ValueError(
+                f"data.max_prompt_tokens + data.generation.max_new_tokens = {self.max_length} exceeds the "
+                f"model's context of {max_positions} positions"
+            )
+        self.corpus.check_block_size(max_positions)
+
+    # Evaluation helpers.
+
+    def reference_prompts(self, split: str, count: int, *lengths: int) -> list[tuple[list[int], list[int]]]:
+        """``count`` held-out (prompt ids, teacher response ids) pairs, evenly spaced over ``split``
+        (whole prompts and responses: the ``lengths`` a text corpus cuts its prompts by do not apply)."""
+        rows = self.responses[split]
+        picked = rows.select([row * len(rows) // count for row in range(min(count, len(rows)))])
+        return list(zip(picked["prompt_ids"], picked["response_ids"], strict=True))
+
+    def extra_test_loaders(self) -> dict[str, DataLoader]:
+        """Held-out corpus blocks: the student's perplexity on text as well as on the teacher's responses."""
+        self.corpus.setup("test")
+        return {"corpus": self.corpus.test_dataloader()}
+
+    def generation_settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.settings)
+
+    def dataloader(
+        self, split: str, batch_size: int, shuffle: bool, shard: tuple[int, int] | None = None
+    ) -> DataLoader:
+        return split_loader(self, self.splits[split], batch_size, shuffle, shard)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("validation", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test", self.eval_batch_size, shuffle=False)
