@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from distill.schemas import register_schemas
-from distill.train import build_module, teacher_logit_store
+from distill.stages import build_module, teacher_logit_store
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -17,19 +17,15 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from distill.compression_report import report_rows
 from distill.export import export_student
-from distill.generation import end_token_ids
-from distill.models.student import check_context, check_same_vocabulary, transformer_layer_params
-from distill.models.teacher import Teacher
+from distill.models.student import check_context, check_same_vocabulary
 from distill.modules.distillation import DistillationModule
-from distill.modules.on_policy import OnPolicy
+from distill.run_metrics import finetune_key, log_final, store_facts, summarize
 from distill.schemas import register_schemas, validate
-from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits, weights_fingerprint
+from distill.stages import build_module, generation_stage, teacher_logit_store
 from distill.utils.energy import RunMeter
 from distill.utils.instantiate import instantiate_named
 from distill.utils.run_record import count_parameters, git_state, record_student, write_json
@@ -37,118 +33,9 @@ from distill.utils.run_record import count_parameters, git_state, record_student
 log = logging.getLogger("distill.train")
 
 
-def teacher_logit_store(
-    cfg: DictConfig, teacher: Teacher, datamodule: Any, world_size: int
-) -> TeacherLogitStore | None:
-    cached = cfg.distill.teacher_cache == "precompute" and cfg.distill.alpha < 1
-    if not cached:
-        return None
-    settings = cfg.distill
-    # The perturbed copies differ every epoch and rank: the store labels as many epochs as the run
-    # trains, drawn by as many ranks.
-    epochs = max(cfg.trainer.get("max_epochs") or 1, 1)
-    return precompute_teacher_logits(
-        teacher.model,
-        datamodule,
-        cfg.paths.cache_dir,
-        settings.teacher_cache_topk,
-        settings.temperature,
-        epochs,
-        world_size,
-        settings.teacher_cache_dtype,
-    )
-
-
-def generation_stage(datamodule: Any, teacher: Teacher) -> dict[str, float]:
-    """The teacher's responses to a prompt pool, for data modules that train on them (cached)."""
-    attach = getattr(datamodule, "attach_teacher", None)
-    if attach is None:
-        return {}
-    log.info("Generation stage: the teacher answers the prompt pool <%s>", type(datamodule).__name__)
-    return {f"generation/{key}": value for key, value in attach(teacher.model).items()}
-
-
-def build_module(
-    cfg: DictConfig,
-    task: Any,
-    teacher: Teacher,
-    student: Any,
-    datamodule: Any,
-    teacher_logits: TeacherLogitStore | None,
-) -> DistillationModule:
-    return DistillationModule(
-        student=student,
-        teacher=teacher.model,
-        num_labels=getattr(datamodule, "num_labels", None),
-        task=task,
-        temperature=cfg.distill.temperature,
-        alpha=cfg.distill.alpha,
-        divergence=cfg.distill.divergence,
-        beta=cfg.distill.beta,
-        optimizer=instantiate(cfg.distill.optimizer),
-        warmup_ratio=cfg.distill.warmup_ratio,
-        hidden_weight=cfg.distill.hidden_weight,
-        hidden_layers=cfg.distill.hidden_layers,
-        teacher_logits=teacher_logits,
-        teacher_memo=teacher_memo_file(cfg, teacher, task),
-        on_policy=on_policy_sampler(cfg, datamodule, teacher),
-    )
-
-
-def on_policy_sampler(cfg: DictConfig, datamodule: Any, teacher: Teacher) -> OnPolicy | None:
-    """GKD's student sampling when ``distill.on_policy.probability`` (λ) > 0; it needs prompts to sample from."""
-    settings = cfg.distill.on_policy
-    if settings.probability == 0:
-        return None
-    if not hasattr(datamodule, "attach_teacher"):
-        raise ValueError(
-            f"distill.on_policy.probability={settings.probability} samples responses to prompts: it needs "
-            f"prompt/response data (e.g. data=shakespeare_prompts), not {type(datamodule).__name__}"
-        )
-    end_ids = end_token_ids(teacher.model, datamodule.tokenizer)
-    return OnPolicy(**settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
-
-
-def teacher_memo_file(cfg: DictConfig, teacher: Teacher, task: Any) -> Path:
-    """Where the teacher's evaluation answers persist: one file per teacher (by weights) and task."""
-    return (
-        Path(cfg.paths.cache_dir).expanduser() / "teacher_eval" / f"{task.name}-{weights_fingerprint(teacher.model)}.pt"
-    )
-
-
 def best_checkpoint(trainer: pl.Trainer) -> str | None:
     callback = trainer.checkpoint_callback
     return callback.best_model_path if callback is not None and callback.best_model_path else None
-
-
-def summarize(teacher: Teacher, module: DistillationModule, results: dict[str, float], started: float) -> dict:
-    student_counts = count_parameters(module.student)
-    teacher_counts = count_parameters(teacher.model)
-    return {
-        **module.task.summary(results),
-        finetune_key(teacher): teacher.val_score,
-        "teacher/params": teacher_counts["params"],
-        "teacher/layer_params": transformer_layer_params(teacher.model),
-        "student/params": student_counts["params"],
-        f"student/trained_{module.task.target_unit}": module.trained_targets_all_ranks(),
-        "student/nonzero_params": student_counts["nonzero_params"],
-        "student/layer_params": transformer_layer_params(module.student),
-        "global_step": module.global_step,
-        **(module.on_policy.metrics() if module.on_policy is not None else {}),
-        "wall_time_s": round(time.time() - started, 1),
-    }
-
-
-def store_facts(store: TeacherLogitStore | None, datamodule: Any) -> dict[str, float]:
-    if store is None:
-        return {}
-    positions = getattr(datamodule, "block_size", 1)
-    unit = "token" if positions > 1 else "example"
-    return {f"teacher_store/bytes_per_{unit}": store.bytes_per_position(positions)}
-
-
-def finetune_key(teacher: Teacher) -> str:
-    return f"teacher/finetune_{teacher.metric.replace('/', '_')}"
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -213,22 +100,6 @@ def evaluate_before_fit(trainer: pl.Trainer, module: DistillationModule, datamod
     """The student's test metrics as built (e.g. right after structured pruning), before any training."""
     (results,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return {f"student_before_fit/{key.removeprefix('test/')}": value for key, value in results.items()}
-
-
-def log_final(loggers: list, metrics: dict[str, Any], layers: list) -> None:
-    """Final metrics to every logger; the per-layer table and the accuracy-vs-size point to W&B."""
-    for logger in loggers:
-        logger.log_metrics({f"final/{key}": value for key, value in metrics.items() if value is not None})
-        if isinstance(logger, WandbLogger) and layers:
-            columns, rows = report_rows(layers)
-            logger.log_table(key="compression/layers", columns=columns, data=rows)
-            point = [
-                "student/val_acc",
-                "compression/size_bytes",
-                "compression/linear_sparsity",
-                "compression/size_ratio",
-            ]
-            logger.log_table(key="compression/frontier_point", columns=point, data=[[metrics.get(k) for k in point]])
 
 
 def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:

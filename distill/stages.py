@@ -1,0 +1,103 @@
+"""The stages a distillation run goes through before ``fit``, and the module they assemble.
+
+The teacher stage itself is :func:`distill.models.teacher.prepare_teacher`; after it come the
+teacher's generations (prompt/response data only), the teacher-logit store (``teacher_cache``) and
+the :class:`~distill.modules.distillation.DistillationModule` with its optional on-policy sampler.
+Each stage is cached on disk, so a rerun or a sweep's later jobs skip it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from distill.generation import end_token_ids
+from distill.models.teacher import Teacher
+from distill.modules.distillation import DistillationModule
+from distill.modules.on_policy import OnPolicy
+from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits, weights_fingerprint
+
+log = logging.getLogger("distill.train")
+
+
+def teacher_logit_store(
+    cfg: DictConfig, teacher: Teacher, datamodule: Any, world_size: int
+) -> TeacherLogitStore | None:
+    cached = cfg.distill.teacher_cache == "precompute" and cfg.distill.alpha < 1
+    if not cached:
+        return None
+    settings = cfg.distill
+    # The perturbed copies differ every epoch and rank: the store labels as many epochs as the run
+    # trains, drawn by as many ranks.
+    epochs = max(cfg.trainer.get("max_epochs") or 1, 1)
+    return precompute_teacher_logits(
+        teacher.model,
+        datamodule,
+        cfg.paths.cache_dir,
+        settings.teacher_cache_topk,
+        settings.temperature,
+        epochs,
+        world_size,
+        settings.teacher_cache_dtype,
+    )
+
+
+def generation_stage(datamodule: Any, teacher: Teacher) -> dict[str, float]:
+    """The teacher's responses to a prompt pool, for data modules that train on them (cached)."""
+    attach = getattr(datamodule, "attach_teacher", None)
+    if attach is None:
+        return {}
+    log.info("Generation stage: the teacher answers the prompt pool <%s>", type(datamodule).__name__)
+    return {f"generation/{key}": value for key, value in attach(teacher.model).items()}
+
+
+def build_module(
+    cfg: DictConfig,
+    task: Any,
+    teacher: Teacher,
+    student: Any,
+    datamodule: Any,
+    teacher_logits: TeacherLogitStore | None,
+) -> DistillationModule:
+    return DistillationModule(
+        student=student,
+        teacher=teacher.model,
+        num_labels=getattr(datamodule, "num_labels", None),
+        task=task,
+        temperature=cfg.distill.temperature,
+        alpha=cfg.distill.alpha,
+        divergence=cfg.distill.divergence,
+        beta=cfg.distill.beta,
+        optimizer=instantiate(cfg.distill.optimizer),
+        warmup_ratio=cfg.distill.warmup_ratio,
+        hidden_weight=cfg.distill.hidden_weight,
+        hidden_layers=cfg.distill.hidden_layers,
+        teacher_logits=teacher_logits,
+        teacher_memo=teacher_memo_file(cfg, teacher, task),
+        on_policy=on_policy_sampler(cfg, datamodule, teacher),
+    )
+
+
+def on_policy_sampler(cfg: DictConfig, datamodule: Any, teacher: Teacher) -> OnPolicy | None:
+    """GKD's student sampling when ``distill.on_policy.probability`` (λ) > 0; it needs prompts to sample from."""
+    settings = cfg.distill.on_policy
+    if settings.probability == 0:
+        return None
+    if not hasattr(datamodule, "attach_teacher"):
+        raise ValueError(
+            f"distill.on_policy.probability={settings.probability} samples responses to prompts: it needs "
+            f"prompt/response data (e.g. data=shakespeare_prompts), not {type(datamodule).__name__}"
+        )
+    end_ids = end_token_ids(teacher.model, datamodule.tokenizer)
+    return OnPolicy(**settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
+
+
+def teacher_memo_file(cfg: DictConfig, teacher: Teacher, task: Any) -> Path:
+    """Where the teacher's evaluation answers persist: one file per teacher (by weights) and task."""
+    return (
+        Path(cfg.paths.cache_dir).expanduser() / "teacher_eval" / f"{task.name}-{weights_fingerprint(teacher.model)}.pt"
+    )
