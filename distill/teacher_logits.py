@@ -176,8 +176,10 @@ def compute_targets(
     topk: int | None = None,
     temperature: float = 1.0,
     value_dtype: torch.dtype = torch.float32,
+    classes: int | None = None,
 ) -> dict[str, Tensor]:
-    """The store's tensors, filled batch by batch; top-K rows when ``topk`` is set."""
+    """The store's tensors, filled batch by batch; top-K rows when ``topk`` is set; the first ``classes``
+    logits only (``None``: all)."""
     teacher.eval()
     count = len(datamodule.splits["train"])
     tensors: dict[str, Tensor] = {}
@@ -185,7 +187,8 @@ def compute_targets(
     for batch in datamodule.dataloader("train", batch_size, shuffle=True):  # grouped by length: less padding
         index = batch.pop(EXAMPLE_INDEX)
         batch.pop("labels")
-        write_targets(tensors, index, teacher(**batch).logits, count, topk, temperature, value_dtype)
+        logits = teacher(**batch).logits[..., :classes]
+        write_targets(tensors, index, logits, count, topk, temperature, value_dtype)
         filled[index] = True
     if not filled.all():
         raise RuntimeError(f"the teacher pass left {int((~filled).sum())} examples without logits")
@@ -276,7 +279,8 @@ def precompute_teacher_logits(
 ) -> TeacherLogitStore:
     """Load the stores for this teacher and training set, building them if absent; the copies' store
     holds the copies ``replicas`` data-parallel ranks draw in ``epochs`` epochs."""
-    classes = getattr(datamodule, "num_labels", None) or teacher.config.vocab_size
+    # Token stores cover the tokenizer's ids: rows that only pad the teacher's embedding are no token's.
+    classes = getattr(datamodule, "num_labels", None) or min(teacher.config.vocab_size, len(datamodule.tokenizer))
     if topk is not None and not 0 < topk <= classes:
         raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, {classes}] (the classes)")
     if value_dtype not in ("float32", "float16"):
@@ -293,7 +297,7 @@ def precompute_teacher_logits(
         expected["value_dtype"] = value_dtype
     path = store_path(cache_dir, datamodule.task, expected)
     dtype = getattr(torch, value_dtype)
-    build = partial(compute_targets, teacher, datamodule, datamodule.eval_batch_size, topk, temperature, dtype)
+    build = partial(compute_targets, teacher, datamodule, datamodule.eval_batch_size, topk, temperature, dtype, classes)
     store = load_or_build(TeacherLogitStore, path, expected, build)
     if copies_replay(datamodule):
         copy_expected = expected | copies_key(datamodule, epochs, replicas)

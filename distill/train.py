@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill.export import export_student
-from distill.models.student import check_context, check_same_vocabulary
+from distill.models.student import check_context, check_same_tokenizer, shared_vocabulary
 from distill.modules.distillation import DistillationModule
 from distill.run_metrics import finetune_key, log_final, store_facts, summarize
 from distill.schemas import register_schemas, validate
@@ -46,6 +46,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json(output_dir / "git.json", git_state())
     pl.seed_everything(cfg.seed, workers=True)
 
+    if cfg.student.get("name_or_path"):  # a pretrained student: the same tokenizer, before any stage runs
+        check_same_tokenizer(cfg.teacher.name_or_path, cfg.student.name_or_path)
     # Callbacks first: a bad compression setting fails before the teacher stage spends any time.
     compression = instantiate_named(cfg.get("compression"), "compression")
     callbacks = instantiate_named(cfg.get("callbacks"), "callbacks") + compression
@@ -68,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     log.info("Instantiating student <%s>", cfg.student._target_)
     student = instantiate(cfg.student, teacher=teacher, datamodule=datamodule)
-    check_same_vocabulary(teacher, student)
+    task.vocabulary = shared_vocabulary(teacher, student, getattr(datamodule, "tokenizer", None))
     record_student(output_dir, student)
     module = build_module(cfg, task, teacher, student, datamodule, teacher_logits)
 

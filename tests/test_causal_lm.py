@@ -19,7 +19,7 @@ from distill.data.text import TextDataModule
 from distill.kernels.sparsity import is_nm_sparse
 from distill.losses import kd_loss_terms
 from distill.models.reference import resolve
-from distill.models.student import check_context, from_pretrained
+from distill.models.student import check_context, from_pretrained, shared_vocabulary
 from distill.models.teacher import Teacher, prepare_teacher
 from distill.modules.distillation import DistillationModule
 from distill.tasks import CausalLMTask
@@ -99,6 +99,25 @@ def test_fused_head_kernel_gives_the_reference_loss_and_gradients() -> None:
         torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_differently_padded_vocabularies_compare_the_tokenizers_ids(fused: bool) -> None:
+    """A teacher padded to 104 rows and a student to 97, one 97-token tokenizer: the loss is the one on
+    the first 97 logits of each (fused head kernel and logit path alike); the padding never counts."""
+    teacher, student = tiny_llama(104, layers=4, seed=1), tiny_llama(97, layers=2, seed=2).train()
+    batch = {"input_ids": torch.randint(0, 97, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    labels = batch["input_ids"].clone()
+    tokenizer = [None] * 97  # only its length matters
+    task = CausalLMTask(fused_kd=fused)
+    task.vocabulary = shared_vocabulary(Teacher(model=teacher, path="padded"), student, tokenizer)
+    assert task.vocabulary == 97
+    loss = module_for(student, teacher, task).training_step({**batch, "labels": labels.clone()}, 0)
+    student_logits, teacher_logits = student(**batch).logits, teacher(**batch).logits[..., :97]
+    expected = kd_loss_terms(*CausalLMTask().align(student_logits, teacher_logits, labels), temperature=2.0, alpha=0.3)
+    assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"the tokenizer's 100 tokens do not fit both"):
+        shared_vocabulary(Teacher(model=teacher, path="padded"), student, [None] * 100)
+
+
 def test_fused_path_with_stored_topk_targets_gives_the_reference_loss() -> None:
     teacher, student = tiny_llama(97, layers=4, seed=1), tiny_llama(97, layers=2, seed=2).train()
     batch = {"input_ids": torch.randint(0, 97, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
@@ -171,7 +190,7 @@ def test_bad_inputs_are_named(lm_teacher_dir: Path, tmp_path: Path, corpus: Path
     tokenizer.add_tokens(["<an_extra_token>"])
     tokenizer.save_pretrained(other)
     teacher = Teacher(model=AutoModelForCausalLM.from_pretrained(lm_teacher_dir), path=str(lm_teacher_dir))
-    with pytest.raises(ValueError, match="different vocabulary"):
+    with pytest.raises(ValueError, match="different tokenizer"):
         from_pretrained(teacher, str(other))
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from distill.models.student import (
-    check_same_vocabulary,
     from_config,
     from_pretrained,
     from_teacher,
+    shared_vocabulary,
     transformer_layer_params,
 )
 from distill.models.teacher import Teacher
@@ -68,7 +68,8 @@ def test_vocabulary_mismatch_is_an_error(tiny_teacher: Teacher, tmp_path: Path) 
         BertConfig(vocab_size=1000, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     )
     with pytest.raises(ValueError, match=r"student vocab_size=1000 differs from teacher vocab_size=30522"):
-        check_same_vocabulary(tiny_teacher, other)
+        shared_vocabulary(tiny_teacher, other, AutoTokenizer.from_pretrained(tiny_teacher.path))
+    assert shared_vocabulary(tiny_teacher, tiny_teacher.model, None) is None
 
 
 def test_pretrained_student_with_other_tokenizer_is_rejected(tiny_teacher: Teacher, tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_pretrained_student_with_other_tokenizer_is_rejected(tiny_teacher: Teach
     backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"has a different vocabulary \(2 tokens\)"):
+    with pytest.raises(ValueError, match=r"has a different tokenizer \(2 tokens\)"):
         from_pretrained(tiny_teacher, str(tmp_path))
 
 
@@ -87,3 +88,25 @@ def test_default_student_has_three_times_fewer_layer_parameters(compose_train, h
     model = AutoModelForSequenceClassification.from_pretrained(hf_teacher_available, num_labels=2)
     student = from_teacher(Teacher(model=model, path=hf_teacher_available), layers=list(cfg.student.layers))
     assert transformer_layer_params(model) >= 3 * transformer_layer_params(student)
+
+
+def test_mismatched_tokenizers_fail_before_any_stage(
+    compose_train, tiny_run_overrides: list[str], tmp_path: Path
+) -> None:
+    """One error naming both, before the teacher stage spends any time (its cache stays empty)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from distill.train import train
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = tmp_path / "other_student"
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(other)
+    overrides = [item for item in tiny_run_overrides if not item.startswith("student.")]
+    cfg = compose_train(*overrides, "student=pretrained", f"student.name_or_path={other}")
+    with pytest.raises(
+        ValueError, match=rf"student '{other}' has a different tokenizer .* from teacher '.*tiny_teacher"
+    ):
+        train(cfg)
+    assert not (tmp_path / "cache" / "teachers").exists()

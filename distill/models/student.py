@@ -14,11 +14,10 @@ from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     PreTrainedModel,
 )
 
-from distill.models.reference import resolve
+from distill.models.reference import load_tokenizer, resolve
 from distill.models.teacher import Teacher
 
 
@@ -92,29 +91,43 @@ def from_config(
     return _trainable(auto_class_like(teacher.model).from_config(config))
 
 
+def check_same_tokenizer(teacher_reference: str, student_reference: str) -> None:
+    """A pretrained student must tokenize as its teacher does: logits of other tokenizers do not refer
+    to the same tokens (cross-tokenizer distillation is not supported)."""
+    student_vocab = load_tokenizer(student_reference).get_vocab()
+    teacher_vocab = load_tokenizer(teacher_reference).get_vocab()
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"student {student_reference!r} has a different tokenizer ({len(student_vocab)} tokens) from "
+            f"teacher {teacher_reference!r} ({len(teacher_vocab)} tokens): logits would not refer to the same "
+            "tokens; distil into a student that shares the teacher's tokenizer"
+        )
+
+
 def from_pretrained(teacher: Teacher, name_or_path: str, datamodule: Any = None) -> PreTrainedModel:
     """A pretrained Hugging Face model (hub id, folder or GGUF file); its tokenizer must equal the teacher's."""
     name_or_path = resolve(name_or_path)
-    student_vocab = AutoTokenizer.from_pretrained(name_or_path).get_vocab()
-    teacher_vocab = AutoTokenizer.from_pretrained(teacher.path).get_vocab()
-    if student_vocab != teacher_vocab:
-        raise ValueError(
-            f"student {name_or_path!r} has a different vocabulary ({len(student_vocab)} tokens) from "
-            f"teacher {teacher.path!r} ({len(teacher_vocab)} tokens): logits would not refer to the same inputs"
-        )
+    check_same_tokenizer(teacher.path, name_or_path)
     auto_class = auto_class_like(teacher.model)
     labels = {"num_labels": teacher.model.config.num_labels} if auto_class is AutoModelForSequenceClassification else {}
     return _trainable(auto_class.from_pretrained(name_or_path, **labels))
 
 
-def check_same_vocabulary(teacher: Teacher, student: PreTrainedModel) -> None:
-    """Teacher and student must embed the same token ids."""
+def shared_vocabulary(teacher: Teacher, student: PreTrainedModel, tokenizer: Any) -> int | None:
+    """The leading token ids whose logits teacher and student compare: ``None`` (all) when their
+    ``vocab_size`` agree; else the tokenizer's ids, when only the padding of the embedding differs
+    (e.g. 151,936 vs 152,064 rows for one tokenizer: the extra rows are no token's)."""
     teacher_size, student_size = teacher.model.config.vocab_size, student.config.vocab_size
-    if teacher_size != student_size:
+    if teacher_size == student_size:
+        return None
+    tokens = len(tokenizer) if tokenizer is not None else None
+    if tokens is None or tokens > min(teacher_size, student_size):
         raise ValueError(
             f"student vocab_size={student_size} differs from teacher vocab_size={teacher_size} "
-            f"({teacher.path!r}): teacher and student must share a vocabulary"
+            f"({teacher.path!r}) and the tokenizer's {tokens} tokens do not fit both: teacher and student must "
+            "share a vocabulary"
         )
+    return tokens
 
 
 def check_context(model: PreTrainedModel, datamodule: Any) -> None:

@@ -12,7 +12,9 @@ A task is a small object (``conf/task/``) that the module, the teacher stage and
 * ``count_targets(labels)`` / ``target_unit``: what a training batch trains on (examples, tokens);
 * ``score(model, datamodule)`` / ``export_extras(...)``: a standalone model's score (the int8
   export) and task-specific artifacts of the run folder (greedy samples for language models);
-* ``summary(results)``: the final metrics of a run.
+* ``summary(results)``: the final metrics of a run;
+* ``vocabulary``: set by the run when teacher and student pad their vocabularies differently (causal
+  LMs compare logits on the tokenizer's ids only).
 
 Everything else (teacher handling, the loss family, stores, compression callbacks) is shared.
 """

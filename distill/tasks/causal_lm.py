@@ -104,6 +104,9 @@ class CausalLMTask:
 
     def __init__(self, fused_kd: bool = True, samples: int = 4, prompt_tokens: int = 32, new_tokens: int = 48) -> None:
         self.fused_kd = fused_kd
+        # Set by the run when teacher and student pad their vocabularies differently: the logits are
+        # compared on the first `vocabulary` ids (the tokenizer's) only.
+        self.vocabulary: int | None = None
         self.samples, self.prompt_tokens, self.new_tokens = samples, prompt_tokens, new_tokens
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -111,6 +114,9 @@ class CausalLMTask:
 
     def align(self, student_logits: Tensor, teacher_targets: Any, labels: Tensor) -> tuple[Tensor, Any, Tensor]:
         teacher = drop_last_position(teacher_targets) if teacher_targets is not None else None
+        if self.vocabulary is not None:
+            student_logits = student_logits[..., : self.vocabulary]
+            teacher = teacher[..., : self.vocabulary] if isinstance(teacher, Tensor) else teacher
         return student_logits[..., :-1, :], teacher, labels[..., 1:]
 
     def count_targets(self, labels: Tensor) -> int:
@@ -132,24 +138,29 @@ class CausalLMTask:
         if stored is not None and not isinstance(stored, TopKTargets):
             return None  # full-vocabulary stores take the logits path
         student_hidden = module.student.base_model(**batch).last_hidden_state[..., :-1, :]
-        student_head = module.student.get_output_embeddings()
-        settings = dict(temperature=module.loss.temperature, alpha=module.loss.alpha, student_bias=student_head.bias)
+        student_weight, student_bias = self._head(module.student.get_output_embeddings())
+        settings = dict(temperature=module.loss.temperature, alpha=module.loss.alpha, student_bias=student_bias)
         if stored is not None:
             targets = drop_last_position(stored)
-            loss = kd_loss_linear_topk(student_hidden, student_head.weight, targets, labels[..., 1:], **settings)
+            loss = kd_loss_linear_topk(student_hidden, student_weight, targets, labels[..., 1:], **settings)
         else:
             teacher_hidden = module.teacher.last_hidden_state(batch)[..., :-1, :]
-            teacher_head = module.teacher.output_head()
+            teacher_weight, teacher_bias = self._head(module.teacher.output_head())
             loss = kd_loss_linear(
                 student_hidden,
-                student_head.weight,
+                student_weight,
                 teacher_hidden,
-                teacher_head.weight,
+                teacher_weight,
                 labels[..., 1:],
-                teacher_bias=teacher_head.bias,
+                teacher_bias=teacher_bias,
                 **settings,
             )
         return KDLossTerms(loss=loss, ce=None, kd=None)
+
+    def _head(self, head: nn.Linear) -> tuple[Tensor, Tensor | None]:
+        """An LM head's weight and bias, cut to the shared vocabulary."""
+        rows = slice(None, self.vocabulary)
+        return head.weight[rows], head.bias[rows] if head.bias is not None else None
 
     def make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict(

@@ -25,6 +25,8 @@ class ClassificationTask:
 
     def __init__(self, num_labels: int) -> None:
         self.num_labels = num_labels
+        # Logits are classes: how teacher and student pad their input vocabularies does not matter.
+        self.vocabulary: int | None = None
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"num_labels": self.num_labels}
