@@ -133,9 +133,16 @@ class PromptResponseDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.seed, self.pool_seed = batch_size, eval_batch_size, seed, pool_seed
         self.tokenizer, self.pad_id, self.num_workers = corpus.tokenizer, corpus.pad_id, corpus.num_workers
         self.max_length = max_prompt_tokens + self.settings.max_new_tokens
+        # Held-out references are the teacher's greedy responses only when the teacher answered greedily.
+        self.references_are_teachers = not self.settings.do_sample
         self.responses: dict[str, datasets.Dataset] = {}
         self.splits: dict[str, datasets.Dataset] = {}
         self.store: GenerationStore | None = None
+
+    @property
+    def block_size(self) -> int:
+        """Positions per training row (a token store's row): the corpus's blocks, or prompt + response."""
+        return self.corpus.block_size if self.train_on == "corpus" else self.max_length
 
     def _check(self, train_on: str, train_tokens: int | None, instruction: str) -> None:
         if train_on not in TRAIN_SOURCES:
