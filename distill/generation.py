@@ -229,4 +229,9 @@ class GenerationStore:
 
 
 def settings_key(settings: SamplingSettings) -> str:
-    return json.dumps(dataclasses.asdict(settings), sort_keys=True)
+    """What decides the responses: greedy ones depend on neither the seed nor the sampling knobs, so runs
+    of every seed share one greedy store."""
+    decisive = dataclasses.asdict(settings)
+    if not settings.do_sample:
+        decisive = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
+    return json.dumps(decisive, sort_keys=True)

@@ -344,6 +344,17 @@ class QuantizeSchema:
     evaluate: bool = True
 
 
+@dataclass
+class GenerateSchema:
+    """``python -m distill.generate`` (conf/generate.yaml): the teacher's responses to a prompt pool."""
+
+    paths: Any = MISSING
+    data: Any = MISSING
+    task_name: str = "generate"
+    seed: int = 0
+    model: str = MISSING
+
+
 _SCHEMAS = {
     ("teacher", "teacher_schema"): TeacherSchema,
     ("student", "from_teacher_schema"): FromTeacherSchema,
@@ -363,6 +374,7 @@ _SCHEMAS = {
     (None, "prune_schema"): PruneSchema,
     (None, "serve_bench_schema"): ServeBenchSchema,
     (None, "quantize_schema"): QuantizeSchema,
+    (None, "generate_schema"): GenerateSchema,
 }
 
 

@@ -255,3 +255,35 @@ def test_on_policy_steps_resample_responses_from_the_student() -> None:
     assert sampler.metrics()["onpolicy/batches"] == 1
     with pytest.raises(ValueError, match=r"distill.on_policy.probability=1.5 must be in \[0, 1\]"):
         OnPolicy(1.5, 0, {3})
+
+
+def test_generate_cli_fills_the_cache_the_run_reads(
+    compose_train, chat_teacher_dir: Path, poems: Path, tmp_path: Path
+) -> None:
+    from hydra.utils import instantiate
+
+    from distill.generate import generate
+
+    overrides = [
+        f"model={chat_teacher_dir}",
+        f"paths.output_dir={tmp_path / 'generate'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"data.corpus.data_dir={poems}",
+        "data.corpus.pattern=*.txt",
+        "data.corpus.val_files=[work_3.txt]",
+        "data.corpus.test_files=[work_4.txt]",
+        "data.prompts={train: 16, validation: 4, test: 4}",
+        "data.passage_tokens=12",
+        "data.max_prompt_tokens=40",
+        "data.generation.max_new_tokens=6",
+        "data.instruction='Go on: {passage}'",
+        "seed=7",  # greedy responses do not depend on the seed: the run's seed 42 shares the store
+    ]
+    report = generate(compose_train(*overrides, config_name="generate"))
+    assert report["responses"] == 24 and report["tokens_per_s"] > 0
+    shards = {path: path.stat().st_mtime_ns for path in Path(report["store"]).glob("shard-*.parquet")}
+    assert shards and json.loads((tmp_path / "generate" / "generation.json").read_text())["store"] == report["store"]
+    data = instantiate(compose_train(*overrides[:-1], "seed=42", config_name="generate").data)
+    data.attach_teacher(AutoModelForCausalLM.from_pretrained(chat_teacher_dir))
+    assert str(data.store.folder) == report["store"]
+    assert {path: path.stat().st_mtime_ns for path in data.store.folder.glob("shard-*.parquet")} == shards

@@ -1,0 +1,54 @@
+"""The teacher's responses to a prompt pool, as a stage of its own: the cache a run's generation stage reads.
+
+    python -m distill.generate                                   # data=shakespeare_prompts, the SmolLM2 teacher
+    python -m distill.generate data.generation.do_sample=true data.generation.temperature=0.8 \\
+        data.generation.num_return_sequences=4
+
+Run it ahead of the recipes (on a bigger machine, or under SLURM) and every ``experiment=smollm2_seqkd`` run
+with the same teacher, prompts and settings finds its responses cached. Interrupted, it resumes at the first
+unfinished shard. Writes ``generation.json`` (store folder, responses, tokens, seconds, tokens/s).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from distill.models.reference import load_causal_lm
+from distill.schemas import register_schemas
+from distill.utils.energy import RunMeter
+from distill.utils.run_record import git_state, write_json
+
+log = logging.getLogger("distill.generate")
+
+
+def generate(cfg: DictConfig) -> dict[str, Any]:
+    datamodule = instantiate(cfg.data)
+    with RunMeter(1, stage="generation") as meter:
+        statistics = datamodule.attach_teacher(load_causal_lm(cfg.model))
+    report = {"model": cfg.model, "store": str(datamodule.store.folder), **statistics, **meter.metrics()}
+    write_json(Path(cfg.paths.output_dir) / "generation.json", report | {"git": git_state()})
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    for key, value in generate(cfg).items():
+        print(f"{key:>28}: {value}")
+    log.info("Run folder: %s", cfg.paths.output_dir)
+
+
+def cli() -> None:
+    """Console entry point (`distill-generate`); the schemas must be known before Hydra composes."""
+    register_schemas()
+    main()
+
+
+if __name__ == "__main__":
+    cli()
