@@ -57,6 +57,18 @@ def test_fp32_graph_equals_the_model_at_other_shapes(model_factory, tmp_path: Pa
         assert relative_error(session(**batch).logits, expected) < 1e-5
 
 
+def test_the_graph_masks_padding_once_and_the_model_keeps_its_attention(tmp_path: Path) -> None:
+    """The padding mask is built once and added in every layer: no per-layer Where (SDPA's export)."""
+    wheres = []
+    for layers in (2, 4):
+        model = tiny_bert(0, layers=layers, hidden=32).eval()
+        model.set_attn_implementation("sdpa")
+        path = export_onnx(model, token_batch(2, 6, seed=0), tmp_path / f"{layers}.onnx")
+        wheres.append(sum(node.op_type == "Where" for node in onnx.load(str(path)).graph.node))
+        assert model.config._attn_implementation == "sdpa"
+    assert wheres[0] == wheres[1]
+
+
 def int8_export(model: torch.nn.Module, layers: list[str], output_dir: Path) -> Path:
     return save_int8(model, layers, NoTokenizer(), output_dir, partial(export_onnx, model, token_batch(2, 6, seed=0)))
 
