@@ -48,10 +48,11 @@ ROW_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplingSettings:
     """How responses are drawn: greedy (``do_sample=False``) or sampled at ``temperature``/``top_p``,
-    ``num_return_sequences`` per prompt, at most ``max_new_tokens`` each."""
+    ``num_return_sequences`` per prompt, at most ``max_new_tokens`` each. Also the config schema of
+    ``data.generation`` (distill/schemas.py)."""
 
     max_new_tokens: int = 64
     do_sample: bool = False

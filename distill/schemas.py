@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from distill.divergences import check_divergence_args
+from distill.generation import SamplingSettings
 
 
 @dataclass
@@ -188,18 +189,6 @@ class TextDataSchema:
 
 
 @dataclass
-class GenerationSchema:
-    """How the teacher's responses are drawn (distill/generation.py: SamplingSettings)."""
-
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_return_sequences: int = 1
-    seed: int = 0
-
-
-@dataclass
 class PromptDataSchema:
     """Prompts cut from a corpus and the teacher's responses (distill/data/prompts.py)."""
 
@@ -211,7 +200,7 @@ class PromptDataSchema:
     passage_tokens: int = 48
     max_prompt_tokens: int = 128
     chat_template: bool = True
-    generation: GenerationSchema = field(default_factory=GenerationSchema)
+    generation: SamplingSettings = field(default_factory=SamplingSettings)
     shard_size: int = 256
     generation_batch_size: int = 16
     train_on: str = "responses"

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from distill.data.glue import EXAMPLE_INDEX
-from distill.data.text import BLOCK_FEATURES, HELD_OUT, IGNORE_INDEX, SPLITS, TextDataModule, digest, split_loader
+from distill.data.text import BLOCK_FEATURES, HELD_OUT, IGNORE_INDEX, SPLITS, SplitLoaders, TextDataModule, digest
 from distill.generation import GenerationStore, Generator, SamplingSettings, end_token_ids, settings_key
 from distill.teacher_logits import weights_fingerprint
 
@@ -81,7 +81,7 @@ def prompt_lengths(labels: Tensor, attention_mask: Tensor) -> list[int]:
     ]
 
 
-class PromptResponseDataModule(pl.LightningDataModule):
+class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
     """Teacher responses to passage-continuation prompts (and, for baselines, the corpus itself).
 
     Args:
@@ -285,17 +285,3 @@ class PromptResponseDataModule(pl.LightningDataModule):
 
     def generation_settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self.settings)
-
-    def dataloader(
-        self, split: str, batch_size: int, shuffle: bool, shard: tuple[int, int] | None = None
-    ) -> DataLoader:
-        return split_loader(self, self.splits[split], batch_size, shuffle, shard)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("validation", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test", self.eval_batch_size, shuffle=False)

@@ -99,7 +99,30 @@ def check_limit(option: str, value: int | None) -> None:
         raise ValueError(f"data.{option}={value!r} must be a positive number of blocks or null (all)")
 
 
-class TextDataModule(pl.LightningDataModule):
+class SplitLoaders:
+    """``dataloader(split, ...)`` and the train/val/test loaders over ``self.splits`` (rows of fixed length),
+    shuffled and sharded across data-parallel ranks for training (:func:`split_loader`)."""
+
+    splits: dict[str, datasets.Dataset]
+    batch_size: int
+    eval_batch_size: int
+
+    def dataloader(
+        self, split: str, batch_size: int, shuffle: bool, shard: tuple[int, int] | None = None
+    ) -> DataLoader:
+        return split_loader(self, self.splits[split], batch_size, shuffle, shard)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("validation", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test", self.eval_batch_size, shuffle=False)
+
+
+class TextDataModule(SplitLoaders, pl.LightningDataModule):
     """Causal-LM blocks of a plain-text corpus split by whole documents.
 
     Args:
@@ -387,23 +410,6 @@ class TextDataModule(pl.LightningDataModule):
     def extra_test_loaders(self) -> dict[str, DataLoader]:
         """Held-out loaders beyond the test split: none (the test split is the corpus)."""
         return {}
-
-    # Loaders.
-
-    def dataloader(
-        self, split: str, batch_size: int, shuffle: bool, shard: tuple[int, int] | None = None
-    ) -> DataLoader:
-        """A loader over ``split`` ("train", "validation" or "test") after :meth:`setup` (:func:`split_loader`)."""
-        return split_loader(self, self.splits[split], batch_size, shuffle, shard)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("validation", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test", self.eval_batch_size, shuffle=False)
 
 
 def split_loader(
