@@ -15,12 +15,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill.models.reference import load_causal_lm
-from distill.schemas import register_schemas
+from distill.utils.cli import hydra_cli
 from distill.utils.energy import RunMeter
 from distill.utils.run_record import git_state, write_json
 
@@ -36,18 +35,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
-def main(cfg: DictConfig) -> None:
-    print(OmegaConf.to_yaml(cfg, resolve=True))
-    for key, value in generate(cfg).items():
-        print(f"{key:>28}: {value}")
-    log.info("Run folder: %s", cfg.paths.output_dir)
-
-
-def cli() -> None:
-    """Console entry point (`distill-generate`); the schemas must be known before Hydra composes."""
-    register_schemas()
-    main()
+# Console entry point `distill-generate`.
+cli = hydra_cli("generate", generate)
 
 
 if __name__ == "__main__":

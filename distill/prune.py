@@ -20,17 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from distill.models.reference import load_tokenizer, resolve
 from distill.models.student import draw_calibration_batches
 from distill.oneshot.sequential import OneShotSettings, prune_oneshot
 from distill.oneshot.solvers import SparsityTarget
-from distill.schemas import register_schemas
+from distill.utils.cli import hydra_cli
 from distill.utils.run_record import git_state, write_json
 
 log = logging.getLogger("distill.prune")
@@ -105,19 +104,8 @@ def save_pruned(model: torch.nn.Module, masks: dict[str, torch.Tensor], referenc
     save_file({name: keep.contiguous() for name, keep in masks.items()}, str(folder / MASKS_FILE))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="prune")
-def main(cfg: DictConfig) -> None:
-    print(OmegaConf.to_yaml(cfg, resolve=True))
-    report = prune(cfg)
-    for key, value in report.items():
-        print(f"{key:>20}: {value}")
-    log.info("Run folder: %s", cfg.paths.output_dir)
-
-
-def cli() -> None:
-    """Console entry point (`distill-prune`); the schemas must be known before Hydra composes."""
-    register_schemas()
-    main()
+# Console entry point `distill-prune`.
+cli = hydra_cli("prune", prune)
 
 
 if __name__ == "__main__":

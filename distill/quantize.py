@@ -17,16 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill.models.reference import load_tokenizer, resolve
 from distill.oneshot.sequential import target_linears
-from distill.schemas import register_schemas
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import save_int8
+from distill.utils.cli import hydra_cli
 from distill.utils.run_record import git_state, write_json
 
 log = logging.getLogger("distill.quantize")
@@ -55,18 +54,8 @@ def quantize(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="quantize")
-def main(cfg: DictConfig) -> None:
-    print(OmegaConf.to_yaml(cfg, resolve=True))
-    for key, value in quantize(cfg).items():
-        print(f"{key:>16}: {value}")
-    log.info("Run folder: %s", cfg.paths.output_dir)
-
-
-def cli() -> None:
-    """Console entry point (`distill-quantize`); the schemas must be known before Hydra composes."""
-    register_schemas()
-    main()
+# Console entry point `distill-quantize`.
+cli = hydra_cli("quantize", quantize)
 
 
 if __name__ == "__main__":
