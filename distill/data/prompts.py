@@ -122,11 +122,8 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
         self.counts = dict(prompts or {"train": 1024, "validation": 64, "test": 128})
         self._check(train_on, train_tokens, instruction)
         self.corpus, self.cache_dir, self.instruction = corpus, cache_dir, instruction
-        self.passage_tokens, self.max_prompt_tokens, self.chat_template = (
-            passage_tokens,
-            max_prompt_tokens,
-            chat_template,
-        )
+        self.passage_tokens, self.max_prompt_tokens = passage_tokens, max_prompt_tokens
+        self.chat_template = chat_template
         self.settings = SamplingSettings(**(generation or {}))
         self.shard_size, self.generation_batch_size = shard_size, generation_batch_size
         self.train_on, self.train_tokens = train_on, train_tokens
