@@ -295,6 +295,30 @@ class DumpStudent(pl.Callback):
         torch.save(weights, self.folder / f"rank{trainer.global_rank}.pt")
 
 
+def student_after_one_step(
+    items: list[dict], folder: Path, vocab: int, devices: int, batch_size: int, accumulate: int
+) -> dict[str, torch.Tensor]:
+    """A 1-layer student's weights after one SGD step (CE only, lr 1) on ``items``, in order, unshuffled
+    (the ranks' DistributedSampler interleaves, which the token mean ignores)."""
+    folder.mkdir()
+    module = DistillationModule(
+        student=tiny_llama(vocab, layers=1, seed=3).train(),
+        teacher=None,
+        num_labels=None,
+        task=CausalLMTask(),
+        temperature=1.0,
+        alpha=1.0,
+        optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+        warmup_ratio=0.0,
+    )
+    strategy = "ddp_spawn" if devices > 1 else "auto"
+    trainer = make_trainer(
+        folder, [DumpStudent(folder)], 1, devices=devices, strategy=strategy, accumulate_grad_batches=accumulate
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=batch_size))
+    return torch.load(folder / "rank0.pt")
+
+
 def test_token_mean_is_over_the_whole_step_across_ranks_and_accumulated_batches(tmp_path: Path) -> None:
     """Micro-batches and ranks with very different token counts take the step one process takes on
     the whole batch: two ranks, two accumulated micro-batches, and both at once."""
@@ -311,27 +335,7 @@ def test_token_mean_is_over_the_whole_step_across_ranks_and_accumulated_batches(
         "accumulated": (1, 1, 4),
         "ddp_accumulated": (2, 1, 2),
     }
-    results = {}
-    for name, (devices, batch_size, accumulate) in arms.items():
-        folder = tmp_path / name
-        folder.mkdir()
-        module = DistillationModule(
-            student=tiny_llama(97, layers=1, seed=3).train(),
-            teacher=None,
-            num_labels=None,
-            task=CausalLMTask(),
-            temperature=1.0,
-            alpha=1.0,
-            optimizer=functools.partial(torch.optim.SGD, lr=1.0),
-            warmup_ratio=0.0,
-        )
-        strategy = "ddp_spawn" if devices > 1 else "auto"
-        trainer = make_trainer(
-            folder, [DumpStudent(folder)], 1, devices=devices, strategy=strategy, accumulate_grad_batches=accumulate
-        )
-        # In order, unshuffled: the ranks' DistributedSampler interleaves, which the mean ignores.
-        trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=batch_size))
-        results[name] = torch.load(folder / "rank0.pt")
+    results = {name: student_after_one_step(items, tmp_path / name, 97, *arm) for name, arm in arms.items()}
     for name in ("ddp", "accumulated", "ddp_accumulated"):
         for key, value in results["single"].items():
             torch.testing.assert_close(results[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.data.prompts import PromptResponseDataModule, pack_responses, passages
 from distill.data.text import IGNORE_INDEX, TextDataModule
 from distill.losses import kd_loss_terms
-from distill.modules.distillation import DistillationModule
 from distill.modules.on_policy import OnPolicy
 from distill.tasks import CausalLMTask
 from distill.tasks.causal_lm import next_token_nll
 from distill.train import train
-from tests.callback_helpers import make_trainer
 from tests.conftest import tiny_llama
-from tests.test_causal_lm import DumpStudent
+from tests.test_causal_lm import student_after_one_step
 
 VERSE = "\n".join(f"Line {j} of the song of king {{work}}, and the hills sing {j}." for j in range(40))
 # A chat template of the ChatML kind SmolLM2 uses, for the BERT tokenizer of the tiny teacher.
@@ -215,23 +211,10 @@ def test_token_mean_over_prompt_rows_is_the_whole_steps_under_accumulation(tmp_p
     responses = [[20], [21, 22, 23, 24, 25, 26], [27, 28], [29, 30, 31]]
     rows = pack_responses(prompts, responses, width=12, pad_id=0)
     items = [{name: torch.as_tensor(rows[name][i]) for name in rows} for i in range(4)]
-    weights = {}
-    for name, (batch_size, accumulate) in {"whole": (4, 1), "accumulated": (1, 4)}.items():
-        folder = tmp_path / name
-        folder.mkdir()
-        module = DistillationModule(
-            student=tiny_llama(40, layers=1, seed=3).train(),
-            teacher=None,
-            num_labels=None,
-            task=CausalLMTask(),
-            temperature=1.0,
-            alpha=1.0,
-            optimizer=functools.partial(torch.optim.SGD, lr=1.0),
-            warmup_ratio=0.0,
-        )
-        trainer = make_trainer(folder, [DumpStudent(folder)], 1, accumulate_grad_batches=accumulate)
-        trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=batch_size))
-        weights[name] = torch.load(folder / "rank0.pt")
+    weights = {
+        name: student_after_one_step(items, tmp_path / name, 40, 1, batch_size, accumulate)
+        for name, (batch_size, accumulate) in {"whole": (4, 1), "accumulated": (1, 4)}.items()
+    }
     for key, value in weights["whole"].items():
         torch.testing.assert_close(weights["accumulated"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
