@@ -5,11 +5,12 @@
 Arms, all on the same batches of real SST-2 dev sentences (batch 1 and 32), interleaved round by round
 (``distill.serve.latency``): PyTorch fp32 eager (the baseline), torchao's CPU int8 (int8 dynamic
 activations, int8 weights: what ``qat8`` exported until this bench), ONNX Runtime fp32 and ONNX Runtime
-int8 (``distill.serve.onnx_int8``: dynamic int8 MatMuls), and the teacher (MiniLM-L6, PyTorch fp32). Only the
-encoder Linears are quantized, as ``qat8`` does. Without ``--student`` the student is built as the run builds
-it (MiniLM-L6, layers 0 and 5); the teacher is the base MiniLM-L6 with a 2-class head: weights do not change
-times. Prints markdown (median ms, speed-up over the PyTorch fp32 student and over the teacher); writes JSON
-to bench/results/.
+int8 (``distill.serve.onnx_int8``: dynamic int8 MatMuls, the last layer traced for the [CLS] position the head
+reads), the same int8 graph with every position in the last layer (what that tracing saves), and the teacher
+(MiniLM-L6, PyTorch fp32). Only the encoder Linears are quantized, as ``qat8`` does. Without ``--student`` the
+student is built as the run builds it (MiniLM-L6, layers 0 and 5); the teacher is the base MiniLM-L6 with a
+2-class head: weights do not change times. Prints markdown (median ms, speed-up over the PyTorch fp32 student
+and over the teacher); writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     folder = Path(tempfile.mkdtemp())
     export_onnx(model, batches[32], folder / "fp32.onnx")
     save_int8(model, layers, tokenizer, folder / "int8", partial(export_onnx, model, batches[32]))
+    every_position = partial(export_onnx, model, batches[32], first_token_only=False)
+    save_int8(model, layers, tokenizer, folder / "int8_every_position", every_position)
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "torchao_int8": torchao_int8(model, layers),
             "onnxruntime_fp32": OnnxModel(folder / "fp32.onnx", threads),
             "onnxruntime_int8": OnnxModel(folder / "int8", threads),
+            "onnxruntime_int8_every_position": OnnxModel(folder / "int8_every_position", threads),
         }
         for size, batch in batches.items():
             arms = {name: partial(forward, net, batch) for name, net in models.items()}

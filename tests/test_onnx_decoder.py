@@ -33,6 +33,10 @@ def decoder(llama, tmp_path_factory: pytest.TempPathFactory) -> OnnxCausalLM:
     return OnnxCausalLM(path)
 
 
+def test_exporting_leaves_the_decoder_in_eval_mode(llama, decoder) -> None:
+    assert not any(module.training for module in llama.modules())
+
+
 def test_empty_past_scores_whole_padded_sequences(llama, decoder) -> None:
     batch = token_batch(3, 9, seed=4)
     with torch.no_grad():

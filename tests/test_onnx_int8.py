@@ -12,6 +12,7 @@ import torch
 
 from distill.callbacks.qat import fake_quantize
 from distill.export import float_student
+from distill.serve.first_token import FirstTokenClassifier, reads_first_token
 from distill.serve.onnx_int8 import OnnxModel, export_onnx, matmuls_with_weights, save_int8
 from tests.callback_helpers import tiny_bert
 from tests.conftest import tiny_llama
@@ -57,6 +58,42 @@ def test_fp32_graph_equals_the_model_at_other_shapes(model_factory, tmp_path: Pa
         assert relative_error(session(**batch).logits, expected) < 1e-5
 
 
+def test_first_token_graph_runs_the_last_layer_for_the_head_only(tmp_path: Path) -> None:
+    """A BERT classifier's last layer computes position 0 alone: the same logits as the model and as the plain
+    graph, padding included, and the last layer's feed-forward sees one position whatever the length."""
+    model = tiny_bert(0, layers=3, hidden=32).eval()
+    assert reads_first_token(model) and not reads_first_token(tiny_llama(50))
+    example = token_batch(2, 6, seed=0)
+    first, plain = (OnnxModel(export_onnx(model, example, tmp_path / f"{flag}.onnx", flag)) for flag in (True, False))
+    seen = []
+    hook = model.bert.encoder.layer[-1].intermediate.register_forward_hook(lambda *args: seen.append(args[2].shape))
+    for rows, length in ((1, 3), (5, 11)):
+        batch = token_batch(rows, length, seed=rows)
+        with torch.no_grad():
+            expected = model(**batch).logits
+            wrapped = FirstTokenClassifier(model, list(batch))(*batch.values())
+        assert relative_error(wrapped, expected) < 1e-6
+        assert relative_error(first(**batch).logits, expected) < 1e-5
+        assert relative_error(plain(**batch).logits, expected) < 1e-5
+    hook.remove()
+    assert [shape[1] for shape in seen] == [3, 1, 11, 1]  # the model's own forward, then the wrapper's
+
+
+@pytest.mark.parametrize("first_token_only", [True, False])
+def test_exporting_leaves_the_model_in_eval_mode(first_token_only: bool, tmp_path: Path) -> None:
+    """The exporter restores its wrapper's mode to the model: a training wrapper would switch dropout on."""
+    model = tiny_bert(0, hidden=32)
+    model.config.hidden_dropout_prob = 0.5
+    model = type(model)(model.config).eval()
+    batch = token_batch(2, 6, seed=0)
+    with torch.no_grad():
+        before = model(**batch).logits
+        export_onnx(model, batch, tmp_path / "fp32.onnx", first_token_only)
+        after = model(**batch).logits
+    assert not any(module.training for module in model.modules())
+    assert torch.equal(before, after)
+
+
 def test_the_graph_masks_padding_once_and_the_model_keeps_its_attention(tmp_path: Path) -> None:
     """The padding mask is built once and added in every layer: no per-layer Where (SDPA's export)."""
     wheres = []
@@ -69,8 +106,9 @@ def test_the_graph_masks_padding_once_and_the_model_keeps_its_attention(tmp_path
     assert wheres[0] == wheres[1]
 
 
-def int8_export(model: torch.nn.Module, layers: list[str], output_dir: Path) -> Path:
-    return save_int8(model, layers, NoTokenizer(), output_dir, partial(export_onnx, model, token_batch(2, 6, seed=0)))
+def int8_export(model: torch.nn.Module, layers: list[str], output_dir: Path, first_token_only: bool = True) -> Path:
+    export = partial(export_onnx, model, token_batch(2, 6, seed=0), first_token_only=first_token_only)
+    return save_int8(model, layers, NoTokenizer(), output_dir, export)
 
 
 def qat_bert(seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
@@ -83,14 +121,21 @@ def qat_bert(seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
     return model, names
 
 
-def test_int8_model_computes_what_qat_simulated(tmp_path: Path) -> None:
+@pytest.mark.parametrize("first_token_only", [False, True])
+def test_int8_model_computes_what_qat_simulated(first_token_only: bool, tmp_path: Path) -> None:
+    """Dynamic int8 scales each activation by its own range, so the first-token graph's last layer (fewer
+    rows) matches the fake-quantized model run through the same wrapper, and the plain graph the model."""
     fake_quantized, names = qat_bert()
     plain = float_student(fake_quantized)
-    served = OnnxModel(int8_export(plain, names, tmp_path / "int8"))
+    served = OnnxModel(int8_export(plain, names, tmp_path / "int8", first_token_only))
     for rows, length in ((1, 5), (4, 9)):
         batch = token_batch(rows, length, seed=10 + rows)
         with torch.no_grad():
-            simulated, unquantized = fake_quantized(**batch).logits, plain(**batch).logits
+            if first_token_only:
+                simulated = FirstTokenClassifier(fake_quantized, list(batch))(*batch.values())
+            else:
+                simulated = fake_quantized(**batch).logits
+            unquantized = plain(**batch).logits
         deployed = served(**batch).logits
         # int8 rounding moves the logits; the deployed model moves them exactly as fit saw them
         assert relative_error(deployed, simulated) < 1e-5 < 1e-3 < relative_error(deployed, unquantized)

@@ -66,7 +66,8 @@ def export_decoder(model: nn.Module, path) -> None:
     axes |= {"logits": {0: "batch", 1: "new"}} | {name: {0: "batch", 2: "past"} for name in inputs[2:]}
     axes |= {name: {0: "batch", 2: "total"} for name in outputs[1:]}
     torch.onnx.export(
-        DecoderStep(model), example, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+        # eval: the exporter leaves the model in the wrapper's mode, and a new wrapper is training.
+        DecoderStep(model).eval(), example, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
         opset_version=17, dynamo=False,
     )  # fmt: skip
 

@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
+from distill.serve.first_token import FirstTokenClassifier, reads_first_token
 from distill.utils.run_record import write_json
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,24 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def export_onnx(model: nn.Module, example: Mapping[str, torch.Tensor], path: Path) -> Path:
-    """The fp32 logits graph, dynamic in batch and sequence length."""
+def export_onnx(
+    model: nn.Module, example: Mapping[str, torch.Tensor], path: Path, first_token_only: bool = True
+) -> Path:
+    """The fp32 logits graph, dynamic in batch and sequence length. With ``first_token_only``, a BERT
+    classifier's last layer is traced for the position its head reads (:mod:`distill.serve.first_token`)."""
     with eager_attention(model):
-        return _export_logits_graph(model, with_padding(example), path)
+        return _export_logits_graph(model, with_padding(example), path, first_token_only)
 
 
-def _export_logits_graph(model: nn.Module, example: Mapping[str, torch.Tensor], path: Path) -> Path:
+def _export_logits_graph(
+    model: nn.Module, example: Mapping[str, torch.Tensor], path: Path, first_token_only: bool
+) -> Path:
     names = list(example)
-    wrapper = _LogitsOnly(model.float().cpu().eval(), names)
+    model = model.float().cpu().eval()
+    first_token = first_token_only and reads_first_token(model)
+    # A new wrapper is in training mode, and the exporter restores the wrapper's mode to all it holds when it
+    # is done: the model would be left training, its dropout on.
+    wrapper = (FirstTokenClassifier(model, names) if first_token else _LogitsOnly(model, names)).eval()
     logits_axes = {0: "batch", 1: "sequence"} if wrapper(*example.values()).dim() == 3 else {0: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
