@@ -53,13 +53,16 @@ def calibration_batches(datamodule: Any, samples: int) -> list[dict[str, torch.T
     """``samples`` training sequences (blocks or sentences), in the data module's batches."""
     if samples < 1:
         raise ValueError(f"calibration.samples={samples!r} must be >= 1")
-    count = -(-samples // datamodule.batch_size)
+    datamodule.prepare_data()
+    # A length-grouped batch sampler leaves the loader's batch_size unset: its batches are the module's.
+    batch_size = datamodule.calibration_dataloader().batch_size or datamodule.batch_size
+    count = -(-samples // batch_size)
     try:
         batches = draw_calibration_batches(datamodule, count)
     except ValueError as error:
         available = len(datamodule.splits["train"]) if hasattr(datamodule, "splits") else "fewer"
         raise ValueError(f"calibration.samples={samples} is more than the {available} training sequences") from error
-    batches[-1] = {key: value[: samples - (count - 1) * datamodule.batch_size] for key, value in batches[-1].items()}
+    batches[-1] = {key: value[: samples - (count - 1) * batch_size] for key, value in batches[-1].items()}
     return batches
 
 

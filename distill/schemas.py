@@ -84,6 +84,8 @@ class PrunedSchema:
     layer_score: str = "nll"
     calibration_batches: int = 8
     report_path: str | None = None
+    # Where cut students are kept for reuse (distill/models/pruned_cache.py); null prunes every run.
+    cache_dir: str | None = None
 
 
 @dataclass

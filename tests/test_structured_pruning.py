@@ -359,3 +359,45 @@ def test_width_pruning_keeps_every_layer_and_skips_the_layer_skip_scores(tmp_pat
     assert student.num_parameters() <= target
     report = json.loads(report_path.read_text())
     assert report["depth_scores"]["nll_increase"] is None and report["kept_layers"] == [0, 1, 2, 3]
+
+
+class CalibrationOnly:
+    """The data-module surface a pruned student needs: prepare_data and calibration batches."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def prepare_data(self) -> None:
+        pass
+
+    def calibration_dataloader(self) -> list[dict[str, torch.Tensor]]:
+        return self.batches
+
+
+def test_pruned_students_are_cached_by_teacher_calibration_and_settings(tmp_path: Path, monkeypatch) -> None:
+    """A second run with the same teacher, calibration tokens and settings loads the cut instead of
+    re-measuring; other calibration tokens or another target prune again; no cache prunes every time."""
+    import distill.models.structured_pruning as structured
+    from distill.models.student import pruned
+    from distill.models.teacher import Teacher
+
+    calls, original = [], structured.pruned_student
+    monkeypatch.setattr(structured, "pruned_student", lambda *args, **kw: calls.append(1) or original(*args, **kw))
+    teacher = Teacher(model=tiny_model("llama-untied-biases"), path="tiny")
+    target = teacher.model.num_parameters() - decoder_layer_params(teacher.model) // 2
+
+    def build(seed: int, run: str, cache: Path | None = tmp_path / "students", **extra) -> PreTrainedModel:
+        report = tmp_path / run / "pruning.json"
+        data = CalibrationOnly(calibration(seed))
+        settings = dict(target_params=target, axes=["depth"], report_path=str(report), cache_dir=cache) | extra
+        return pruned(teacher, data, calibration_batches=2, **settings)
+
+    first, again = build(1, "a"), build(1, "b")
+    assert len(calls) == 1 and again.training and all(param.requires_grad for param in again.parameters())
+    assert all(torch.equal(x, y) for x, y in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
+    assert (tmp_path / "a" / "pruning.json").read_text() == (tmp_path / "b" / "pruning.json").read_text()
+    build(2, "c")
+    build(1, "d", target_params=target * 9 // 10, axes=["width"])
+    assert len(calls) == 3 and sum(path.is_dir() for path in (tmp_path / "students").iterdir()) == 3
+    build(1, "e", cache=None)
+    assert len(calls) == 4

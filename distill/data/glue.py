@@ -249,6 +249,11 @@ class GlueDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", self.batch_size, shuffle=True, augment=True)
 
+    def calibration_dataloader(self) -> DataLoader:
+        """Training sentences (no augmented copies), one process: what a one-shot pruner calibrates on."""
+        self.setup("fit")
+        return self.dataloader("train", self.batch_size, shuffle=True, shard=(0, 1))
+
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("validation", self.eval_batch_size, shuffle=False)
 

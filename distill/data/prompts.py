@@ -249,6 +249,11 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
         keep = int(np.searchsorted(counted, self.train_tokens)) + 1
         return rows.select(order[:keep])
 
+    def calibration_dataloader(self):
+        """The corpus's training blocks, whatever ``train_on`` is: every recipe starts from one pruned student."""
+        self.corpus.prepare_data()
+        return self.corpus.calibration_dataloader()
+
     def train_fingerprint(self) -> str:
         """Identity of the training rows: the responses (or corpus blocks), the row layout and the token cap."""
         self.setup("fit")

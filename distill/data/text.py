@@ -115,6 +115,11 @@ class SplitLoaders:
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", self.batch_size, shuffle=True)
 
+    def calibration_dataloader(self) -> DataLoader:
+        """Batches a structured or one-shot pruner measures importance on: training text, one process."""
+        self.setup("fit")
+        return self.dataloader("train", self.batch_size, shuffle=True, shard=(0, 1))
+
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("validation", self.eval_batch_size, shuffle=False)
 

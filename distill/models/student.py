@@ -8,6 +8,7 @@ and returns a trainable Hugging Face model of the teacher's kind with the teache
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -140,9 +141,8 @@ def check_context(model: PreTrainedModel, datamodule: Any) -> None:
 def draw_calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tensor]]:
     """``count`` training batches (inputs only): calibration data is never held-out text."""
     datamodule.prepare_data()
-    datamodule.setup("fit")
     batches = []
-    for batch in datamodule.dataloader("train", datamodule.batch_size, shuffle=True, shard=(0, 1)):
+    for batch in datamodule.calibration_dataloader():
         batches.append({key: batch[key] for key in ("input_ids", "attention_mask")})
         if len(batches) == count:
             return batches
@@ -150,15 +150,30 @@ def draw_calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tens
 
 
 def pruned(
-    teacher: Teacher, datamodule: Any, calibration_batches: int = 8, shape: dict | None = None, **settings: Any
+    teacher: Teacher,
+    datamodule: Any,
+    calibration_batches: int = 8,
+    shape: dict | None = None,
+    report_path: str | None = None,
+    cache_dir: str | None = None,
+    **settings: Any,
 ) -> PreTrainedModel:
     """A smaller dense student cut from the teacher by importance measured on training batches
     (:func:`distill.models.structured_pruning.pruned_student` takes ``settings``); ``shape`` fields
-    left ``None`` keep the teacher's, and a shape with none set is no shape."""
+    left ``None`` keep the teacher's, and a shape with none set is no shape. With ``cache_dir``, the cut
+    is reused by every run of the same teacher, calibration tokens and settings (:mod:`distill.models.pruned_cache`)."""
+    from distill.models.pruned_cache import cached_pruned_student, pruned_cache_key
     from distill.models.structured_pruning import pruned_student
 
     if calibration_batches < 1:
         raise ValueError(f"student.calibration_batches={calibration_batches!r} must be >= 1")
     batches = draw_calibration_batches(datamodule, calibration_batches)
-    given = {name: value for name, value in (shape or {}).items() if value is not None}
-    return pruned_student(teacher.model, batches, shape=given or None, **settings)
+    settings["shape"] = {name: value for name, value in (shape or {}).items() if value is not None} or None
+
+    def prune(report: str | None) -> PreTrainedModel:
+        return pruned_student(teacher.model, batches, report_path=report, **settings)
+
+    if not cache_dir:
+        return prune(report_path)
+    key = pruned_cache_key(teacher.model, batches, settings)
+    return cached_pruned_student(Path(cache_dir).expanduser(), key, type(teacher.model), prune, report_path)
