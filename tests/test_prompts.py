@@ -129,6 +129,23 @@ def test_train_tokens_caps_the_training_rows(poems: Path, chat_teacher_dir: Path
     assert counted.sum() >= 20 and counted[:-1].sum() < 20
 
 
+def test_every_recipe_calibrates_pruning_on_the_same_corpus_blocks(poems: Path, chat_teacher_dir: Path, tmp_path: Path):
+    """Structured pruning measures importance on the corpus's training blocks whatever a recipe trains on, so the
+    recipes of a comparison start from one pruned student (and share its cache entry)."""
+    from distill.models.student import draw_calibration_batches
+
+    teacher = AutoModelForCausalLM.from_pretrained(chat_teacher_dir)
+    drawn = []
+    for train_on in ("responses", "corpus"):
+        data = prompt_module(poems, chat_teacher_dir, tmp_path / "cache", train_on=train_on, train_tokens=40)
+        data.attach_teacher(teacher)
+        torch.manual_seed(0)
+        drawn.append(draw_calibration_batches(data, 2))
+    assert all(batch["input_ids"].shape[1] == 32 for batch in drawn[0])  # corpus blocks, not prompt rows
+    for first, second in zip(*drawn, strict=True):
+        assert torch.equal(first["input_ids"], second["input_ids"])
+
+
 def test_bad_prompt_pools_are_named(poems: Path, chat_teacher_dir: Path, lm_teacher_dir: Path, tmp_path: Path):
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match=r"data.prompts.train=0: the prompt pool needs >= 1 prompt"):
