@@ -250,8 +250,8 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
         return rows.select(order[:keep])
 
     def calibration_dataloader(self):
-        """The corpus's training blocks, whatever ``train_on`` is: every recipe starts from one pruned student."""
-        self.corpus.prepare_data()
+        """The corpus's training blocks, whatever ``train_on`` is: every recipe starts from one pruned student
+        (after ``prepare_data``, which prepares the corpus)."""
         return self.corpus.calibration_dataloader()
 
     def train_fingerprint(self) -> str:

@@ -51,17 +51,20 @@ def cached_pruned_student(
     """The ``model_class`` student under ``cache_dir/pruned-<key>``, made by ``prune(report_path)`` on a miss."""
     target = cache_dir / f"pruned-{key}"
     target.parent.mkdir(parents=True, exist_ok=True)
+    student = None
     with FileLock(str(target) + ".lock"):
         if (target / REPORT_FILE).is_file():
             log.info("Reusing the pruned student in %s", target)
-        else:
+        else:  # a miss keeps the model it just cut instead of reading it back
             scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
             shutil.rmtree(scratch, ignore_errors=True)
-            prune(str(scratch / REPORT_FILE)).save_pretrained(scratch)
+            student = prune(str(scratch / REPORT_FILE))
+            student.save_pretrained(scratch)
             os.replace(scratch, target)
     if report_path is not None:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(target / REPORT_FILE, report_path)
-    student = model_class.from_pretrained(target)
+    if student is None:
+        student = model_class.from_pretrained(target)
     student.requires_grad_(True)
     return student.train()
