@@ -24,6 +24,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from distill.data.glue import GlueDataModule
 from distill.schemas import register_schemas
 from distill.serve.onnx_int8 import ONNX_FILE, OnnxModel
+from distill.utils.devices import model_device, to_device
 from distill.utils.run_record import count_parameters, write_json
 
 log = logging.getLogger("distill.eval")
@@ -32,9 +33,10 @@ log = logging.getLogger("distill.eval")
 @torch.inference_mode()
 def accuracy(model: PreTrainedModel, datamodule: GlueDataModule) -> float:
     correct = total = 0
+    device = model_device(model)
     for batch in datamodule.val_dataloader():
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(dim=-1) == labels).sum())
+        labels = batch.pop("labels").to(device)
+        correct += int((model(**to_device(batch, device)).logits.argmax(dim=-1) == labels).sum())
         total += labels.numel()
     return correct / total
 

@@ -30,6 +30,7 @@ from distill.models.student import draw_calibration_batches
 from distill.oneshot.sequential import OneShotSettings, prune_oneshot
 from distill.oneshot.solvers import SparsityTarget
 from distill.utils.cli import hydra_cli
+from distill.utils.devices import to_device
 from distill.utils.run_record import git_state, write_json
 
 log = logging.getLogger("distill.prune")
@@ -74,29 +75,56 @@ def settings_of(cfg: DictConfig) -> OneShotSettings:
     return OneShotSettings(cfg.method, target, cfg.sparsegpt.block_size, cfg.sparsegpt.damp, dtype)
 
 
+def device_of(setting: str) -> torch.device:
+    """``auto``: the first CUDA GPU if there is one, else the CPU; otherwise a torch device string."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError as error:
+        raise ValueError(f"device={setting!r} is not a device (auto, cpu, cuda, cuda:N)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={setting!r} but torch sees no CUDA GPU here")
+    return device
+
+
+def timed_on(device: torch.device, work: Callable[[], Any]) -> tuple[Any, float, float | None, float | None]:
+    """``work()``, its wall time (seconds), the process's peak resident memory (MiB) and, on a GPU, the
+    peak GPU memory allocated (MiB) while it ran."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    result, peak_resident = peak_memory_during(work)
+    if device.type != "cuda":
+        return result, time.perf_counter() - started, peak_resident, None
+    torch.cuda.synchronize(device)
+    return result, time.perf_counter() - started, peak_resident, torch.cuda.max_memory_allocated(device) / 2**20
+
+
 def prune(cfg: DictConfig) -> dict[str, Any]:
     settings = settings_of(cfg)  # bad settings fail before anything loads
+    device = device_of(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
     torch.manual_seed(cfg.seed)
     task = instantiate(cfg.task)
     datamodule = instantiate(cfg.data)
-    model = task.auto_model.from_pretrained(resolve(cfg.model)).eval()
-    batches = calibration_batches(datamodule, cfg.calibration.samples)
+    model = task.auto_model.from_pretrained(resolve(cfg.model)).eval().to(device)
+    batches = [to_device(batch, device) for batch in calibration_batches(datamodule, cfg.calibration.samples)]
     datamodule.setup("test")
     report: dict[str, Any] = {"model": cfg.model, "method": cfg.method, "target": str(settings.target)}
+    report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if cfg.evaluate:
         report["dense"] = task.score(model, datamodule)
-    started = time.perf_counter()
     work = functools.partial(prune_oneshot, model, batches, settings, cfg.include, cfg.exclude)
-    masks, report["peak_memory_mib"] = peak_memory_during(work)
-    report["prune_seconds"] = time.perf_counter() - started
+    masks, report["prune_seconds"], report["peak_memory_mib"], report["peak_gpu_memory_mib"] = timed_on(device, work)
     pruned = sum(int((~keep).sum()) for keep in masks.values())
     total = sum(keep.numel() for keep in masks.values())
     report |= {"pruned_layers": len(masks), "layer_sparsity": pruned / total, "threads": torch.get_num_threads()}
     report["calibration_tokens"] = sum(int(batch["attention_mask"].sum()) for batch in batches)
     if cfg.evaluate:
         report["pruned"] = task.score(model, datamodule)
-    save_pruned(model, masks, cfg.model, output_dir / "model")
+    save_pruned(model.cpu(), masks, cfg.model, output_dir / "model")
     write_json(output_dir / "prune.json", report | {"git": git_state()})
     return report
 

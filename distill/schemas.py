@@ -294,6 +294,7 @@ class PruneSchema:
     calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
     sparsegpt: SparseGPTSchema = field(default_factory=SparseGPTSchema)
     evaluate: bool = True
+    device: str = "auto"
 
 
 @dataclass

@@ -245,3 +245,15 @@ def test_prune_cli_on_a_sequence_classifier(compose_train, tiny_teacher_dir: Pat
     assert all(
         is_nm_sparse(student.get_parameter(name)) for name in load_file(str(tmp_path / "run" / "model" / MASKS_FILE))
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"), [("gpu0", "device='gpu0' is not a device"), ("cuda", "torch sees no CUDA GPU")]
+)
+def test_a_bad_or_absent_device_is_named(setting: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distill.prune import device_of
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        device_of(setting)
+    assert device_of("auto").type == "cpu"

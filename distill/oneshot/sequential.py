@@ -107,10 +107,10 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict
 class InputStatistics:
     """What a solver needs of one Linear's inputs: ``H = 2/n sum x x^T`` (sparsegpt) or ``sum x_j^2`` (wanda)."""
 
-    def __init__(self, method: str, columns: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, method: str, columns: int, dtype: torch.dtype = torch.float32, device=None) -> None:
         self.method, self.tokens = method, 0
         shape = (columns, columns) if method == "sparsegpt" else (columns,)
-        self.value = torch.zeros(shape, dtype=dtype)
+        self.value = torch.zeros(shape, dtype=dtype, device=device)
 
     def add(self, x: Tensor) -> None:
         x = x.to(self.value.dtype)
@@ -123,7 +123,10 @@ class InputStatistics:
 
 
 def _gather(block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, method: str, dtype) -> dict:
-    statistics = {name: InputStatistics(method, linear.in_features, dtype) for name, linear in linears.items()}
+    statistics = {
+        name: InputStatistics(method, linear.in_features, dtype, linear.weight.device)
+        for name, linear in linears.items()
+    }
     current: dict[str, Tensor] = {}
 
     def hook(name: str) -> Callable:

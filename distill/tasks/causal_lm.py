@@ -27,6 +27,7 @@ from distill.losses import KDLossTerms
 from distill.rouge import rouge_l
 from distill.serve.onnx_decoder import export_decoder
 from distill.topk import TopKTargets
+from distill.utils.devices import model_device, to_device
 from distill.utils.run_record import write_json
 
 
@@ -59,13 +60,14 @@ def next_token_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
 @torch.inference_mode()
 def perplexity(model: nn.Module, loader: Any) -> float:
     """Token-weighted ``exp(mean NLL)`` of ``model`` over a loader of packed blocks."""
-    metric = Perplexity()
+    device = model_device(model)
+    metric = Perplexity().to(device)
     was_training = model.training
     model.eval()
     for batch in loader:
-        labels = batch.pop("labels")
+        labels = batch.pop("labels").to(device)
         batch.pop(EXAMPLE_INDEX, None)
-        metric.update(*next_token_nll(model(**batch).logits, labels))
+        metric.update(*next_token_nll(model(**to_device(batch, device)).logits, labels))
     model.train(was_training)
     return float(metric.compute())
 
