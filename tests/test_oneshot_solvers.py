@@ -155,3 +155,10 @@ def test_a_hessian_that_no_dampening_fixes_names_the_layer() -> None:
         sparsegpt(
             weight, SparsityTarget(sparsity=0.5), -torch.eye(8, dtype=torch.float64), name="layers.3.mlp.down_proj"
         )
+
+
+def test_n_m_ties_keep_the_first_columns_whatever_the_order_of_the_group() -> None:
+    """Quantized weights tie often: the kept pair must not depend on the device's topk."""
+    weight = torch.tensor([[0.5, -0.5, 0.5, 0.1, 0.2, -0.3, 0.3, 0.3]])
+    _, keep = magnitude(weight, SparsityTarget.parse(None, "2:4"))
+    assert keep.tolist() == [[True, True, False, False, False, True, True, False]]

@@ -87,9 +87,11 @@ def _keep_per_row(scores: Tensor, quotas: Tensor) -> Tensor:
 
 
 def _keep_nm(scores: Tensor, n: int, m: int) -> Tensor:
-    """The ``n`` highest scores of every group of ``m`` consecutive columns kept."""
+    """The ``n`` highest scores of every group of ``m`` consecutive columns kept; among equal scores the
+    first columns, on every device. (topk leaves ties to the device: on the de-quantized 4-bit teacher
+    15 % of its groups of 4 tie at the 2:4 cut, and magnitude 2:4 scored 1127 on a CPU, 1663 on a GPU.)"""
     groups = scores.reshape(scores.shape[0], -1, m)
-    top = groups.topk(n, dim=-1).indices
+    top = groups.argsort(dim=-1, descending=True, stable=True)[..., :n]
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True).reshape(scores.shape)
 
 
