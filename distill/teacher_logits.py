@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from distill.data.augment import COPY_FINGERPRINT, pop_copies
 from distill.data.glue import EXAMPLE_INDEX, GlueDataModule
 from distill.topk import TopKTargets, topk_targets
+from distill.utils.devices import on_gpu_if_any, to_device
 
 log = logging.getLogger(__name__)
 MODES = ("none", "precompute")
@@ -159,6 +160,7 @@ def write_targets(
         targets = compact_targets(topk_targets(logits, topk, temperature), logits.shape[-1], value_dtype)
     for name, value in targets.items():
         if isinstance(value, Tensor):
+            value = value.cpu()  # the store is written from host memory, wherever the teacher ran
             stored = tensors.setdefault(name, value.new_zeros((count, *value.shape[1:])))
             # torch has no index_put for uint16: write through a same-width signed view.
             signed = SIGNED_VIEW.get(value.dtype)
@@ -184,12 +186,13 @@ def compute_targets(
     count = len(datamodule.splits["train"])
     tensors: dict[str, Tensor] = {}
     filled = torch.zeros(count, dtype=torch.bool)
-    for batch in datamodule.dataloader("train", batch_size, shuffle=True):  # grouped by length: less padding
-        index = batch.pop(EXAMPLE_INDEX)
-        batch.pop("labels")
-        logits = teacher(**batch).logits[..., :classes]
-        write_targets(tensors, index, logits, count, topk, temperature, value_dtype)
-        filled[index] = True
+    with on_gpu_if_any(teacher) as device:
+        for batch in datamodule.dataloader("train", batch_size, shuffle=True):  # grouped by length: less padding
+            index = batch.pop(EXAMPLE_INDEX)
+            batch.pop("labels")
+            logits = teacher(**to_device(batch, device)).logits[..., :classes]
+            write_targets(tensors, index, logits, count, topk, temperature, value_dtype)
+            filled[index] = True
     if not filled.all():
         raise RuntimeError(f"the teacher pass left {int((~filled).sum())} examples without logits")
     return tensors
