@@ -10,6 +10,7 @@ fits, tests the best checkpoint on the dev set and exports the student with its 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,10 @@ def main(cfg: DictConfig) -> float:
 
 
 def finish_wandb() -> None:
-    """Close a W&B run even after a failure, so the next job of a sweep starts clean."""
-    import wandb
-
-    if wandb.run is not None:
+    """Close a W&B run even after a failure, so the next job of a sweep starts clean. A run without the
+    W&B logger never imported wandb, and need not have it installed."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
 
 

@@ -29,3 +29,13 @@ def test_online_when_a_key_is_configured(no_wandb_credentials, tmp_path: Path, m
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
     (tmp_path / ".netrc").chmod(0o600)
     assert not wandb_logger(project="p", save_dir=str(tmp_path))._offline
+
+
+def test_a_run_without_the_wandb_logger_ends_without_wandb_installed(monkeypatch) -> None:
+    """logger=csv on a machine without wandb (a lent GPU image): the run's last step must not import it."""
+    import sys
+
+    from distill.train import finish_wandb
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
+    finish_wandb()
