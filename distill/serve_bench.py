@@ -7,8 +7,9 @@
 Classifiers: p50/p90 latency of one batch of real dev sentences at each batch size, throughput and J per
 1,000 requests, for the teacher, ``student/`` (PyTorch fp32), the int8 export (ONNX Runtime: the run's
 ``student_int8/`` after QAT, or ``int8_path``, e.g. ``model_int8/`` of ``distill.quantize``) and, on a GPU,
-the 2:4 student through ``distill.semi_structured``. Causal LMs: greedy generation from held-out prompts,
-batch 1: time to first token, prefill and decode tokens/s. Arms are interleaved (``distill.serve.latency``).
+the teacher and student in bf16, the 2:4 student and the student's int8 GEMMs (``distill.serve.gpu_arms``,
+metered by NVML's energy counter). Causal LMs: greedy generation from held-out prompts, batch 1: time to
+first token, prefill and decode tokens/s. Arms are interleaved (``distill.serve.latency``).
 An artifact that cannot be served here is listed under ``skipped`` with the reason. Writes
 ``serve_bench.json`` into the run folder.
 """
@@ -16,7 +17,6 @@ An artifact that cannot be served here is listed under ``skipped`` with the reas
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -32,7 +32,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from distill.models.reference import load_causal_lm
 from distill.schemas import register_schemas
-from distill.serve.energy import cpu_energy
+from distill.serve.energy import NvmlEnergy, cpu_energy
+from distill.serve.gpu_arms import gpu_models, on_gpu, synchronized
 from distill.serve.latency import measure, summarize
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import ONNX_FILE
@@ -45,36 +46,22 @@ def is_causal_lm(student_dir: Path) -> bool:
     return any(name.endswith("ForCausalLM") for name in AutoConfig.from_pretrained(student_dir).architectures or [])
 
 
-def two_four_student(student_dir: Path) -> tuple[nn.Module | None, str | None]:
-    """The 2:4 student on the GPU's sparse kernels, or why it cannot be served here."""
-    manifest = student_dir / "compression.json"
-    pattern = json.loads(manifest.read_text()).get("NMSparsity", {}).get("pattern") if manifest.is_file() else None
-    if pattern != "2:4":
-        return None, None
-    if not torch.cuda.is_available():
-        return None, "2:4 kernels (cuSPARSELt/CUTLASS) need a CUDA GPU; none here"
-    from distill.semi_structured import to_semi_structured
-
-    model = AutoModelForSequenceClassification.from_pretrained(student_dir, dtype=torch.float16).cuda().eval()
-    to_semi_structured(model)
-    return model, None
-
-
-def float_models(cfg: DictConfig, causal: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """The PyTorch arms, loaded once for every thread count; and the arms that cannot be served here, with why."""
+def float_models(cfg: DictConfig, causal: bool) -> dict[str, nn.Module]:
+    """The PyTorch fp32 arms on the CPU, loaded once for every thread count."""
     auto_model = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    student_dir, models, skipped = Path(cfg.run_dir) / "student", {}, {}
+    models = {}
     if cfg.teacher_path:
         load = load_causal_lm if causal else auto_model.from_pretrained
         models["teacher_fp32"] = load(cfg.teacher_path).eval()
-    models["student_fp32"] = auto_model.from_pretrained(student_dir).eval()
-    if not causal:
-        sparse, reason = two_four_student(student_dir)
-        if sparse is not None:
-            models["student_2:4_gpu"] = sparse
-        if reason:
-            skipped["student_2:4_gpu"] = reason
-    return models, skipped
+    models["student_fp32"] = auto_model.from_pretrained(Path(cfg.run_dir) / "student").eval()
+    return models
+
+
+def load_half(causal: bool, reference: str | Path, dtype: torch.dtype) -> nn.Module:
+    """A model by reference (a GGUF teacher too) in ``dtype``, for the GPU arms."""
+    if causal:  # cast, not loaded in dtype: a GGUF teacher is de-quantized (and cached) once, in fp32
+        return load_causal_lm(str(reference)).to(dtype)
+    return AutoModelForSequenceClassification.from_pretrained(reference, dtype=dtype)
 
 
 def on_device(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -86,13 +73,21 @@ def serve(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     return model(**batch)
 
 
+def request(call: Callable[[], Any], model: nn.Module) -> Callable[[], Any]:
+    """One timed request: on a GPU it ends when the device has finished, not when the launches are queued."""
+    return synchronized(call) if on_gpu(model) else call
+
+
 @torch.inference_mode()
 def bench_classifier(cfg: DictConfig, datamodule: Any, models: dict[str, nn.Module], threads: int, energy: Any):
     rows = []
     for batch_size in cfg.batch_sizes:
         batch = next(iter(datamodule.dataloader("validation", batch_size, shuffle=False)))
         batch.pop("labels")
-        arms = {name: functools.partial(serve, model, on_device(model, batch)) for name, model in models.items()}
+        arms = {
+            name: request(functools.partial(serve, model, on_device(model, batch)), model)
+            for name, model in models.items()
+        }
         for name, samples in measure(arms, cfg.warmup, cfg.repeats, energy).items():
             rows.append({"arm": name, "threads": threads, "batch_size": batch_size, **summarize(samples, batch_size)})
     return rows
@@ -118,9 +113,10 @@ def bench_causal_lm(cfg: DictConfig, datamodule: Any, models: dict[str, nn.Modul
     arms: dict[str, Callable[[], Any]] = {}
     for name, model in models.items():
         for kind, count in (("prefill", 1), ("generate", new_tokens)):
-            arms[f"{name}/{kind}"] = lambda model=model, count=count: model.generate(
-                **ids, max_new_tokens=count, min_new_tokens=count, do_sample=False
+            generate = functools.partial(
+                model.generate, **on_device(model, ids), max_new_tokens=count, min_new_tokens=count, do_sample=False
             )
+            arms[f"{name}/{kind}"] = request(generate, model)
     samples = measure(arms, cfg.warmup, cfg.repeats, energy)
     rows = []
     for name in models:
@@ -145,7 +141,8 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test" if causal else "validate")
-    models, skipped = float_models(cfg, causal)
+    models = float_models(cfg, causal)
+    gpu, skipped = gpu_models(functools.partial(load_half, causal), cfg.teacher_path, student_dir, causal)
     bench = bench_causal_lm if causal else bench_classifier
     rows, energy = [], None
     for threads in cfg.threads:
@@ -155,12 +152,16 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
             arms["student_int8"] = load_onnx(int8_path, threads)
         energy = cpu_energy(threads, os.cpu_count() or 1)
         rows += bench(cfg, datamodule, arms, threads, energy)
+    gpu_energy = NvmlEnergy() if gpu else None
+    if gpu:  # the GPU arms among themselves: interleaving them with seconds-long CPU arms would heat nothing
+        rows += bench(cfg, datamodule, gpu, torch.get_num_threads(), gpu_energy)
     # PyTorch's OpenMP pool spins after each call unless OMP_WAIT_POLICY=PASSIVE, which slows the arm that runs
     # next on a machine with few cores: the README's commands set it; the result records it.
     wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     return {
         "rows": rows, "skipped": skipped, "energy_source": energy.source if energy else None, "cpu": os.cpu_count(),
-        "omp_wait_policy": wait_policy,
+        "omp_wait_policy": wait_policy, "gpu": torch.cuda.get_device_name() if gpu else None,
+        "gpu_energy_source": gpu_energy.source if gpu_energy else None,
     }  # fmt: skip
 
 
@@ -171,7 +172,10 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [f"{row[key]:.4g}" if isinstance(row[key], float) else str(row[key]) for key in columns]
         lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
     lines += [f"skipped {name}: {reason}" for name, reason in results["skipped"].items()]
-    return "\n".join([*lines, f"energy: {results['energy_source']}"])
+    energy = [f"energy: {results['energy_source']}"]
+    if results.get("gpu"):
+        energy.append(f"GPU arms on {results['gpu']}, energy: {results['gpu_energy_source']}")
+    return "\n".join([*lines, *energy])
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve_bench")

@@ -75,6 +75,15 @@ def test_timing_picks_what_faster_means(monkeypatch: pytest.MonkeyPatch, timing:
     assert [d.converted for d in decisions] == [converted]
 
 
+def test_timing_none_converts_every_exact_layer_unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_conversion(monkeypatch, sparse_ms=0.0)
+    never = lambda fn: pytest.fail("timing='none' must not time")  # noqa: E731
+    monkeypatch.setattr(semi_structured, "cuda_time_ms", never)
+    monkeypatch.setattr(semi_structured, "graph_time_ms", never)
+    decisions = to_semi_structured(nn.Sequential(sparse_linear(torch.float32)), tokens=8, timing="none")
+    assert [(d.converted, d.dense_ms, d.sparse_ms) for d in decisions] == [(True, None, None)]
+
+
 def test_an_unknown_timing_is_named_and_changes_nothing() -> None:
     model = nn.Sequential(sparse_linear())
     weight = model[0].weight

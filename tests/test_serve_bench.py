@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import distill.serve_bench as serve_bench_module
@@ -43,10 +44,11 @@ def test_bad_repeat_counts_are_named() -> None:
 
 
 def test_summary_percentiles_throughput_and_energy() -> None:
-    samples = Samples(seconds=[0.4, 0.1, 0.3, 0.2, 0.5], joules=[2.0, 1.0, 3.0, 2.0, 2.0])
+    samples = Samples(seconds=[0.4, 0.1, 0.3, 0.2, 0.5], joules=[0.0, 0.0, 4.0, 0.0, 6.0])
     summary = summarize(samples, requests_per_call=10)
     assert summary["p50_ms"] == pytest.approx(300) and summary["p90_ms"] == pytest.approx(460)
     assert summary["requests_per_s"] == pytest.approx(10 / 0.3)
+    # a counter that ticks coarser than a request reads 0 for most: the mean, not the median (0), is the energy
     assert summary["joules_per_1000_requests"] == pytest.approx(2.0 / 10 * 1000)
     assert percentile([1.0], 0.9) == 1.0
 
@@ -115,7 +117,7 @@ def test_bench_serves_every_artifact_on_the_same_dev_batch(
     results = serve_bench(cfg)
     arms = {(row["arm"], row["batch_size"]) for row in results["rows"]}
     assert arms == {(arm, size) for arm in ("teacher_fp32", "student_fp32", "student_int8") for size in (1, 4)}
-    assert "need a CUDA GPU" in results["skipped"]["student_2:4_gpu"]
+    assert "need a CUDA GPU" in results["skipped"]["student_2:4_gpu"] and "no CUDA GPU" in results["skipped"]["gpu"]
     assert all(row["p90_ms"] >= row["p50_ms"] > 0 and row["joules_per_1000_requests"] > 0 for row in results["rows"])
     for size, served in seen.items():  # three arms (two model classes), one batch of real sentences per size
         assert len({data for _, data in served}) == 1 and len(served) == 2, size
@@ -183,7 +185,7 @@ def test_post_training_int8_of_a_causal_lm_then_its_decode_bench(
         "warmup=1",
         "repeats=2",
         "generation.prompt_tokens=8",
-        "generation.new_tokens=4",
+        "generation.new_tokens=16",  # enough decode steps that the time over prefill is not noise
         config_name="serve_bench",
     )
     rows = {row["arm"]: row for row in serve_bench(cfg)["rows"]}
@@ -202,3 +204,49 @@ def test_an_int8_path_without_a_model_is_named(compose_train, run_dir, tmp_path:
     )
     with pytest.raises(FileNotFoundError, match=r"int8_path='.*' holds no model.onnx"):
         serve_bench(cfg)
+
+
+def test_int8_gemm_arm_quantizes_the_blocks_and_leaves_the_head() -> None:
+    """torchao's int8 x int8 Linear (CPU here, ``torch._int_mm`` on a GPU) on the encoder layers only."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from distill.serve.gpu_arms import int8_gemm_layers
+
+    config = BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    model = BertForSequenceClassification(config).eval()
+    inputs = torch.randint(0, 100, (4, 16))
+    with torch.no_grad():
+        reference = model(input_ids=inputs).logits
+        int8_gemm_layers(model)
+        quantized = model(input_ids=inputs).logits
+    assert type(model.classifier.weight) is torch.nn.Parameter
+    assert "Int8" in type(model.bert.encoder.layer[1].output.dense.weight).__name__
+    assert 0 < (quantized - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_a_gpu_request_ends_when_the_device_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distill.serve import gpu_arms
+
+    events: list[str] = []
+    monkeypatch.setattr(gpu_arms.torch.cuda, "synchronize", lambda: events.append("synchronize"))
+    assert gpu_arms.synchronized(lambda: events.append("launch") or 7)() == 7
+    assert events == ["launch", "synchronize"]
+
+
+def test_without_rapl_or_codecarbon_there_are_no_cpu_energy_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from distill.serve import energy
+
+    real_import = builtins.__import__
+
+    def no_codecarbon(name, *args, **kwargs):
+        if name.startswith("codecarbon"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(energy, "RaplEnergy", lambda: (_ for _ in ()).throw(FileNotFoundError("no RAPL")))
+    monkeypatch.setattr(builtins, "__import__", no_codecarbon)
+    assert energy.cpu_energy(1, 2) is None

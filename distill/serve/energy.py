@@ -72,8 +72,13 @@ class PowerModelEstimate:
         return self.watts * time.perf_counter()
 
 
-def cpu_energy(threads: int, cpu_threads: int) -> RaplEnergy | PowerModelEstimate:
+def cpu_energy(threads: int, cpu_threads: int) -> RaplEnergy | PowerModelEstimate | None:
+    """RAPL where readable, else CodeCarbon's estimate; ``None`` (no energy columns) without either."""
     try:
         return RaplEnergy()
     except (FileNotFoundError, PermissionError):
+        pass
+    try:
         return PowerModelEstimate(threads, cpu_threads)
+    except ImportError:
+        return None
