@@ -5,7 +5,15 @@
 #   bench/gpu_session.sh lm          -> oneshot.md acceptance 6 (distill.prune on the GPU), causal-lm.md
 #                                       acceptance 8 (experiment=smollm2_to_small in bf16) and the decoder's
 #                                       GPU serving rows
-# Needs DISTILL_LM_TEACHER (the GGUF), DISTILL_DATA_DIR and HF_HOME as the README says. Every step's log
+#   bench/gpu_session.sh fsdp        -> the same experiment under trainer=fsdp (Lightning's FSDPStrategy,
+#                                       one GPU: one shard), which no CPU stack here runs
+# Needs DISTILL_LM_TEACHER (the GGUF), DISTILL_DATA_DIR and HF_HOME as the README says.
+# Getting there (a lent machine of this workplace: no network, 64 MiB per call, warm for 30 s between
+# calls): its image has torch, transformers, lightning and datasets' dependencies but not hydra-core,
+# omegaconf, antlr4-python3-runtime, datasets, dill, multiprocess, gguf or torchao: carry them as
+# wheels (pip download --no-deps --python-version 3.12 ...; antlr4 is an sdist: pip wheel it). The
+# 94 MiB GGUF does not fit one call: split it (split -b 50000000), carry one part per call, move the
+# first out of the checkout (mv to /tmp) and join them with cat; check its sha256. Every step's log
 # and result lands in $WORK and is packed into $OUT/session.tgz after each step, so that a session cut
 # short still returns what finished. A failed step does not stop the others.
 set -u
@@ -55,6 +63,13 @@ lm() {
   wait "$train"
   step serve_lm python3 -m distill.serve_bench run_dir=/tmp/lm_run data=shakespeare \
     teacher_path="$DISTILL_LM_TEACHER" 'threads=[4]' repeats=10 warmup=2 hydra.run.dir=/tmp/lm_bench
+}
+
+fsdp() {
+  step train_fsdp python3 -m distill.train experiment=smollm2_to_small trainer=fsdp logger=csv \
+    trainer.enable_progress_bar=false hydra.run.dir=/tmp/lm_fsdp
+  cp /tmp/lm_fsdp/metrics.json "$WORK/lm_fsdp_metrics.json" 2>/dev/null
+  pack
 }
 
 "$@"
