@@ -33,10 +33,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from distill.models.reference import load_causal_lm
 from distill.schemas import register_schemas
 from distill.serve.energy import NvmlEnergy, cpu_energy
-from distill.serve.gpu_arms import gpu_models, on_gpu, synchronized
+from distill.serve.gpu_arms import gpu_models, synchronized
 from distill.serve.latency import measure, summarize
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import ONNX_FILE
+from distill.utils.devices import model_device, to_device
 from distill.utils.run_record import write_json
 
 log = logging.getLogger("distill.serve_bench")
@@ -64,18 +65,13 @@ def load_half(causal: bool, reference: str | Path, dtype: torch.dtype) -> nn.Mod
     return AutoModelForSequenceClassification.from_pretrained(reference, dtype=dtype)
 
 
-def on_device(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    device = next(model.parameters(), torch.empty(0)).device  # an ONNX Runtime session has none: CPU
-    return {name: value.to(device) for name, value in batch.items()}
-
-
 def serve(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     return model(**batch)
 
 
 def request(call: Callable[[], Any], model: nn.Module) -> Callable[[], Any]:
     """One timed request: on a GPU it ends when the device has finished, not when the launches are queued."""
-    return synchronized(call) if on_gpu(model) else call
+    return synchronized(call) if model_device(model).type == "cuda" else call
 
 
 @torch.inference_mode()
@@ -85,7 +81,7 @@ def bench_classifier(cfg: DictConfig, datamodule: Any, models: dict[str, nn.Modu
         batch = next(iter(datamodule.dataloader("validation", batch_size, shuffle=False)))
         batch.pop("labels")
         arms = {
-            name: request(functools.partial(serve, model, on_device(model, batch)), model)
+            name: request(functools.partial(serve, model, to_device(batch, model_device(model))), model)
             for name, model in models.items()
         }
         for name, samples in measure(arms, cfg.warmup, cfg.repeats, energy).items():
@@ -114,7 +110,11 @@ def bench_causal_lm(cfg: DictConfig, datamodule: Any, models: dict[str, nn.Modul
     for name, model in models.items():
         for kind, count in (("prefill", 1), ("generate", new_tokens)):
             generate = functools.partial(
-                model.generate, **on_device(model, ids), max_new_tokens=count, min_new_tokens=count, do_sample=False
+                model.generate,
+                **to_device(ids, model_device(model)),
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=False,
             )
             arms[f"{name}/{kind}"] = request(generate, model)
     samples = measure(arms, cfg.warmup, cfg.repeats, energy)

@@ -10,6 +10,7 @@ Every counter is monotonic joules, so a window's energy is the difference of two
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import time
 from pathlib import Path
@@ -74,10 +75,8 @@ class PowerModelEstimate:
 
 def cpu_energy(threads: int, cpu_threads: int) -> RaplEnergy | PowerModelEstimate | None:
     """RAPL where readable, else CodeCarbon's estimate; ``None`` (no energy columns) without either."""
-    try:
+    with contextlib.suppress(FileNotFoundError, PermissionError):
         return RaplEnergy()
-    except (FileNotFoundError, PermissionError):
-        pass
     try:
         return PowerModelEstimate(threads, cpu_threads)
     except ImportError:

@@ -78,8 +78,3 @@ def gpu_models(
     except Exception as error:  # an optional backend across torch versions: any failure is a reason
         skipped["student_int8_gpu"] = f"torchao int8 GEMMs unavailable: {type(error).__name__}: {error}"
     return models, skipped
-
-
-def on_gpu(model: nn.Module) -> bool:
-    parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    return parameter is not None and parameter.device.type == "cuda"
