@@ -215,6 +215,7 @@ def plot(points: list[Point], path: Path, teacher: TeacherPoint | None = None) -
                 label=f"T = {temperature:g}",
                 **style,
             )
+            _name_points(axis, series, cost)
         comparable = [p for p in points if cost(p) is not None]
         if name != "sparsity" and teacher is not None and cost(teacher) is not None:
             axis.plot([cost(teacher)], [100 * teacher.val_acc], "k*", markersize=14, label="teacher")
@@ -224,11 +225,21 @@ def plot(points: list[Point], path: Path, teacher: TeacherPoint | None = None) -
             axis.plot([cost(p) for p in optimal], [100 * p.val_acc for p in optimal], "k--", lw=1, label="Pareto front")
         if name in ("latency", "energy"):
             axis.set_xscale("log")
+            # A log axis spanning less than a decade labels its minor ticks, which then overlap.
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set(xlabel=label, ylabel="SST-2 dev accuracy (%)", title=f"Accuracy vs {label.split(' (')[0]}")
         axis.grid(alpha=0.3)
         axis.legend()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _name_points(axis: Any, series: list[Point], cost: Callable[[Any], float | None]) -> None:
+    """Each point labelled with its job, so a reader can tell which run to deploy."""
+    for point in series:
+        axis.annotate(
+            point.job, (cost(point), 100 * point.val_acc), xytext=(4, 4), textcoords="offset points", fontsize=7
+        )
 
 
 def wandb_group(folders: list[Path]) -> tuple[str, str] | None:

@@ -101,3 +101,15 @@ def test_measured_serving_cost_joins_the_table_and_the_plot(tmp_path: Path) -> N
     fake_job(tmp_path / "bare", "0", 1.0, None, 0.85, 4e6)
     report(tmp_path / "bare")
     assert two_panels > plt.imread(tmp_path / "bare" / "frontier.png").shape[1] * 1.8  # latency and energy panels
+
+
+def test_every_point_of_the_plot_is_named_by_its_job(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib.figure
+
+    for job, acc in (("dense", 0.85), ("sparse", 0.84)):
+        fake_job(tmp_path, job, 1.0, 0.8 if job == "sparse" else None, acc, 4e6)
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: saved.append(figure))
+    report(tmp_path)
+    for axis in saved[0].axes:  # size and sparsity
+        assert sorted(text.get_text() for text in axis.texts) == ["dense", "sparse"]
