@@ -5,8 +5,8 @@
 #   bench/gpu_session.sh lm          -> oneshot.md acceptance 6 (distill.prune on the GPU), causal-lm.md
 #                                       acceptance 8 (experiment=smollm2_to_small in bf16) and the decoder's
 #                                       GPU serving rows
-#   bench/gpu_session.sh fsdp        -> the same experiment under trainer=fsdp (Lightning's FSDPStrategy,
-#                                       one GPU: one shard), which no CPU stack here runs
+#   bench/gpu_session.sh fsdp        -> the same experiment under trainer=fsdp on the GPU (FSDP2 through
+#                                       Lightning's ModelParallelStrategy; trainer=fsdp_cpu runs it on CPU)
 # Needs DISTILL_LM_TEACHER (the GGUF), DISTILL_DATA_DIR and HF_HOME as the README says.
 # Getting there (a lent machine of this workplace: no network, 64 MiB per call, warm for 30 s between
 # calls): its image has torch, transformers, lightning and datasets' dependencies but not hydra-core,

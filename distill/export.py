@@ -70,19 +70,25 @@ def export_int8(student: nn.Module, float_model: nn.Module, datamodule, output_d
 
 
 def export_student(
-    module, datamodule, output_dir: Path, callbacks: list[Any], teacher: nn.Module | None, save: bool = True
+    student: nn.Module,
+    task,
+    datamodule,
+    output_dir: Path,
+    callbacks: list[Any],
+    teacher: nn.Module | None,
+    save: bool = True,
 ) -> tuple[dict[str, Any], list[LayerReport]]:
     """Report compression; with ``save``, write ``student/`` (+ manifest) and, after QAT, the int8 model."""
-    layers, totals = compression_report(module.student, teacher)
+    layers, totals = compression_report(student, teacher)
     write_json(output_dir / "compression_report.json", {"totals": totals, "layers": [asdict(row) for row in layers]})
     metrics = {f"compression/{key}": value for key, value in totals.items()}
     if save:
         student_dir = output_dir / "student"
-        plain = float_student(module.student)
+        plain = float_student(student)
         plain.save_pretrained(student_dir)
         datamodule.tokenizer.save_pretrained(student_dir)
         write_json(student_dir / "compression.json", manifest(callbacks, totals))
-        if fake_quantized_layers(module.student):
-            metrics |= export_int8(module.student, plain, datamodule, output_dir, module.task)
-        metrics |= module.task.export_extras(plain, teacher, datamodule, output_dir)
+        if fake_quantized_layers(student):
+            metrics |= export_int8(student, plain, datamodule, output_dir, task)
+        metrics |= task.export_extras(plain, teacher, datamodule, output_dir)
     return metrics, layers

@@ -35,6 +35,7 @@ from filelock import FileLock
 from torch import Tensor, nn
 
 from distill.data.text import digest
+from distill.utils.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 ROW_SCHEMA = pa.schema(
@@ -124,6 +125,8 @@ class Generator:
             num_return_sequences=settings.num_return_sequences,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.end_ids),
+            # A sharded model's ranks step together until every rank's batch has ended.
+            synced_gpus=is_sharded(self.model),
             **sampling,
         )
         self.model.train(was_training)

@@ -415,6 +415,20 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size"):
         if cfg.data[key] < 1:
             raise ValueError(f"data.{key}={cfg.data[key]!r} must be >= 1")
+    _check_sharded_compression(cfg)
+
+
+FSDP_TARGET = "distill.utils.strategies.fsdp"
+
+
+def _check_sharded_compression(cfg: DictConfig) -> None:
+    # The compression callbacks mask and fake-quantize whole weight matrices; FSDP holds only shards.
+    compression = sorted(cfg.get("compression") or {})
+    if compression and OmegaConf.select(cfg, "trainer.strategy._target_") == FSDP_TARGET:
+        raise ValueError(
+            f"compression {compression} cannot run under trainer=fsdp, which shards every weight matrix: compress"
+            " under trainer=ddp (or ddp_cpu), or distil under fsdp and compress the exported student in a second run"
+        )
 
 
 def _check_teacher_cache_topk(cfg: DictConfig) -> None:

@@ -30,6 +30,7 @@ from distill.stages import build_module, generation_stage, teacher_logit_store
 from distill.utils.energy import RunMeter
 from distill.utils.instantiate import instantiate_named
 from distill.utils.run_record import count_parameters, git_state, record_student, write_json
+from distill.utils.sharding import unsharded
 
 log = logging.getLogger("distill.train")
 
@@ -90,8 +91,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = summarize(teacher, module, results, started) | before | store_facts(teacher_logits, datamodule)
     metrics |= generation | meter.metrics() | teacher_meter.metrics() | store_meter.metrics()
     metrics |= generation_meter.metrics() if generation else {}
+    student, teacher_model = unsharded(module.student), unsharded(teacher.model)  # collectives under FSDP
     if trainer.is_global_zero:
-        report, layers = export_student(module, datamodule, output_dir, callbacks, teacher.model, cfg.export)
+        report, layers = export_student(student, task, datamodule, output_dir, callbacks, teacher_model, cfg.export)
         metrics |= report
         write_json(output_dir / "metrics.json", metrics)
         log_final(loggers, metrics, layers)
@@ -114,10 +116,12 @@ def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        return objective(cfg, train(cfg))
+        metrics = train(cfg)
+        # Only global rank 0 exports, so only it holds the export's metrics; a sweeper reads rank 0.
+        return objective(cfg, metrics) if rank_zero_only.rank == 0 else None
     finally:
         log.info("Run folder: %s", cfg.paths.output_dir)
         finish_wandb()

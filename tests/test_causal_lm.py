@@ -271,21 +271,6 @@ def test_decoder_compression_nm24_qat8(
     assert not is_nm_sparse(student.lm_head.weight, 2, 4)  # the tied embedding / LM head is left alone
 
 
-def test_fsdp_preset_shards_decoder_layers(compose_train) -> None:
-    from hydra.utils import instantiate
-    from lightning.pytorch.strategies import FSDPStrategy
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    from distill.utils.strategies import fsdp
-
-    cfg = compose_train("experiment=smollm2_to_small", "trainer=fsdp")
-    strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
-    with pytest.raises(ValueError, match="'NoSuchLayer' is not a transformers layer class"):
-        fsdp(["NoSuchLayer"])
-
-
 class DumpStudent(pl.Callback):
     def __init__(self, folder: Path) -> None:
         self.folder = folder

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data.augment import COPY_FINGERPRINT, pop_copies
@@ -28,6 +29,7 @@ from distill.modules.step_mean import StepMean
 from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
 from distill.tasks import ClassificationTask
 from distill.topk import TopKTargets
+from distill.utils.sharding import is_sharded, shard
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -105,6 +107,18 @@ class DistillationModule(pl.LightningModule):
             )
         return HiddenStateLoss(layers, student.config.hidden_size, teacher.config.hidden_size, teacher_layers)
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy hands over a device mesh): shard the
+        student, the hidden-state projections and the frozen teacher over the data-parallel ranks."""
+        if self.device_mesh is None or is_sharded(self.student):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        shard(self.student, mesh)
+        if self.hidden_loss is not None:
+            fully_shard(self.hidden_loss, mesh=mesh)
+        if self.teacher is not None:
+            self.teacher.shard(mesh)
+
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         return self.student(**inputs).logits
 
@@ -116,7 +130,9 @@ class DistillationModule(pl.LightningModule):
         if self.on_policy is not None and self.on_policy.draws(self.global_step):
             batch, labels = self.on_policy.resample(self.student, batch, labels)
             example_index = None  # no stored targets for the student's own samples: the live teacher's
-        terms = None if copies else self.task.fused_terms(self, batch, labels, example_index)
+        # The fused kernels read the output heads' weights outside a forward, where FSDP holds only shards.
+        fused = not copies and not is_sharded(self.student)
+        terms = self.task.fused_terms(self, batch, labels, example_index) if fused else None
         if terms is None:
             terms = self._loss_terms(batch, labels, example_index, copies, copy_fingerprint)
         counted = self.task.count_targets(labels)

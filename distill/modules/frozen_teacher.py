@@ -4,6 +4,8 @@ in ``parameters()``, the optimizer, checkpoints or saved hyperparameters.
 Its evaluation answers (predicted classes, token NLL sums) are memoised by the exact inputs; with
 ``memo_file`` the memo persists across runs, so a sweep or a series of seeds evaluates the teacher
 on the dev and test sets once. The file is keyed by the teacher's weights by whoever names it.
+A sharded teacher (``trainer=fsdp``) answers without the memo: ranks that hit it would skip a forward
+that the others' all-gathers wait for.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from transformers.utils import ModelOutput
+
+from distill.utils.sharding import is_sharded, shard
 
 
 class FrozenTeacher:
@@ -33,6 +38,10 @@ class FrozenTeacher:
     def __call__(self, inputs: dict[str, Tensor], output_hidden_states: bool = False) -> ModelOutput:
         self._follow(inputs)
         return self.model(**inputs, output_hidden_states=output_hidden_states)
+
+    def shard(self, mesh: DeviceMesh) -> None:
+        """Shard the teacher over ``mesh`` (:mod:`distill.utils.sharding`); from now on every rank runs every call."""
+        shard(self.model, mesh)
 
     def _follow(self, inputs: dict[str, Tensor]) -> None:
         device = next(iter(inputs.values())).device
@@ -55,6 +64,8 @@ class FrozenTeacher:
     def memoized(self, inputs: dict[str, Tensor], reduce: Callable[[ModelOutput], Tensor], name: str) -> Tensor:
         """``reduce(teacher(inputs))``, memoised by ``name`` and the exact inputs: a frozen teacher's answer
         never changes, and every validation check sends it the same batches again."""
+        if is_sharded(self.model):
+            return reduce(self(inputs))
         digest = hashlib.sha256(name.encode())
         for key, value in sorted(inputs.items()):
             digest.update(key.encode() + str(tuple(value.shape)).encode() + value.cpu().numpy().tobytes())

@@ -16,6 +16,8 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
+from distill.utils.sharding import plain_class
+
 ASP_MASK_KEY = "asp_masks"
 ASP_BUFFER = re.compile(r"__(\w+?)_mma_(?:mask|pruned_p)")
 STUDENT_PREFIX = "student."
@@ -23,12 +25,12 @@ STUDENT_PREFIX = "student."
 
 def describe_student(checkpoint: dict[str, Any], student: nn.Module) -> None:
     checkpoint["student_config"] = student.config.to_dict()
-    checkpoint["student_class"] = type(student).__name__
+    checkpoint["student_class"] = plain_class(student).__name__
 
 
 def set_asp_masks_aside(checkpoint: dict[str, Any]) -> None:
     """Move ASP's mask buffers out of the state dict, as masks by layer weight under ``ASP_MASK_KEY``."""
-    state = checkpoint["state_dict"]
+    state = checkpoint.get("state_dict", {})  # trainer=fsdp's strategy loads (and drops) it before this hook
     asp_keys = [key for key in state if ASP_BUFFER.fullmatch(key.rsplit(".", 1)[-1])]
     masks = {}
     for key in asp_keys:

@@ -36,8 +36,8 @@ class Perplexity(Metric):
 
     full_state_update = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -61,7 +61,8 @@ def next_token_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
 def perplexity(model: nn.Module, loader: Any) -> float:
     """Token-weighted ``exp(mean NLL)`` of ``model`` over a loader of packed blocks."""
     device = model_device(model)
-    metric = Perplexity().to(device)
+    # One process scores (rank 0's export under DDP): no other rank joins a sync.
+    metric = Perplexity(sync_on_compute=False).to(device)
     was_training = model.training
     model.eval()
     for batch in loader:

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 import distill
+from distill.utils.sharding import whole
 
 
 def git_state() -> dict[str, Any]:
@@ -33,7 +34,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     params = list(model.parameters())
     return {
         "params": sum(p.numel() for p in params),
-        "nonzero_params": sum(int(p.count_nonzero()) for p in params),
+        "nonzero_params": sum(int(whole(p).count_nonzero()) for p in params),
     }
 
 

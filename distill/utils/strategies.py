@@ -4,31 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import transformers
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 
-def fsdp(layer_classes: list[str], **settings: Any) -> FSDPStrategy:
-    """Lightning's FSDP with each listed ``transformers`` layer class (e.g. ``LlamaDecoderLayer``) as one
-    sharding unit; ``settings`` go to :class:`~lightning.pytorch.strategies.FSDPStrategy`."""
-    classes = set()
-    for name in layer_classes:
-        found = next((getattr(module, name) for module in _model_modules(name) if hasattr(module, name)), None)
-        if found is None:
-            raise ValueError(f"trainer.strategy.layer_classes: {name!r} is not a transformers layer class")
-        classes.add(found)
-    return FSDPStrategy(auto_wrap_policy=classes, **settings)
+def fsdp(devices: int | str, num_nodes: int | str = 1, **settings: Any) -> ModelParallelStrategy:
+    """Fully sharded data parallel over all ``devices * num_nodes`` ranks: Lightning's ModelParallelStrategy
+    (torch's FSDP2) with one data-parallel dimension. The module shards its models itself in
+    ``configure_model`` (:mod:`distill.utils.sharding`). Checkpoints are saved whole, so a student
+    checkpoint loads without FSDP; ``settings`` go to the strategy."""
+    ranks = _count(devices, "trainer.devices") * _count(num_nodes, "trainer.num_nodes")
+    settings.setdefault("save_distributed_checkpoint", False)
+    return ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1, **settings)
 
 
-def _model_modules(class_name: str) -> list[Any]:
-    """The ``transformers.models.<family>.modeling_<family>`` modules that may define ``class_name``."""
-    import importlib
-
-    family = class_name.removesuffix("DecoderLayer").removesuffix("Layer").lower()
-    modules = []
-    for candidate in (family, family.replace("_", "")):
-        try:
-            modules.append(importlib.import_module(f"transformers.models.{candidate}.modeling_{candidate}"))
-        except ImportError:
-            continue
-    return modules or [transformers]
+def _count(value: int | str, name: str) -> int:
+    # SLURM hands these over as environment strings; "auto" or a device list cannot size the mesh.
+    if isinstance(value, int | str) and str(value).isdigit() and int(value) > 0:
+        return int(value)
+    raise ValueError(f"{name}={value!r}: trainer=fsdp needs a positive number of ranks to size its device mesh")
