@@ -1,4 +1,4 @@
-"""On a real (local, single-node) SLURM cluster: a 2-rank DDP job through the project's sbatch
+"""On a real (local, single-node) SLURM cluster: 2-rank DDP and FSDP jobs through the project's sbatch
 template, USR1 preemption with requeue and resume, and a Hydra multirun through the submitit
 launcher followed by the frontier report.
 
@@ -90,7 +90,7 @@ def last_logged_step(run: Path) -> int:
     return max(int(row["step"]) for row in rows if row.get("train/loss"))
 
 
-def sbatch(tmp_path: Path, *overrides: str) -> str:
+def sbatch(tmp_path: Path, *overrides: str, trainer: str = "ddp_cpu") -> str:
     command = [
         "sbatch",
         "--parsable",
@@ -100,19 +100,23 @@ def sbatch(tmp_path: Path, *overrides: str) -> str:
         "--time=00:15:00",
         f"--output={tmp_path / 'job-%j.out'}",
         str(REPO / "launch" / "single_node.sbatch"),
-        "trainer=ddp_cpu",
+        f"trainer={trainer}",
         *overrides,
     ]
     env = {**os.environ, "DISTILL_PYTHON": sys.executable}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_two_rank_ddp_job_through_the_template(slurm, tmp_path: Path, tiny_teacher_dir: Path, data_dir) -> None:
-    job = sbatch(tmp_path, *tiny_overrides(tmp_path, tiny_teacher_dir, steps=6, val_every=3))
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
+def test_two_rank_job_through_the_template(
+    trainer: str, slurm, tmp_path: Path, tiny_teacher_dir: Path, data_dir
+) -> None:
+    job = sbatch(tmp_path, *tiny_overrides(tmp_path, tiny_teacher_dir, steps=6, val_every=3), trainer=trainer)
     state = wait_for(job)
     output = (tmp_path / f"job-{job}.out").read_text()
     assert state == "COMPLETED", output[-4000:]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in output and "GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    assert ("FSDP: the student and the teacher sharded over 2 ranks" in output) == (trainer == "fsdp_cpu")
     run = tmp_path / "logs" / "train" / "runs" / job  # both ranks, one folder named by the job id
     assert (run / "metrics.json").is_file() and (run / "student" / "config.json").is_file()
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 6

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
@@ -118,6 +118,9 @@ class DistillationModule(pl.LightningModule):
             fully_shard(self.hidden_loss, mesh=mesh)
         if self.teacher is not None:
             self.teacher.shard(mesh)
+        rank_zero_info(
+            f"FSDP: the student{' and the teacher' if self.teacher else ''} sharded over {mesh.size()} ranks"
+        )
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         return self.student(**inputs).logits
