@@ -122,8 +122,11 @@ def test_two_rank_job_through_the_template(
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 6
 
 
-def test_usr1_requeues_and_resumes_at_the_saved_step(slurm, tmp_path: Path, tiny_teacher_dir: Path, data_dir) -> None:
-    job = sbatch(tmp_path, *tiny_overrides(tmp_path, tiny_teacher_dir, steps=400, val_every=20))
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
+def test_usr1_requeues_and_resumes_at_the_saved_step(
+    trainer: str, slurm, tmp_path: Path, tiny_teacher_dir: Path, data_dir
+) -> None:
+    job = sbatch(tmp_path, *tiny_overrides(tmp_path, tiny_teacher_dir, steps=400, val_every=20), trainer=trainer)
     run = tmp_path / "logs" / "train" / "runs" / job
     deadline = time.monotonic() + 300
     while not (run / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
