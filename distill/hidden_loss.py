@@ -57,6 +57,20 @@ class HiddenStateLoss(nn.Module):
             nn.Linear(student_width, teacher_width) if widths_differ else nn.Identity() for _ in self.layer_map
         )
 
+    @classmethod
+    def between(cls, student: nn.Module, teacher: nn.Module | None, layers: Sequence[int] | None) -> HiddenStateLoss:
+        """The loss from ``student``'s layers to ``teacher``'s: ``layers`` names one teacher layer per student
+        layer; ``None`` spreads them uniformly."""
+        if teacher is None:
+            raise ValueError("distill.hidden_weight > 0 needs a teacher")
+        student_layers, teacher_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        layers = list(layers) if layers is not None else uniform_layer_map(student_layers, teacher_layers)
+        if len(layers) != student_layers:
+            raise ValueError(
+                f"distill.hidden_layers={layers} needs one teacher layer per student layer ({student_layers})"
+            )
+        return cls(layers, student.config.hidden_size, teacher.config.hidden_size, teacher_layers)
+
     def forward(
         self, student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], attention_mask: Tensor
     ) -> Tensor:

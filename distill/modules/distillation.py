@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data.augment import COPY_FINGERPRINT, pop_copies
 from distill.data.glue import EXAMPLE_INDEX
-from distill.hidden_loss import HiddenStateLoss, uniform_layer_map
+from distill.hidden_loss import HiddenStateLoss
 from distill.losses import KDLoss, KDLossTerms, kd_loss_terms
 from distill.modules.frozen_teacher import FrozenTeacher
 from distill.modules.on_policy import OnPolicy
@@ -84,7 +84,7 @@ class DistillationModule(pl.LightningModule):
         self.student = student
         self.teacher = FrozenTeacher(teacher, teacher_memo) if teacher is not None else None
         self.loss = KDLoss(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta)
-        self.hidden_loss = self._hidden_loss(student, teacher, hidden_layers) if hidden_weight > 0 else None
+        self.hidden_loss = HiddenStateLoss.between(student, teacher, hidden_layers) if hidden_weight > 0 else None
         if teacher_logits is not None and self.hidden_loss is not None:
             raise ValueError("precomputed teacher logits hold no hidden states: set distill.hidden_weight=0")
         self.teacher_logits = teacher_logits
@@ -94,18 +94,6 @@ class DistillationModule(pl.LightningModule):
         self.trained_targets = 0  # examples or tokens (task.target_unit) this rank trained on, resumes included
         self.optimizer_factory = optimizer
         self.metrics = self.task.make_metrics()
-
-    @staticmethod
-    def _hidden_loss(student: PreTrainedModel, teacher: nn.Module | None, layers: list[int] | None) -> HiddenStateLoss:
-        if teacher is None:
-            raise ValueError("distill.hidden_weight > 0 needs a teacher")
-        student_layers, teacher_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-        layers = list(layers) if layers is not None else uniform_layer_map(student_layers, teacher_layers)
-        if len(layers) != student_layers:
-            raise ValueError(
-                f"distill.hidden_layers={layers} needs one teacher layer per student layer ({student_layers})"
-            )
-        return HiddenStateLoss(layers, student.config.hidden_size, teacher.config.hidden_size, teacher_layers)
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy hands over a device mesh): shard the
