@@ -22,7 +22,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distill.data.glue import GlueDataModule
 from distill.schemas import register_schemas
@@ -179,3 +179,31 @@ def corpus(tmp_path: Path) -> Path:
     for name, text in WORKS.items():
         (folder / name).write_text(text)
     return folder
+
+
+VERSE = "\n".join(f"Line {j} of the song of king {{work}}, and the hills sing {j}." for j in range(40))
+# A chat template of the ChatML kind SmolLM2 uses, for the BERT tokenizer of the tiny teacher.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} [SEP]{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture
+def poems(tmp_path: Path) -> Path:
+    folder = tmp_path / "poems"
+    folder.mkdir()
+    for work in range(5):
+        (folder / f"work_{work}.txt").write_text(VERSE.format(work=work) + "\n\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_teacher_dir(tmp_path_factory: pytest.TempPathFactory, lm_teacher_dir: Path) -> Path:
+    """The tiny Llama teacher with a chat template on its tokenizer."""
+    path = tmp_path_factory.mktemp("chat_teacher")
+    AutoModelForCausalLM.from_pretrained(lm_teacher_dir).save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(lm_teacher_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path

@@ -27,7 +27,7 @@ from distill.utils.sharding import is_sharded, shard, unsharded
 from distill.utils.strategies import fsdp
 from tests.conftest import tiny_llama
 from tests.test_causal_lm import tiny_run
-from tests.test_prompts import chat_teacher_dir, poems, tiny_recipe_run  # noqa: F401 (fixtures)
+from tests.test_prompts import tiny_recipe_run
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 97
@@ -127,7 +127,7 @@ def test_fsdp_run_matches_ddp(lm_teacher_dir: Path, corpus: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_fsdp_on_policy_run_matches_ddp(chat_teacher_dir: Path, poems: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_fsdp_on_policy_run_matches_ddp(chat_teacher_dir: Path, poems: Path, tmp_path: Path) -> None:
     """The live sharded teacher grades the sharded student's own samples, every step (λ = 1)."""
     overrides = [
         *tiny_recipe_run(chat_teacher_dir, poems, tmp_path),

@@ -19,6 +19,6 @@ def fsdp(devices: int | str, num_nodes: int | str = 1, **settings: Any) -> Model
 
 def _count(value: int | str, name: str) -> int:
     # SLURM hands these over as environment strings; "auto" or a device list cannot size the mesh.
-    if isinstance(value, int | str) and str(value).isdigit() and int(value) > 0:
+    if str(value).isdigit() and int(value) > 0:
         return int(value)
     raise ValueError(f"{name}={value!r}: trainer=fsdp needs a positive number of ranks to size its device mesh")
