@@ -12,18 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
 
+from distill.models.pruned_shape import FFN_MULTIPLE, PrunedShape, choose_shape, shape_params
 from distill.models.pruning_scores import ImportanceScores, calibration_scores
 from distill.models.reference import load_causal_lm, load_tokenizer
-from distill.models.structured_pruning import (
-    FFN_MULTIPLE,
-    PrunedShape,
-    choose_shape,
-    decoder_layer_params,
-    kept_indices,
-    prune,
-    pruned_student,
-    shape_params,
-)
+from distill.models.structured_pruning import decoder_layer_params, kept_indices, prune, pruned_student
 from tests.conftest import require
 
 SIZES = dict(

@@ -2,9 +2,7 @@
 
 Contract:
 
-- :func:`choose_shape` turns either an explicit (partial) shape or a total parameter target into a
-  :class:`PrunedShape`. Parameters are counted by building the student on the meta device, so they
-  equal ``model.num_parameters()`` exactly (tied embeddings once, biases of any Llama-layout family).
+- The student's shape comes from :mod:`distill.models.pruned_shape` (explicit, or a parameter target).
 - :func:`prune` returns a NEW model of the teacher's class (the teacher is deep-copied, never changed)
   that keeps, by the :class:`~distill.models.pruning_scores.ImportanceScores`, the top layers (in their
   original order), per kept layer the top FFN channels and whole KV groups with their query heads, and
@@ -12,61 +10,23 @@ Contract:
   (tied embeddings stay tied). ``head_dim`` is kept and written to ``config.head_dim``. The result
   round-trips through ``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained``.
 - :func:`pruned_student` measures, chooses, prunes and optionally writes a JSON report.
-
-Shape for a parameter target: the listed axes (``depth``, ``ffn``, ``hidden``, ``heads``; ``width``
-means ``ffn`` + ``hidden``, the axes Llama-3.1-Minitron-4B-Width shrank while keeping its attention
-heads) all shrink by one common factor, the largest that fits, found by bisection: layers round down
-(at least 1), ``intermediate_size`` to a multiple of 64, ``hidden_size`` to a multiple of ``head_dim``,
-KV groups down (at least 1) with their query heads. The gap the rounding leaves is then filled
-greedily, coarse steps first (one layer, one ``head_dim`` of hidden, one KV group, 64 FFN channels),
-so no listed axis can grow by one step without passing ``target_params``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
+from distill.models.pruned_shape import PrunedShape, apply_shape, choose_shape, head_dim_of, validated
 from distill.models.pruning_scores import LAYER_SCORES, ImportanceScores, calibration_scores, decoder_layers
-
-AXES = ("depth", "ffn", "hidden", "heads")
-AXIS_ALIASES = {"width": ("ffn", "hidden")}
-FFN_MULTIPLE = 64
-# The hidden width moves in steps that are multiples of 8 and of the head count: transformers
-# refuses to build (or save) a config whose hidden size the head count does not divide, even with
-# an explicit head_dim (SmolLM2's 9 heads: steps of 72).
-HIDDEN_MULTIPLE = 8
-BISECTION_STEPS = 30
-
-
-@dataclass(frozen=True)
-class PrunedShape:
-    """The student's sizes; ``head_dim`` is always the teacher's."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-
-    @classmethod
-    def of(cls, config: PretrainedConfig) -> PrunedShape:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size, heads, kv_heads)
-
-    @property
-    def queries_per_group(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
 
 
 @dataclass(frozen=True)
@@ -79,191 +39,9 @@ class KeptIndices:
     hidden: Tensor
 
 
-def head_dim_of(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def decoder_layer_params(model: PreTrainedModel) -> int:
     """Parameters inside the decoder layers (embeddings, final norm and ``lm_head`` excluded)."""
     return sum(param.numel() for param in decoder_layers(model).parameters())
-
-
-def _apply_shape(config: PretrainedConfig, shape: PrunedShape, kept_layers: Sequence[int], head_dim: int) -> None:
-    updates = {
-        "num_hidden_layers": shape.num_layers,
-        "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
-        "num_attention_heads": shape.num_attention_heads,
-        "num_key_value_heads": shape.num_key_value_heads,
-        # hidden_size / num_attention_heads no longer gives the head size once either is pruned.
-        "head_dim": head_dim,
-    }
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        updates["layer_types"] = [layer_types[index] for index in kept_layers]
-    config.update(updates)
-
-
-def shape_params(config: PretrainedConfig, shape: PrunedShape) -> int:
-    """Exact parameter count of ``config``'s causal-LM class at ``shape`` (built on the meta device)."""
-    student_config = copy.deepcopy(config)
-    _apply_shape(student_config, shape, range(shape.num_layers), head_dim_of(config))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(student_config).num_parameters()
-
-
-def _param_counter(config: PretrainedConfig) -> Callable[[PrunedShape], int]:
-    """shape -> parameters, from two meta builds per width (the count is linear in the depth)."""
-    cache: dict[PrunedShape, tuple[int, int]] = {}
-
-    def count(shape: PrunedShape) -> int:
-        one_layer = replace(shape, num_layers=1)
-        if one_layer not in cache:
-            single, double = shape_params(config, one_layer), shape_params(config, replace(shape, num_layers=2))
-            cache[one_layer] = (single - (double - single), double - single)
-        outside_layers, per_layer = cache[one_layer]
-        return outside_layers + shape.num_layers * per_layer
-
-    return count
-
-
-def _validated(shape: PrunedShape, teacher: PrunedShape, given: Iterable[str] = ()) -> PrunedShape:
-    """``shape`` if it fits in the teacher; fields the user ``given`` are checked first, so errors name them."""
-    given = list(given)
-    for name in [*given, *(field.name for field in fields(PrunedShape) if field.name not in given)]:
-        value, limit = getattr(shape, name), getattr(teacher, name)
-        if not isinstance(value, int) or not 1 <= value <= limit:
-            raise ValueError(f"student.shape.{name}={value!r} must be an integer in [1, {limit}] (the teacher's)")
-    if shape.num_attention_heads != shape.num_key_value_heads * teacher.queries_per_group:
-        raise ValueError(
-            f"student.shape.num_attention_heads={shape.num_attention_heads} must be {teacher.queries_per_group} x "
-            f"num_key_value_heads={shape.num_key_value_heads}: whole KV groups are kept with their query heads"
-        )
-    if shape.hidden_size % shape.num_attention_heads:
-        raise ValueError(
-            f"student.shape.hidden_size={shape.hidden_size} must be a multiple of num_attention_heads="
-            f"{shape.num_attention_heads}: transformers refuses to build or save such a config"
-        )
-    return shape
-
-
-def hidden_step(heads: int) -> int:
-    """The granularity of the hidden width for a student with ``heads`` attention heads."""
-    return math.lcm(HIDDEN_MULTIPLE, heads)
-
-
-def _divides(shape: PrunedShape) -> bool:
-    return shape.hidden_size % shape.num_attention_heads == 0
-
-
-def _explicit_shape(teacher: PrunedShape, shape: Mapping[str, int]) -> PrunedShape:
-    """Unset fields keep the teacher's, except that one head count given alone sets the other by the ratio."""
-    sizes = dict(shape)
-    unknown = sorted(set(sizes) - {field.name for field in fields(PrunedShape)})
-    if unknown:
-        raise ValueError(f"student.shape has unknown fields {unknown}; known: {[f.name for f in fields(PrunedShape)]}")
-    ratio = teacher.queries_per_group
-    if "num_key_value_heads" in sizes and "num_attention_heads" not in sizes:
-        sizes["num_attention_heads"] = sizes["num_key_value_heads"] * ratio
-    if "num_attention_heads" in sizes and "num_key_value_heads" not in sizes:
-        sizes["num_key_value_heads"] = max(1, sizes["num_attention_heads"] // ratio)
-    return _validated(replace(teacher, **sizes), teacher, given=shape.keys())
-
-
-def _round_down(value: float, multiple: int, limit: int) -> int:
-    if value >= limit:
-        return limit
-    return min(limit, max(multiple, math.floor(value / multiple) * multiple))
-
-
-@dataclass(frozen=True)
-class _ShapeSearch:
-    """Shapes reachable from the teacher along ``axes``, and their parameter counts."""
-
-    teacher: PrunedShape
-    axes: frozenset[str]
-    count: Callable[[PrunedShape], int]
-
-    def scaled(self, scale: float) -> PrunedShape:
-        """Every listed axis at ``scale`` of the teacher's size, rounded down to its granularity."""
-        teacher, sizes = self.teacher, {}
-        if "depth" in self.axes:
-            sizes["num_layers"] = max(1, math.floor(teacher.num_layers * scale))
-        if "ffn" in self.axes:
-            ffn = teacher.intermediate_size
-            sizes["intermediate_size"] = _round_down(ffn * scale, FFN_MULTIPLE, ffn)
-        if "heads" in self.axes:
-            groups = max(1, math.floor(teacher.num_key_value_heads * scale))
-            sizes.update(num_key_value_heads=groups, num_attention_heads=groups * teacher.queries_per_group)
-        if "hidden" in self.axes:
-            step = hidden_step(sizes.get("num_attention_heads", teacher.num_attention_heads))
-            sizes["hidden_size"] = _round_down(teacher.hidden_size * scale, step, teacher.hidden_size)
-        return replace(teacher, **sizes)
-
-    def grown(self, shape: PrunedShape, axis: str) -> PrunedShape:
-        """``shape`` one step larger along ``axis``, capped at the teacher's size."""
-        teacher = self.teacher
-        if axis == "depth":
-            return replace(shape, num_layers=min(teacher.num_layers, shape.num_layers + 1))
-        if axis == "hidden":
-            step = hidden_step(shape.num_attention_heads)
-            return replace(shape, hidden_size=min(teacher.hidden_size, shape.hidden_size + step))
-        if axis == "heads":
-            groups = min(teacher.num_key_value_heads, shape.num_key_value_heads + 1)
-            return replace(shape, num_key_value_heads=groups, num_attention_heads=groups * teacher.queries_per_group)
-        return replace(shape, intermediate_size=min(teacher.intermediate_size, shape.intermediate_size + FFN_MULTIPLE))
-
-    def largest_within(self, target: float) -> PrunedShape:
-        """Bisect the common scale, then fill the rounding gap greedily, coarse steps first."""
-        low, high = 0.0, 1.0
-        for _ in range(BISECTION_STEPS):
-            middle = (low + high) / 2
-            low, high = (middle, high) if self.fits(self.scaled(middle), target) else (low, middle)
-        shape = self.scaled(low)
-        for axis in ("depth", "hidden", "heads", "ffn"):
-            while axis in self.axes and (bigger := self.grown(shape, axis)) != shape and self.fits(bigger, target):
-                shape = bigger
-        return shape
-
-    def fits(self, shape: PrunedShape, target: float) -> bool:
-        return _divides(shape) and self.count(shape) <= target
-
-
-def _expand_axes(axes: Iterable[str]) -> frozenset[str]:
-    expanded = frozenset(name for axis in axes for name in AXIS_ALIASES.get(axis, (axis,)))
-    unknown = sorted(expanded - set(AXES))
-    if unknown or not expanded:
-        raise ValueError(f"student.axes={list(axes)!r} must be a non-empty subset of {[*AXES, *AXIS_ALIASES]}")
-    return expanded
-
-
-def _shape_for_target(config: PretrainedConfig, target: float, axes: frozenset[str]) -> PrunedShape:
-    if isinstance(target, bool) or not isinstance(target, (int, float)):
-        raise ValueError(f"student.target_params={target!r} must be a number of parameters")
-    search = _ShapeSearch(PrunedShape.of(config), axes, _param_counter(config))
-    teacher_params = search.count(search.teacher)
-    if target > teacher_params:
-        raise ValueError(f"student.target_params={target} exceeds the teacher's {teacher_params} parameters")
-    smallest = search.count(search.scaled(0.0))
-    if smallest > target:
-        raise ValueError(
-            f"student.target_params={target} is below {smallest}, the smallest student shrinking {sorted(axes)} gives"
-        )
-    return search.largest_within(target)
-
-
-def choose_shape(
-    config: PretrainedConfig,
-    target_params: int | None = None,
-    shape: Mapping[str, int] | None = None,
-    axes: Iterable[str] = ("depth",),
-) -> PrunedShape:
-    """The student's shape: ``shape`` (partial; unset fields keep the teacher's) or the largest at ``target_params``."""
-    if (target_params is None) == (shape is None):
-        raise ValueError(f"give exactly one of student.target_params={target_params!r} and student.shape={shape!r}")
-    if shape is not None:
-        return _explicit_shape(PrunedShape.of(config), shape)
-    return _shape_for_target(config, target_params, _expand_axes(axes))
 
 
 def _top(values: Tensor, count: int) -> Tensor:
@@ -372,7 +150,7 @@ def _cut(model: PreTrainedModel, shape: PrunedShape, kept: KeptIndices) -> PreTr
     _slice_embeddings(student, kept.hidden)
     _slice_norm(student.model.norm, kept.hidden)
     # Modules share the model's config object, so this updates what they read at run time too.
-    _apply_shape(student.config, shape, kept.layers, head_dim)
+    apply_shape(student.config, shape, kept.layers, head_dim)
     return student
 
 
@@ -380,7 +158,7 @@ def prune(
     model: PreTrainedModel, shape: PrunedShape, scores: ImportanceScores, *, layer_score: str = "auto"
 ) -> PreTrainedModel:
     """A new dense model of ``shape`` keeping the top-scored layers and channels; ``model`` is untouched."""
-    _validated(shape, PrunedShape.of(model.config))
+    validated(shape, PrunedShape.of(model.config))
     return _cut(model, shape, kept_indices(model.config, shape, scores, layer_score))
 
 
