@@ -34,7 +34,7 @@ import torch
 from filelock import FileLock
 from torch import Tensor, nn
 
-from distill.data.text import digest
+from distill.utils.keys import digest
 from distill.utils.sharding import is_sharded
 
 log = logging.getLogger(__name__)

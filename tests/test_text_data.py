@@ -53,7 +53,7 @@ def document_stream(module: TextDataModule, names: list[str], prefix: Sequence[i
     """The documents' tokens as the contract states: [BOS] text separator, concatenated."""
     stream = []
     for name in names:
-        ids = module.tokenizer((module.data_dir / name).read_text(), add_special_tokens=False)["input_ids"]
+        ids = module.tokenizer((module.source.data_dir / name).read_text(), add_special_tokens=False)["input_ids"]
         stream += [*prefix, *ids, module.separator_id]
     return stream
 
@@ -138,7 +138,7 @@ def test_tokens_are_cached_by_content_and_reused(text_module, monkeypatch: pytes
     labels = blocks(again, "validation")["labels"]
     assert labels[labels != IGNORE_INDEX].tolist() == validation
     edited = text_module()
-    (edited.data_dir / "a.txt").write_text("edited text")
+    (edited.source.data_dir / "a.txt").write_text("edited text")
     with pytest.raises(AssertionError, match="the tokenizer ran"):
         edited.setup("fit")
 

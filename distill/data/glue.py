@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedToken
 from distill.data.augment import AugmentingCollator, build_augmenter
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
 from distill.data.tsv import check_labels, check_tsv_layout
+from distill.utils.keys import digest
 
 HUB_DATASET = "nyu-mll/glue"
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
@@ -157,7 +158,7 @@ class GlueDataModule(pl.LightningDataModule):
     def _cache_key(self, split: str, ds: datasets.Dataset) -> str:
         source = self._source_fingerprint(split, ds)
         spec = [source, self.label_names, self.tokenizer_key, self.max_length, self.text_fields]
-        return f"{self.task}-{split}-{hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]}"
+        return f"{self.task}-{split}-{digest(spec)}"
 
     def _tokenize(self, raw: datasets.DatasetDict) -> dict[str, datasets.Dataset]:
         out_dir = self.cache_dir / "tokenized"
@@ -209,7 +210,7 @@ class GlueDataModule(pl.LightningDataModule):
             self.seed if self.train_limit is not None else None,
             len(self.splits["train"]),
         ]
-        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+        return digest(spec)
 
     def dataloader(
         self, split: str, batch_size: int, shuffle: bool, augment: bool = False, shard: tuple[int, int] | None = None

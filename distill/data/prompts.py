@@ -30,10 +30,13 @@ import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from distill.data.documents import HELD_OUT, SPLITS
 from distill.data.glue import EXAMPLE_INDEX
-from distill.data.text import BLOCK_FEATURES, HELD_OUT, IGNORE_INDEX, SPLITS, SplitLoaders, TextDataModule, digest
+from distill.data.split_loaders import SplitLoaders
+from distill.data.text import BLOCK_FEATURES, IGNORE_INDEX, TextDataModule
 from distill.generation import GenerationStore, Generator, SamplingSettings, end_token_ids, settings_key
 from distill.teacher_logits import weights_fingerprint
+from distill.utils.keys import digest
 
 log = logging.getLogger(__name__)
 TRAIN_SOURCES = ("responses", "corpus")

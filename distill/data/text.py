@@ -2,10 +2,8 @@
 
 Contract:
 
-* Documents are whole files, ``<data_dir>/<pattern>`` (one work per file), or, when no file matches and
-  ``hub_dataset`` is set, the rows of a ``datasets`` dataset's own ``train``/``validation``/``test`` splits.
-* Local files are split by whole documents: ``val_files`` and ``test_files`` name the held-out ones and every
-  other matching file is training, so no held-out text is ever trained on.
+* Documents and their splits come from :class:`~distill.data.documents.DocumentSource`: whole files
+  (one work per file) split by name, so no held-out text is ever trained on, or a hub dataset's own splits.
 * Each document is tokenised once, without the tokenizer's special tokens, as ``[BOS] text EOS`` (BOS only
   with ``add_bos`` and a tokenizer that has one; a tokenizer without EOS, like BERT's, ends documents with
   its SEP). A split's tokenised documents are cached under ``<cache_dir>/tokenized`` keyed by the content of
@@ -21,49 +19,31 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import datasets
 import lightning.pytorch as pl
 import numpy as np
 import pyarrow.compute as pc
 from filelock import FileLock
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from distill.data.documents import HELD_OUT, DocumentSource, SplitDocuments
 from distill.data.glue import EXAMPLE_INDEX, tokenizer_fingerprint
-from distill.data.sampler import data_parallel_rank
+from distill.data.split_loaders import SplitLoaders
 from distill.models.reference import load_tokenizer
+from distill.utils.keys import digest
 
 IGNORE_INDEX = -100
-HELD_OUT = ("validation", "test")
-SPLITS = ("train", *HELD_OUT)
-TEXT_FEATURES = datasets.Features(text=datasets.Value("string"))
 TOKEN_FEATURES = datasets.Features(input_ids=datasets.Sequence(datasets.Value("int32")))
 BLOCK_FEATURES = datasets.Features(
     {name: datasets.Sequence(datasets.Value("int64")) for name in ("input_ids", "attention_mask", "labels")}
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SplitDocuments:
-    """One split's documents before tokenisation: their names, their text (column ``text``) and a content key."""
-
-    names: list[str]
-    texts: datasets.Dataset
-    source_key: str
-
-
-def digest(spec: Any) -> str:
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
 def document_separator(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -97,34 +77,6 @@ def pack_blocks(stream: np.ndarray, block_size: int, pad_id: int, keep_tail: boo
 def check_limit(option: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"data.{option}={value!r} must be a positive number of blocks or null (all)")
-
-
-class SplitLoaders:
-    """``dataloader(split, ...)`` and the train/val/test loaders over ``self.splits`` (rows of fixed length),
-    shuffled and sharded across data-parallel ranks for training (:func:`split_loader`)."""
-
-    splits: dict[str, datasets.Dataset]
-    batch_size: int
-    eval_batch_size: int
-
-    def dataloader(
-        self, split: str, batch_size: int, shuffle: bool, shard: tuple[int, int] | None = None
-    ) -> DataLoader:
-        return split_loader(self, self.splits[split], batch_size, shuffle, shard)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", self.batch_size, shuffle=True)
-
-    def calibration_dataloader(self) -> DataLoader:
-        """Batches a structured or one-shot pruner measures importance on: training text, one process."""
-        self.setup("fit")
-        return self.dataloader("train", self.batch_size, shuffle=True, shard=(0, 1))
-
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("validation", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.dataloader("test", self.eval_batch_size, shuffle=False)
 
 
 class TextDataModule(SplitLoaders, pl.LightningDataModule):
@@ -177,11 +129,17 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
         check_limit("val_limit_blocks", val_limit_blocks)
         check_limit("test_limit_blocks", test_limit_blocks)
         self.limits = {"train": train_limit_blocks, "validation": val_limit_blocks, "test": test_limit_blocks}
-        self.data_dir = Path(data_dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser()
-        self.val_files, self.test_files = list(val_files), list(test_files)
-        self.pattern = pattern
-        self.hub_dataset, self.hub_config, self.text_field = hub_dataset, hub_config, text_field
+        self.source = DocumentSource(
+            Path(data_dir).expanduser(),
+            self.cache_dir,
+            pattern,
+            list(val_files),
+            list(test_files),
+            hub_dataset,
+            hub_config,
+            text_field,
+        )
         self.block_size = block_size
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed = seed
@@ -213,97 +171,10 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
                 f"positions (max_position_embeddings): set data.block_size<={max_positions}"
             )
 
-    # Reading documents.
-
-    def _document_files(self) -> dict[str, Path]:
-        if not self.data_dir.is_dir():
-            return {}
-        files = sorted(path for path in self.data_dir.glob(self.pattern) if path.is_file())
-        return {path.relative_to(self.data_dir).as_posix(): path for path in files}
-
-    def _missing_message(self, hub_failure: str = "") -> str:
-        hub = f"data.hub_dataset={self.hub_dataset!r} {hub_failure}" if self.hub_dataset else "no data.hub_dataset"
-        return (
-            f"No documents: no file in {self.data_dir} matches data.pattern={self.pattern!r} and {hub}. "
-            "Point DISTILL_DATA_DIR (or paths.data_dir=...) at the folder holding the corpus, fix data.pattern, "
-            "or set data.hub_dataset to a `datasets` name (online: unset HF_HUB_OFFLINE)."
-        )
-
     def _load_documents(self) -> dict[str, SplitDocuments]:
         if self._documents is None:
-            files = self._document_files()
-            if files:
-                self._documents = self._local_documents(files)
-            elif self.hub_dataset is None:
-                raise FileNotFoundError(self._missing_message())
-            else:
-                self._documents = self._hub_documents()
+            self._documents = self.source.load()
         return self._documents
-
-    def _split_membership(self, names: list[str]) -> dict[str, list[str]]:
-        """Each split's document names, in ``names`` order; checks the held-out lists against ``names``."""
-        for option, wanted in (("val_files", self.val_files), ("test_files", self.test_files)):
-            unknown = [name for name in wanted if name not in names]
-            if unknown:
-                raise ValueError(
-                    f"data.{option} names {unknown[0]!r}, which is not one of the {len(names)} files matching "
-                    f"{self.pattern!r} in {self.data_dir} (e.g. {', '.join(names[:5])})"
-                )
-        both = sorted(set(self.val_files) & set(self.test_files))
-        if both:
-            raise ValueError(f"{both[0]!r} is in both data.val_files and data.test_files: hold a document out once")
-        held_out = set(self.val_files) | set(self.test_files)
-        membership = {
-            "train": [name for name in names if name not in held_out],
-            "validation": [name for name in names if name in self.val_files],
-            "test": [name for name in names if name in self.test_files],
-        }
-        if not membership["train"]:
-            raise ValueError(
-                f"all {len(names)} files matching {self.pattern!r} in {self.data_dir} are in data.val_files or "
-                "data.test_files: leave at least one for training"
-            )
-        return membership
-
-    def _local_documents(self, files: dict[str, Path]) -> dict[str, SplitDocuments]:
-        documents = {}
-        for split, names in self._split_membership(list(files)).items():
-            contents = [files[name].read_bytes() for name in names]
-            texts = [self._decode(files[name], content) for name, content in zip(names, contents, strict=True)]
-            hashes = [hashlib.sha256(content).hexdigest() for content in contents]
-            dataset = datasets.Dataset.from_dict({"text": texts}, features=TEXT_FEATURES)
-            documents[split] = SplitDocuments(names, dataset, digest(list(zip(names, hashes, strict=True))))
-        return documents
-
-    @staticmethod
-    def _decode(path: Path, content: bytes) -> str:
-        try:
-            return content.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path} is not UTF-8 text ({error})") from error
-
-    def _hub_documents(self) -> dict[str, SplitDocuments]:
-        try:
-            raw = datasets.load_dataset(self.hub_dataset, self.hub_config, cache_dir=str(self.cache_dir / "raw"))
-        except Exception as error:
-            failure = f"failed to load ({type(error).__name__}: {error})"
-            raise FileNotFoundError(self._missing_message(failure)) from error
-        missing = [split for split in SPLITS if split not in raw]
-        if missing:
-            raise ValueError(f"data.hub_dataset={self.hub_dataset!r} lacks the split(s) {missing} (it has {list(raw)})")
-        if self.text_field not in raw["train"].column_names:
-            raise ValueError(f"data.text_field={self.text_field!r} is not a column of {raw['train'].column_names}")
-        if self.val_files or self.test_files:
-            log.warning("data.val_files/test_files name local files: %s's own splits are used", self.hub_dataset)
-        return {split: self._hub_split(split, raw[split]) for split in SPLITS}
-
-    def _hub_split(self, split: str, rows: datasets.Dataset) -> SplitDocuments:
-        texts = rows.select_columns([self.text_field])
-        if self.text_field != "text":
-            texts = texts.rename_column(self.text_field, "text")
-        names = [f"{self.hub_dataset}/{split}/{row}" for row in range(len(rows))]
-        source = [self.hub_dataset, self.hub_config, split, self.text_field, rows._fingerprint]
-        return SplitDocuments(names, texts, digest(source))
 
     # Tokenising.
 
@@ -415,27 +286,3 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
     def extra_test_loaders(self) -> dict[str, DataLoader]:
         """Held-out loaders beyond the test split: none (the test split is the corpus)."""
         return {}
-
-
-def split_loader(
-    datamodule: pl.LightningDataModule,
-    dataset: datasets.Dataset,
-    batch_size: int,
-    shuffle: bool,
-    shard: tuple[int, int] | None = None,
-) -> DataLoader:
-    """A loader over one split of fixed-length rows.
-
-    Shuffled loaders draw a seeded order per epoch (Lightning sets the sampler's epoch) and give each
-    data-parallel rank disjoint rows; the few that do not divide among the ranks are dropped for the
-    epoch. ``shard`` (rank, number of ranks) replaces the attached trainer's. Unshuffled loaders are
-    whole on every rank, so held-out metrics count every token once.
-    """
-    workers = datamodule.num_workers
-    if not shuffle:
-        return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    rank, replicas = shard or data_parallel_rank(datamodule)
-    sampler = DistributedSampler(
-        dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=datamodule.seed, drop_last=True
-    )
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)

@@ -22,8 +22,8 @@ from filelock import FileLock
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from distill.data.text import digest
 from distill.teacher_logits import weights_fingerprint
+from distill.utils.keys import digest
 
 log = logging.getLogger(__name__)
 

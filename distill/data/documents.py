@@ -1,0 +1,136 @@
+"""Where a text corpus's documents come from, split by whole documents before any tokenisation.
+
+Documents are whole files, ``<data_dir>/<pattern>`` (one work per file), or, when no file matches and
+``hub_dataset`` is set, the rows of a ``datasets`` dataset's own ``train``/``validation``/``test`` splits.
+Local files are split by name: ``val_files`` and ``test_files`` are held out and every other matching file
+is training, so no held-out text is ever trained on. Each split comes with a key of its content, so caches
+built from it follow the text and not the path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+
+from distill.utils.keys import digest
+
+HELD_OUT = ("validation", "test")
+SPLITS = ("train", *HELD_OUT)
+TEXT_FEATURES = datasets.Features(text=datasets.Value("string"))
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitDocuments:
+    """One split's documents before tokenisation: their names, their text (column ``text``) and a content key."""
+
+    names: list[str]
+    texts: datasets.Dataset
+    source_key: str
+
+
+@dataclass(frozen=True)
+class DocumentSource:
+    """The corpus's documents by split (see the module's contract); option names are the ``data.*`` keys."""
+
+    data_dir: Path
+    cache_dir: Path
+    pattern: str = "*.txt"
+    val_files: Sequence[str] = field(default_factory=list)
+    test_files: Sequence[str] = field(default_factory=list)
+    hub_dataset: str | None = None
+    hub_config: str | None = None
+    text_field: str = "text"
+
+    def load(self) -> dict[str, SplitDocuments]:
+        files = self._document_files()
+        if files:
+            return self._local_documents(files)
+        if self.hub_dataset is None:
+            raise FileNotFoundError(self._missing_message())
+        return self._hub_documents()
+
+    def _document_files(self) -> dict[str, Path]:
+        if not self.data_dir.is_dir():
+            return {}
+        files = sorted(path for path in self.data_dir.glob(self.pattern) if path.is_file())
+        return {path.relative_to(self.data_dir).as_posix(): path for path in files}
+
+    def _missing_message(self, hub_failure: str = "") -> str:
+        hub = f"data.hub_dataset={self.hub_dataset!r} {hub_failure}" if self.hub_dataset else "no data.hub_dataset"
+        return (
+            f"No documents: no file in {self.data_dir} matches data.pattern={self.pattern!r} and {hub}. "
+            "Point DISTILL_DATA_DIR (or paths.data_dir=...) at the folder holding the corpus, fix data.pattern, "
+            "or set data.hub_dataset to a `datasets` name (online: unset HF_HUB_OFFLINE)."
+        )
+
+    def _split_membership(self, names: list[str]) -> dict[str, list[str]]:
+        """Each split's document names, in ``names`` order; checks the held-out lists against ``names``."""
+        for option, wanted in (("val_files", self.val_files), ("test_files", self.test_files)):
+            unknown = [name for name in wanted if name not in names]
+            if unknown:
+                raise ValueError(
+                    f"data.{option} names {unknown[0]!r}, which is not one of the {len(names)} files matching "
+                    f"{self.pattern!r} in {self.data_dir} (e.g. {', '.join(names[:5])})"
+                )
+        both = sorted(set(self.val_files) & set(self.test_files))
+        if both:
+            raise ValueError(f"{both[0]!r} is in both data.val_files and data.test_files: hold a document out once")
+        held_out = set(self.val_files) | set(self.test_files)
+        membership = {
+            "train": [name for name in names if name not in held_out],
+            "validation": [name for name in names if name in self.val_files],
+            "test": [name for name in names if name in self.test_files],
+        }
+        if not membership["train"]:
+            raise ValueError(
+                f"all {len(names)} files matching {self.pattern!r} in {self.data_dir} are in data.val_files or "
+                "data.test_files: leave at least one for training"
+            )
+        return membership
+
+    def _local_documents(self, files: dict[str, Path]) -> dict[str, SplitDocuments]:
+        documents = {}
+        for split, names in self._split_membership(list(files)).items():
+            contents = [files[name].read_bytes() for name in names]
+            texts = [_decode(files[name], content) for name, content in zip(names, contents, strict=True)]
+            hashes = [hashlib.sha256(content).hexdigest() for content in contents]
+            dataset = datasets.Dataset.from_dict({"text": texts}, features=TEXT_FEATURES)
+            documents[split] = SplitDocuments(names, dataset, digest(list(zip(names, hashes, strict=True))))
+        return documents
+
+    def _hub_documents(self) -> dict[str, SplitDocuments]:
+        try:
+            raw = datasets.load_dataset(self.hub_dataset, self.hub_config, cache_dir=str(self.cache_dir / "raw"))
+        except Exception as error:
+            failure = f"failed to load ({type(error).__name__}: {error})"
+            raise FileNotFoundError(self._missing_message(failure)) from error
+        missing = [split for split in SPLITS if split not in raw]
+        if missing:
+            raise ValueError(f"data.hub_dataset={self.hub_dataset!r} lacks the split(s) {missing} (it has {list(raw)})")
+        if self.text_field not in raw["train"].column_names:
+            raise ValueError(f"data.text_field={self.text_field!r} is not a column of {raw['train'].column_names}")
+        if self.val_files or self.test_files:
+            log.warning("data.val_files/test_files name local files: %s's own splits are used", self.hub_dataset)
+        return {split: self._hub_split(split, raw[split]) for split in SPLITS}
+
+    def _hub_split(self, split: str, rows: datasets.Dataset) -> SplitDocuments:
+        texts = rows.select_columns([self.text_field])
+        if self.text_field != "text":
+            texts = texts.rename_column(self.text_field, "text")
+        names = [f"{self.hub_dataset}/{split}/{row}" for row in range(len(rows))]
+        source = [self.hub_dataset, self.hub_config, split, self.text_field, rows._fingerprint]
+        return SplitDocuments(names, texts, digest(source))
+
+
+def _decode(path: Path, content: bytes) -> str:
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error})") from error

@@ -1,0 +1,62 @@
+"""Loaders over a data module's splits of fixed-length rows: shuffled and sharded across data-parallel ranks
+for training, whole on every rank for evaluation."""
+
+from __future__ import annotations
+
+import datasets
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, DistributedSampler
+
+from distill.data.sampler import data_parallel_rank
+
+
+class SplitLoaders:
+    """``dataloader(split, ...)`` and the train/val/test loaders over ``self.splits`` (rows of fixed length),
+    shuffled and sharded across data-parallel ranks for training (:func:`split_loader`)."""
+
+    splits: dict[str, datasets.Dataset]
+    batch_size: int
+    eval_batch_size: int
+
+    def dataloader(
+        self, split: str, batch_size: int, shuffle: bool, shard: tuple[int, int] | None = None
+    ) -> DataLoader:
+        return split_loader(self, self.splits[split], batch_size, shuffle, shard)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", self.batch_size, shuffle=True)
+
+    def calibration_dataloader(self) -> DataLoader:
+        """Batches a structured or one-shot pruner measures importance on: training text, one process."""
+        self.setup("fit")
+        return self.dataloader("train", self.batch_size, shuffle=True, shard=(0, 1))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("validation", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test", self.eval_batch_size, shuffle=False)
+
+
+def split_loader(
+    datamodule: pl.LightningDataModule,
+    dataset: datasets.Dataset,
+    batch_size: int,
+    shuffle: bool,
+    shard: tuple[int, int] | None = None,
+) -> DataLoader:
+    """A loader over one split of fixed-length rows.
+
+    Shuffled loaders draw a seeded order per epoch (Lightning sets the sampler's epoch) and give each
+    data-parallel rank disjoint rows; the few that do not divide among the ranks are dropped for the
+    epoch. ``shard`` (rank, number of ranks) replaces the attached trainer's. Unshuffled loaders are
+    whole on every rank, so held-out metrics count every token once.
+    """
+    workers = datamodule.num_workers
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    rank, replicas = shard or data_parallel_rank(datamodule)
+    sampler = DistributedSampler(
+        dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=datamodule.seed, drop_last=True
+    )
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
