@@ -219,6 +219,20 @@ class KDLoss(nn.Module):
             normalizer=normalizer,
         )
 
+    def soft(self, student_logits: Tensor, teacher_logits: Tensor | TopKTargets) -> Tensor:
+        """The ``T**2 * D`` term alone, for inputs without labels (e.g. the perturbed copies of a batch)."""
+        unlabelled = kd_loss_terms(
+            student_logits,
+            teacher_logits,
+            None,
+            temperature=self.temperature,
+            alpha=0.0,
+            ignore_index=self.ignore_index,
+            divergence=self.divergence,
+            beta=self.beta,
+        )
+        return unlabelled.kd
+
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, alpha={self.alpha}, ignore_index={self.ignore_index}, "

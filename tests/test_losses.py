@@ -100,6 +100,16 @@ def test_labels_none_is_pure_distillation() -> None:
         kd_loss(student, teacher, None, temperature=2.0, alpha=0.5)
 
 
+def test_soft_term_ignores_alpha_and_needs_no_labels() -> None:
+    """KDLoss.soft is T^2 * KL over every row, whatever alpha the loss mixes its terms with."""
+    student, teacher = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    every_row = torch.zeros(6, dtype=torch.long)
+    expected = reference_loss(student, teacher, every_row, temperature=3.0, alpha=0.0)
+    for alpha in (0.0, 0.5, 1.0):
+        soft = KDLoss(temperature=3.0, alpha=alpha).soft(student.float(), teacher.float())
+        assert soft.dtype == torch.float32 and soft.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_identical_distributions_give_zero_kd() -> None:
     logits = torch.randn(7, 4)
     assert kd_loss(logits, logits.clone(), temperature=4.0, alpha=0.0).item() == pytest.approx(0.0, abs=1e-6)

@@ -222,7 +222,7 @@ def test_training_with_the_copy_store_runs_no_teacher_and_gives_the_live_losses(
     store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2)
     cached, cached_calls = fit_two_epochs(datamodule, teacher, store, tmp_path / "cached")
     _, live_calls = fit_two_epochs(datamodule, teacher, None, tmp_path / "live")
-    assert cached.copies_labelled_live == 0 and cached_calls.calls == 0
+    assert cached.copy_targets.labelled_live == 0 and cached_calls.calls == 0
     assert live_calls.calls == 2 * 2 * 12  # originals and copies, 12 batches an epoch
     assert cached_calls.losses == pytest.approx(live_calls.losses, abs=1e-5)
 
@@ -239,7 +239,7 @@ def test_copies_the_store_lacks_are_labelled_live(data_with_copies, tmp_path: Pa
         batch[COPY_FINGERPRINT] = batch[COPY_FINGERPRINT] + 1  # not the copies the store was built on
         with pytest.warns(UserWarning, match="not in the teacher-logit store") if logits else contextlib.nullcontext():
             losses[name] = module.training_step(batch, 0).item()
-    assert module.copies_labelled_live == 1
+    assert module.copy_targets.labelled_live == 1
     assert losses["store"] == pytest.approx(losses["live"], abs=1e-5)
 
 
@@ -254,7 +254,7 @@ class DumpLiveLabels(pl.Callback):
         self.batches += 1
 
     def on_train_end(self, trainer, module) -> None:
-        counts = {"batches": self.batches, "labelled_live": module.copies_labelled_live}
+        counts = {"batches": self.batches, "labelled_live": module.copy_targets.labelled_live}
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(counts))
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
@@ -22,13 +22,13 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 from distill.data.augment import COPY_FINGERPRINT, pop_copies
 from distill.data.glue import EXAMPLE_INDEX
 from distill.hidden_loss import HiddenStateLoss
-from distill.losses import KDLoss, KDLossTerms, kd_loss_terms
+from distill.losses import KDLoss, KDLossTerms
+from distill.modules.copy_targets import CopyTargets
 from distill.modules.frozen_teacher import FrozenTeacher
 from distill.modules.on_policy import OnPolicy
 from distill.modules.step_mean import StepMean
 from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
 from distill.tasks import ClassificationTask
-from distill.topk import TopKTargets
 from distill.utils.sharding import is_sharded, shard
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -89,7 +89,7 @@ class DistillationModule(pl.LightningModule):
             raise ValueError("precomputed teacher logits hold no hidden states: set distill.hidden_weight=0")
         self.teacher_logits = teacher_logits
         self.on_policy = on_policy
-        self.copies_labelled_live = 0
+        self.copy_targets = CopyTargets(getattr(teacher_logits, "copies", None))
         self.step_mean = StepMean()
         self.trained_targets = 0  # examples or tokens (task.target_unit) this rank trained on, resumes included
         self.optimizer_factory = optimizer
@@ -171,38 +171,10 @@ class DistillationModule(pl.LightningModule):
         return KDLossTerms(loss=loss, ce=terms.ce, kd=kd)
 
     def _copies_kd(self, copies: dict[str, Tensor], example_index: Tensor | None, fingerprint: Tensor | None) -> Tensor:
-        """T^2 * KL on the unlabelled perturbed copies (distill.data.augment), labelled by the teacher's
-        stored answers when the store holds these very copies, else by the live teacher."""
-        teacher_targets = self._stored_copy_targets(example_index, fingerprint)
-        if teacher_targets is None:
-            teacher_targets = self.teacher(copies).logits
-        student_logits = self.student(**copies).logits
-        return kd_loss_terms(
-            student_logits,
-            teacher_targets,
-            None,
-            temperature=self.loss.temperature,
-            alpha=0.0,
-            divergence=self.loss.divergence,
-            beta=self.loss.beta,
-        ).kd
-
-    def _stored_copy_targets(
-        self, example_index: Tensor | None, fingerprint: Tensor | None
-    ) -> Tensor | TopKTargets | None:
-        store = getattr(self.teacher_logits, "copies", None)
-        if store is None or example_index is None or fingerprint is None:
-            return None
-        targets = store.lookup(self.current_epoch, example_index, fingerprint)
-        if targets is None:
-            if self.copies_labelled_live == 0:
-                rank_zero_warn(
-                    f"the perturbed copies of step {self.global_step} are not in the teacher-logit store (resumed"
-                    " mid-run, DataLoader workers, another number of ranks or more epochs than stored): the live"
-                    " teacher labels copies the store lacks"
-                )
-            self.copies_labelled_live += 1
-        return targets
+        """T^2 * D on the unlabelled perturbed copies (:mod:`distill.data.augment`)."""
+        epoch, step = self.current_epoch, self.global_step
+        teacher_targets = self.copy_targets(self.teacher, copies, epoch, step, example_index, fingerprint)
+        return self.loss.soft(self.student(**copies).logits, teacher_targets)
 
     def _teacher_outputs(
         self, batch: dict[str, Tensor], example_index: Tensor | None, with_hidden: bool
