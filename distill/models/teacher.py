@@ -171,14 +171,8 @@ def finetune_model(
     from distill.modules.distillation import DistillationModule
 
     pl.seed_everything(seed, workers=True)
-    config = AutoConfig.from_pretrained(name_or_path, **task.model_kwargs())
-    if dropout is not None:
-        set_dropout(config, dropout)
-    model = task.auto_model.from_pretrained(name_or_path, config=config)
-    # from_pretrained returns eval mode (dropout off); Lightning keeps module modes as it finds them.
-    model.train()
     module = DistillationModule(
-        student=model,
+        student=_trainable_model(name_or_path, task, dropout),
         teacher=None,
         num_labels=None,
         task=task,
@@ -190,19 +184,7 @@ def finetune_model(
     best = ModelCheckpoint(
         dirpath=log_dir / "checkpoints", monitor=task.monitor, mode=task.monitor_mode, save_weights_only=True
     )
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        max_steps=max_steps,
-        logger=CSVLogger(log_dir, name="finetune_logs"),
-        callbacks=[best],
-        val_check_interval=1.0 / val_checks_per_epoch,
-        gradient_clip_val=1.0,
-        devices=1,
-        # One process even inside a multi-task SLURM/torchrun job: the other ranks wait on the cache lock.
-        plugins=[LightningEnvironment()],
-        num_sanity_val_steps=0,
-        log_every_n_steps=50,
-    )
+    trainer = _finetune_trainer(log_dir, best, epochs, max_steps, val_checks_per_epoch)
     datamodule.prepare_data()
     datamodule.setup("fit")
     trainer.fit(
@@ -215,3 +197,30 @@ def finetune_model(
     (result,) = trainer.validate(module, datamodule.val_dataloader(), ckpt_path=selected, verbose=False)
     shutil.rmtree(log_dir / "checkpoints", ignore_errors=True)
     return module.student.eval(), float(result[task.monitor]), trainer.global_step
+
+
+def _trainable_model(name_or_path: str, task: Any, dropout: float | None) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(name_or_path, **task.model_kwargs())
+    if dropout is not None:
+        set_dropout(config, dropout)
+    model = task.auto_model.from_pretrained(name_or_path, config=config)
+    # from_pretrained returns eval mode (dropout off); Lightning keeps module modes as it finds them.
+    return model.train()
+
+
+def _finetune_trainer(
+    log_dir: Path, best: ModelCheckpoint, epochs: int, max_steps: int, val_checks_per_epoch: int
+) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        max_steps=max_steps,
+        logger=CSVLogger(log_dir, name="finetune_logs"),
+        callbacks=[best],
+        val_check_interval=1.0 / val_checks_per_epoch,
+        gradient_clip_val=1.0,
+        devices=1,
+        # One process even inside a multi-task SLURM/torchrun job: the other ranks wait on the cache lock.
+        plugins=[LightningEnvironment()],
+        num_sanity_val_steps=0,
+        log_every_n_steps=50,
+    )
