@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedToken
 
 from distill.data.augment import AugmentingCollator, build_augmenter
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
+from distill.data.split_loaders import SplitLoaders
 from distill.data.tsv import check_labels, check_tsv_layout
 from distill.utils.keys import digest
 
@@ -40,7 +41,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 EXAMPLE_INDEX = "example_index"
 
 
-class GlueDataModule(pl.LightningDataModule):
+class GlueDataModule(SplitLoaders, pl.LightningDataModule):
     """Tokenised, dynamically padded GLUE classification data.
 
     Args:
@@ -250,13 +251,6 @@ class GlueDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train", self.batch_size, shuffle=True, augment=True)
 
-    def calibration_dataloader(self) -> DataLoader:
-        """Training sentences (no augmented copies), one process: what a one-shot pruner calibrates on."""
-        self.setup("fit")
-        return self.dataloader("train", self.batch_size, shuffle=True, shard=(0, 1))
-
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("validation", self.eval_batch_size, shuffle=False)
-
     def test_dataloader(self) -> DataLoader:
+        # GLUE's test labels are hidden: the dev set is the test set.
         return self.val_dataloader()

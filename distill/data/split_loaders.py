@@ -1,5 +1,5 @@
-"""Loaders over a data module's splits of fixed-length rows: shuffled and sharded across data-parallel ranks
-for training, whole on every rank for evaluation."""
+"""A data module's loaders, one per stage, over its splits: shuffled and sharded across data-parallel ranks for
+training, whole on every rank for evaluation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from distill.data.sampler import data_parallel_rank
 
 
 class SplitLoaders:
-    """``dataloader(split, ...)`` and the train/val/test loaders over ``self.splits`` (rows of fixed length),
-    shuffled and sharded across data-parallel ranks for training (:func:`split_loader`)."""
+    """Lightning's train/val/test loaders and the pruners' calibration loader, all from ``dataloader(split, ...)``
+    over ``self.splits``. Its default serves rows of fixed length (:func:`split_loader`); a data module whose rows
+    need a collator overrides it."""
 
     splits: dict[str, datasets.Dataset]
     batch_size: int
@@ -27,7 +28,7 @@ class SplitLoaders:
         return self.dataloader("train", self.batch_size, shuffle=True)
 
     def calibration_dataloader(self) -> DataLoader:
-        """Batches a structured or one-shot pruner measures importance on: training text, one process."""
+        """Training batches for a structured or one-shot pruner to measure importance on, in one process."""
         self.setup("fit")
         return self.dataloader("train", self.batch_size, shuffle=True, shard=(0, 1))
 
