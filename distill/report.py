@@ -204,34 +204,41 @@ def plot(points: list[Point], path: Path, teacher: TeacherPoint | None = None) -
         ]
     figure, axes = plt.subplots(1, len(costs), figsize=(5.5 * len(costs), 4.2), constrained_layout=True)
     for axis, (name, cost, label) in zip(axes, costs, strict=True):
-        for index, temperature in enumerate(sorted({p.temperature for p in points})):
-            series = [p for p in points if p.temperature == temperature and cost(p) is not None]
-            # Hollow markers of shrinking size: series that land on the same point stay visible.
-            style = dict(marker="osD^v"[index % 5], markersize=max(12 - 3 * index, 4), markerfacecolor="none", mew=2)
-            axis.plot(
-                [cost(p) for p in series],
-                [100 * p.val_acc for p in series],
-                ls="",
-                label=f"T = {temperature:g}",
-                **style,
-            )
-            _name_points(axis, series, cost)
-        comparable = [p for p in points if cost(p) is not None]
-        if name != "sparsity" and teacher is not None and cost(teacher) is not None:
-            axis.plot([cost(teacher)], [100 * teacher.val_acc], "k*", markersize=14, label="teacher")
-            comparable.append(teacher)
-        if name != "sparsity" and comparable:
-            optimal = front(comparable, cost)
-            axis.plot([cost(p) for p in optimal], [100 * p.val_acc for p in optimal], "k--", lw=1, label="Pareto front")
+        _draw_panel(axis, points, teacher, cost, label, with_front=name != "sparsity")
         if name in ("latency", "energy"):
             axis.set_xscale("log")
             # A log axis spanning less than a decade labels its minor ticks, which then overlap.
             axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        axis.set(xlabel=label, ylabel="SST-2 dev accuracy (%)", title=f"Accuracy vs {label.split(' (')[0]}")
-        axis.grid(alpha=0.3)
-        axis.legend()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _draw_panel(
+    axis: Any,
+    points: list[Point],
+    teacher: TeacherPoint | None,
+    cost: Callable[[Any], float | None],
+    label: str,
+    with_front: bool,
+) -> None:
+    """Accuracy against one cost: a series per temperature, and (``with_front``) the teacher and the Pareto front."""
+    for index, temperature in enumerate(sorted({p.temperature for p in points})):
+        series = [p for p in points if p.temperature == temperature and cost(p) is not None]
+        # Hollow markers of shrinking size: series that land on the same point stay visible.
+        style = dict(marker="osD^v"[index % 5], markersize=max(12 - 3 * index, 4), markerfacecolor="none", mew=2)
+        xs, ys = [cost(p) for p in series], [100 * p.val_acc for p in series]
+        axis.plot(xs, ys, ls="", label=f"T = {temperature:g}", **style)
+        _name_points(axis, series, cost)
+    comparable = [p for p in points if cost(p) is not None]
+    if with_front and teacher is not None and cost(teacher) is not None:
+        axis.plot([cost(teacher)], [100 * teacher.val_acc], "k*", markersize=14, label="teacher")
+        comparable.append(teacher)
+    if with_front and comparable:
+        optimal = front(comparable, cost)
+        axis.plot([cost(p) for p in optimal], [100 * p.val_acc for p in optimal], "k--", lw=1, label="Pareto front")
+    axis.set(xlabel=label, ylabel="SST-2 dev accuracy (%)", title=f"Accuracy vs {label.split(' (')[0]}")
+    axis.grid(alpha=0.3)
+    axis.legend()
 
 
 def _name_points(axis: Any, series: list[Point], cost: Callable[[Any], float | None]) -> None:
