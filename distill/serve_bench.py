@@ -34,6 +34,7 @@ from distill.models.reference import load_causal_lm
 from distill.schemas import register_schemas
 from distill.serve.energy import NvmlEnergy, cpu_energy
 from distill.serve.gpu_arms import gpu_models, synchronized
+from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import measure, summarize
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import ONNX_FILE
@@ -162,6 +163,7 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
         "rows": rows, "skipped": skipped, "energy_source": energy.source if energy else None, "cpu": os.cpu_count(),
         "omp_wait_policy": wait_policy, "gpu": torch.cuda.get_device_name() if gpu else None,
         "gpu_energy_source": gpu_energy.source if gpu_energy else None,
+        "int8_arithmetic": int8_arithmetic() if int8_path is not None else None,
     }  # fmt: skip
 
 

@@ -121,10 +121,13 @@ def qat_bert(seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
     return model, names
 
 
+@pytest.mark.parametrize("arithmetic", ["auto", "u8u8"])
 @pytest.mark.parametrize("first_token_only", [False, True])
-def test_int8_model_computes_what_qat_simulated(first_token_only: bool, tmp_path: Path) -> None:
+def test_int8_model_computes_what_qat_simulated(first_token_only: bool, arithmetic: str, tmp_path, monkeypatch) -> None:
     """Dynamic int8 scales each activation by its own range, so the first-token graph's last layer (fewer
-    rows) matches the fake-quantized model run through the same wrapper, and the plain graph the model."""
+    rows) matches the fake-quantized model run through the same wrapper, and the plain graph the model.
+    ``auto`` is this CPU's exact arithmetic (distill.serve.int8_arithmetic); u8u8 is exact on every CPU."""
+    monkeypatch.setenv("DISTILL_ORT_INT8", arithmetic)
     fake_quantized, names = qat_bert()
     plain = float_student(fake_quantized)
     served = OnnxModel(int8_export(plain, names, tmp_path / "int8", first_token_only))

@@ -28,6 +28,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
 from distill.serve.first_token import FirstTokenClassifier, reads_first_token
+from distill.serve.int8_arithmetic import servable_graph
 from distill.utils.run_record import write_json
 
 log = logging.getLogger(__name__)
@@ -211,4 +212,4 @@ def cpu_session(path: Path | str, threads: int | None = None) -> ort.InferenceSe
     # Idle pool threads sleep instead of spinning: spinning steals the cores from whatever runs next in
     # this process (PyTorch's own pool, another session), which decides latency on a 2-core machine.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(servable_graph(path), options, providers=["CPUExecutionProvider"])
