@@ -6,7 +6,9 @@ Arms, all on the same batches of real SST-2 dev sentences (batch 1 and 32), inte
 (``distill.serve.latency``): PyTorch fp32 eager (the baseline), torchao's CPU int8 (int8 dynamic
 activations, int8 weights: what ``qat8`` exported until this bench), ONNX Runtime fp32 and ONNX Runtime
 int8 (``distill.serve.onnx_int8``: dynamic int8 MatMuls, the last layer traced for the [CLS] position the head
-reads), the same int8 graph with every position in the last layer (what that tracing saves), and the teacher
+reads), the same int8 graph with every position in the last layer (what that tracing saves), on a CPU whose
+exact int8 arithmetic is u8u8 (``distill.serve.int8_arithmetic``) the int8 graph in the faster, saturating
+u8s8 as well, and the teacher
 (MiniLM-L6, PyTorch fp32). Only the encoder Linears are quantized, as ``qat8`` does. Without ``--student`` the
 student is built as the run builds it (MiniLM-L6, layers 0 and 5); the teacher is the base MiniLM-L6 with a
 2-class head: weights do not change times. Prints markdown (median ms, speed-up over the PyTorch fp32 student
@@ -34,8 +36,9 @@ from torch import nn
 from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, quantize_
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import measure, summarize
-from distill.serve.onnx_int8 import OnnxModel, export_onnx, save_int8
+from distill.serve.onnx_int8 import OnnxModel, cpu_session, export_onnx, save_int8
 
 TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -92,6 +95,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             "onnxruntime_int8": OnnxModel(folder / "int8", threads),
             "onnxruntime_int8_every_position": OnnxModel(folder / "int8_every_position", threads),
         }
+        if int8_arithmetic() == "u8u8":  # what exactness costs where the fast u8s8 kernels saturate
+            u8s8 = cpu_session(folder / "int8", threads, arithmetic="u8s8")
+            models["onnxruntime_int8_u8s8_saturating"] = OnnxModel(folder / "int8", session=u8s8)
         for size, batch in batches.items():
             arms = {name: partial(forward, net, batch) for name, net in models.items()}
             with torch.inference_mode():
@@ -122,7 +128,11 @@ def main() -> None:
         cells = f"{row['p50_ms']:.2f} | {row['speedup']:.2f}x | {row['speedup_over_teacher']:.2f}x"
         print(f"| {row['arm']} | {row['threads']} | {row['batch']} | {cells} |")
     out = Path(__file__).parent / "results" / "int8_runtimes.json"
-    environment = {"torch": torch.__version__, "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+    environment = {
+        "torch": torch.__version__,
+        "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
+        "int8_arithmetic": int8_arithmetic(),
+    }
     out.write_text(json.dumps({"args": vars(args), **environment, "rows": rows}, indent=2))
 
 

@@ -105,10 +105,10 @@ def _shift(tensor: onnx.TensorProto, shifted: set[str]) -> int:
     return 1
 
 
-def servable_graph(path: Path) -> str | bytes:
-    """``path`` for ORT to load, or, where u8u8 is the exact arithmetic and the graph has int8 weights, the
-    graph rewritten by :func:`as_u8u8`, serialized."""
-    if int8_arithmetic() == "u8s8":
+def servable_graph(path: Path, arithmetic: str | None = None) -> str | bytes:
+    """``path`` for ORT to load, or, where u8u8 is the arithmetic (:func:`int8_arithmetic` of ``arithmetic``) and
+    the graph has int8 weights, the graph rewritten by :func:`as_u8u8`, serialized."""
+    if int8_arithmetic(arithmetic) == "u8s8":
         return str(path)
     model = onnx.load(str(path))
     if not as_u8u8(model):
@@ -120,8 +120,8 @@ def servable_graph(path: Path) -> str | bytes:
 @functools.cache
 def _warn_once(path: Path) -> None:
     log.info(
-        "%s: int8 weights served as u8u8 (%s=%s): without VNNI, ONNX Runtime's u8s8 kernels saturate on this CPU",
+        "%s: int8 weights served as u8u8, exact on every CPU (ONNX Runtime's u8s8 kernels saturate on x86 without"
+        " VNNI; %s=u8s8 overrides)",
         path,
         OVERRIDE,
-        os.environ.get(OVERRIDE, "auto"),
     )

@@ -199,8 +199,9 @@ class OnnxModel(nn.Module):
         return OnnxOutput(torch.from_numpy(logits))
 
 
-def cpu_session(path: Path | str, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session of a served folder (or ``.onnx`` file) on ``threads`` threads (default: torch's)."""
+def cpu_session(path: Path | str, threads: int | None = None, arithmetic: str | None = None) -> ort.InferenceSession:
+    """A CPU session of a served folder (or ``.onnx`` file) on ``threads`` threads (default: torch's), its int8
+    MatMuls in ``arithmetic`` (:mod:`distill.serve.int8_arithmetic`; default: the exact one for this CPU)."""
     path = Path(path)
     if path.is_dir():
         path = path / ONNX_FILE
@@ -212,4 +213,4 @@ def cpu_session(path: Path | str, threads: int | None = None) -> ort.InferenceSe
     # Idle pool threads sleep instead of spinning: spinning steals the cores from whatever runs next in
     # this process (PyTorch's own pool, another session), which decides latency on a 2-core machine.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(servable_graph(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(servable_graph(path, arithmetic), options, providers=["CPUExecutionProvider"])
