@@ -128,6 +128,7 @@ def main() -> None:
         cells = f"{row['p50_ms']:.2f} | {row['speedup']:.2f}x | {row['speedup_over_teacher']:.2f}x"
         print(f"| {row['arm']} | {row['threads']} | {row['batch']} | {cells} |")
     out = Path(__file__).parent / "results" / "int8_runtimes.json"
+    out.parent.mkdir(exist_ok=True)
     environment = {
         "torch": torch.__version__,
         "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
