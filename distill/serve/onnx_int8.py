@@ -1,10 +1,11 @@
 """CPU int8 deployment through ONNX Runtime: export a model's logits graph, quantize its Linears, serve it.
 
 Why ONNX Runtime: torchao's CPU int8 path de-quantizes at every call and ran slower than fp32, while ORT's
-``MatMulInteger`` runs int8 GEMMs (AVX-512 VNNI here); ``bench/int8_runtimes.py`` measures the candidates side by
-side (docs/results/deploy.md). The quantization is ORT's dynamic scheme, the one QAT simulates
-(``distill.callbacks.qat``). Only the layers QAT fake-quantized are quantized: they are found in the graph by
-their weights' bytes, which no exporter renames.
+``MatMulInteger`` runs int8 GEMMs; ``bench/int8_runtimes.py`` measures the candidates side by side
+(docs/results/deploy.md). The quantization is ORT's dynamic scheme, the one QAT simulates
+(``distill.callbacks.qat``); sessions serve it exactly on every CPU (:mod:`distill.serve.int8_arithmetic`). Only
+the layers QAT fake-quantized are quantized: they are found in the graph by their weights' bytes, which no
+exporter renames.
 
 A served folder holds ``model.onnx``, the model's ``config.json`` and tokenizer, and ``quantization.json``.
 """
