@@ -172,6 +172,9 @@ def save_int8(
             "runtime": f"onnxruntime {ort.__version__}",
             "weights": "int8 symmetric per output channel",
             "activations": "uint8 per tensor, dynamic",
+            # For runtimes other than distill's own sessions, which apply this themselves.
+            "exact_on": "CPUs with VNNI (or not x86); elsewhere ORT's u8s8 kernels saturate: shift the int8 weights"
+            " and their zero points by 128 to uint8 (distill.serve.int8_arithmetic.as_u8u8)",
             "layers": layers,
             "nodes": nodes,
             "file_bytes": (output_dir / ONNX_FILE).stat().st_size,
