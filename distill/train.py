@@ -27,6 +27,7 @@ from distill.modules.distillation import DistillationModule
 from distill.run_metrics import finetune_key, log_final, store_facts, summarize
 from distill.schemas import register_schemas, validate
 from distill.stages import build_module, generation_stage, teacher_logit_store
+from distill.utils.devices import warn_if_emulated_bf16
 from distill.utils.energy import RunMeter
 from distill.utils.instantiate import instantiate_named
 from distill.utils.run_record import count_parameters, git_state, record_student, write_json
@@ -65,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_named(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    warn_if_emulated_bf16(trainer)
     with RunMeter(trainer.world_size, measure=trainer.is_global_zero, stage="logit_store") as store_meter:
         teacher_logits = teacher_logit_store(cfg, teacher, datamodule, trainer.world_size)
     # The teacher stage and the logit pass run only when their caches are empty: reseed so that the

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from distill.utils.devices import cpu_flags
+
 log = logging.getLogger(__name__)
 
 OVERRIDE = "DISTILL_ORT_INT8"
@@ -32,17 +34,6 @@ WEIGHT_INPUTS = {"MatMulInteger": (1, 3), "DynamicQuantizeMatMul": (1, 3), "MatM
 NON_SATURATING_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
 SHIFT = 128
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags from ``/proc/cpuinfo``; ``None`` where they cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    lines = [line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")]
-    return frozenset(lines[0].split()) if lines else None
 
 
 def saturates_u8s8() -> bool:
