@@ -23,6 +23,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from distill.data.glue import GlueDataModule
 from distill.schemas import register_schemas
+from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.onnx_int8 import ONNX_FILE, OnnxModel
 from distill.utils.devices import model_device, to_device
 from distill.utils.run_record import count_parameters, write_json
@@ -80,6 +81,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "nonzero_params": counts["nonzero_params"],
         "torch_threads": torch.get_num_threads(),
     }
+    if isinstance(model, OnnxModel):
+        results["int8_arithmetic"] = int8_arithmetic()
     for batch_size in cfg.latency.batch_sizes:
         results[f"latency_ms/batch_{batch_size}"] = latency_ms(
             model, datamodule, batch_size, cfg.latency.warmup, cfg.latency.repeats

@@ -146,6 +146,8 @@ def test_eval_serves_the_int8_export_with_onnx_runtime(compose_train, run_dir, d
     assert results["student_int8"]["params"] is None and results["student"]["params"] > 0
     assert abs(results["student_int8"]["val_acc"] - results["student"]["val_acc"]) < 0.05
     assert results["student_int8"]["latency_ms/batch_32"] > 0
+    assert results["student_int8"]["int8_arithmetic"] in ("u8s8", "u8u8")
+    assert "int8_arithmetic" not in results["student"]
 
 
 def corpus_overrides(corpus: Path) -> list[str]:
