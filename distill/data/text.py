@@ -131,14 +131,14 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
         self.limits = {"train": train_limit_blocks, "validation": val_limit_blocks, "test": test_limit_blocks}
         self.cache_dir = Path(cache_dir).expanduser()
         self.source = DocumentSource(
-            Path(data_dir).expanduser(),
-            self.cache_dir,
-            pattern,
-            list(val_files),
-            list(test_files),
-            hub_dataset,
-            hub_config,
-            text_field,
+            data_dir=Path(data_dir).expanduser(),
+            cache_dir=self.cache_dir,
+            pattern=pattern,
+            val_files=list(val_files),
+            test_files=list(test_files),
+            hub_dataset=hub_dataset,
+            hub_config=hub_config,
+            text_field=text_field,
         )
         self.block_size = block_size
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
