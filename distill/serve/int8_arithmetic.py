@@ -104,12 +104,12 @@ def servable_graph(path: Path, arithmetic: str | None = None) -> str | bytes:
     model = onnx.load(str(path))
     if not as_u8u8(model):
         return str(path)
-    _warn_once(path)
+    _log_once(path)
     return model.SerializeToString()
 
 
 @functools.cache
-def _warn_once(path: Path) -> None:
+def _log_once(path: Path) -> None:
     log.info(
         "%s: int8 weights served as u8u8, exact on every CPU (ONNX Runtime's u8s8 kernels saturate on x86 without"
         " VNNI; %s=u8s8 overrides)",
