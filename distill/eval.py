@@ -25,6 +25,7 @@ from distill.data.glue import GlueDataModule
 from distill.schemas import register_schemas
 from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.onnx_int8 import ONNX_FILE, OnnxModel
+from distill.utils.cli import CONFIG_DIR
 from distill.utils.devices import model_device, to_device
 from distill.utils.run_record import count_parameters, write_json
 
@@ -90,7 +91,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     results = evaluate(cfg)

@@ -38,6 +38,7 @@ from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import measure, summarize
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import ONNX_FILE
+from distill.utils.cli import CONFIG_DIR
 from distill.utils.devices import model_device, to_device
 from distill.utils.run_record import write_json
 
@@ -180,7 +181,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join([*lines, *energy])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve_bench")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve_bench")
 def main(cfg: DictConfig) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     results = serve_bench(cfg)

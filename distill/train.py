@@ -27,6 +27,7 @@ from distill.modules.distillation import DistillationModule
 from distill.run_metrics import finetune_key, log_final, store_facts, summarize
 from distill.schemas import register_schemas, validate
 from distill.stages import build_module, generation_stage, teacher_logit_store
+from distill.utils.cli import CONFIG_DIR
 from distill.utils.devices import warn_if_emulated_bf16
 from distill.utils.energy import RunMeter
 from distill.utils.instantiate import instantiate_named
@@ -117,7 +118,7 @@ def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
     return metrics[cfg.objective.metric]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     try:

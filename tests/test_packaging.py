@@ -1,15 +1,18 @@
-"""callbacks/ and kernels/ import only as distill.callbacks / distill.kernels.
+"""One package root: callbacks/, kernels/ and conf/ import only as distill.callbacks / distill.kernels / distill.conf.
 
 PyPI owns the bare names (transformers itself imports Hugging Face's ``kernels``), and a checkout's root is
-on ``sys.path`` whenever someone runs ``python -m distill.train`` or pytest from it. The two folders carry no
-``__init__.py``, so a real package of the same name always wins the bare name (PEP 420); ``distill/kernels``
-and ``distill/callbacks`` link to them so that the checkout's ``distill`` package still finds them.
+on ``sys.path`` whenever someone runs ``python -m distill.train`` or pytest from it. The folders carry no
+``__init__.py``, so a real package of the same name always wins the bare name (PEP 420). In a checkout
+``distill/__init__.py`` adopts them; a wheel installs them inside ``distill/`` (pyproject's package-dir), and
+a wheel installed into a fresh environment runs ``python -m distill.train`` from anywhere.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,53 @@ def test_subpackages_import_under_distill() -> None:
 
     assert Path(distill.callbacks.nm_sparsity.__file__).resolve().parent == ROOT / "callbacks"
     assert Path(distill.kernels.sparsity.__file__).resolve().parent == ROOT / "kernels"
+
+
+def test_conf_is_the_checkouts_folder() -> None:
+    import distill.conf
+    from distill.utils.cli import CONFIG_DIR
+
+    assert Path(CONFIG_DIR) == ROOT / "conf" == Path(next(iter(distill.conf.__path__)))
+
+
+@pytest.fixture(scope="module")
+def wheel_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The interpreter of a fresh virtual environment holding only the wheel built from this checkout; its
+    dependencies come from this environment's site-packages, after its own (no download, no checkout)."""
+    build = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", build, ROOT], check=True)
+    venv = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
+    (wheel,) = build.glob("distill-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", site, wheel], check=True)
+    (site / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def _run_outside(python: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run([python, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_wheel_in_a_fresh_environment_composes_and_runs_a_smoke_job(
+    wheel_python: Path, tmp_path: Path, tiny_run_overrides: list[str]
+) -> None:
+    where = _run_outside(
+        wheel_python, tmp_path, "-c", "import distill.kernels.sparsity as m, distill.conf; print(m.__file__)"
+    )
+    assert where.returncode == 0, where.stderr
+    assert not Path(where.stdout.strip()).resolve().is_relative_to(ROOT)
+    job = _run_outside(wheel_python, tmp_path, "-m", "distill.train", "--cfg", "job", "experiment=bert_to_tiny")
+    assert job.returncode == 0, job.stderr
+    assert "task_name: bert_to_tiny" in job.stdout
+    smoke = _run_outside(wheel_python, tmp_path, "-m", "distill.train", *tiny_run_overrides)
+    assert smoke.returncode == 0, smoke.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "student" / "config.json").is_file()

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import distill.conf
 from distill.schemas import register_schemas
 
 log = logging.getLogger("distill")
-# An absolute path: Hydra resolves a relative one against the module of the decorated function, which is
-# this one for every entry point, and as a package (there is no `conf` package) when it is not __main__.
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The configs' folder, absolute: conf/ beside distill/ in a checkout, distill/conf in a wheel (distill/__init__.py).
+# Hydra would resolve a relative path against the decorated function's module, which differs between
+# `python -m distill.<entry>` (a file) and the console scripts (a package).
+CONFIG_DIR = next(iter(distill.conf.__path__))
 
 
 def hydra_cli(config_name: str, job: Callable[[DictConfig], dict[str, Any]]) -> Callable[[], None]:
