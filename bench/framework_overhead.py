@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
-from distill.losses import kd_loss
+from distill.losses.kd import kd_loss
 from distill.modules.distillation import NO_DECAY, DistillationModule
 
 WARMUP = 5

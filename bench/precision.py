@@ -24,7 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.kernels.kd_loss_linear import kd_loss_linear_topk
-from distill.topk import topk_targets
+from distill.losses.topk import topk_targets
 
 SMOLLM2 = dict(
     vocab_size=49152,

@@ -14,8 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from distill.divergences import check_divergence_args
 from distill.generation import SamplingSettings
+from distill.losses.divergences import check_divergence_args
 
 
 @dataclass
@@ -123,7 +123,7 @@ class DistillSchema:
     hidden_weight: float = 0.0
     hidden_layers: list[int] | None = None
     teacher_cache: str = "none"
-    # With teacher_cache=precompute: store only the teacher's K largest logits per example (distill.topk).
+    # With teacher_cache=precompute: store only the teacher's K largest logits per example (distill.losses.topk).
     teacher_cache_topk: int | None = None
     # float16: top-K values stored in half precision (token-level stores: 260 bytes per token at K=64).
     teacher_cache_dtype: str = "float32"

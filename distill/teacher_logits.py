@@ -8,7 +8,7 @@ training examples (source file, tokenizer, ``max_length``, slice). Its metadata 
 and a store whose metadata or shape disagrees with the run is refused, never silently used.
 
 With ``topk`` set the store holds, per example, the teacher's K largest logits, their indices and
-the log of the softmax mass they leave out at the run's temperature (:mod:`distill.topk`), computed
+the log of the softmax mass they leave out at the run's temperature (:mod:`distill.losses.topk`), computed
 batch by batch: the full ``N x C`` logits never exist, which is what a language-model vocabulary
 needs. Such a store is keyed by K and the temperature too.
 
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from distill.data.augment import COPY_FINGERPRINT, pop_copies
 from distill.data.glue import EXAMPLE_INDEX, GlueDataModule
-from distill.topk import TopKTargets, topk_targets
+from distill.losses.topk import TopKTargets, topk_targets
 from distill.utils.devices import on_gpu_if_any, to_device
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class TeacherLogitStore:
     """Teacher targets by training-example index: ``logits`` ``(N, C)`` fp32, or top-K tensors.
 
     Top-K stores hold ``values`` ``(N, K)``, ``indices`` ``(N, K)`` and ``rest_log_mass`` ``(N,)``,
-    returned as :class:`distill.topk.TopKTargets` at the temperature in the metadata.
+    returned as :class:`distill.losses.topk.TopKTargets` at the temperature in the metadata.
     """
 
     def __init__(self, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:

@@ -1,6 +1,6 @@
-"""The KD loss of :func:`distill.losses.kd_loss` for large output spaces, without full-size fp32 copies.
+"""The KD loss of :func:`distill.losses.kd.kd_loss` for large output spaces, without full-size fp32 copies.
 
-Same contract as the reference (``distill.losses``): per row (position) of ``(..., V)`` logits,
+Same contract as the reference (``distill.losses.kd``): per row (position) of ``(..., V)`` logits,
 ``alpha * CE(label, s) + (1 - alpha) * T**2 * KL(softmax(t / T) || softmax(s / T))``, fp32 math,
 averaged over rows whose label is not ``ignore_index`` (all rows when ``labels`` is None, which
 requires ``alpha == 0``). Gradients flow to the student logits only.
@@ -14,7 +14,7 @@ scales it. Per row, with ``p = softmax(s / T)``, ``q = softmax(t / T)``:
 
 Implementations: ``chunked`` (plain PyTorch, any device), ``triton`` (one program per row,
 online softmax over vocabulary blocks, CUDA or ``TRITON_INTERPRET=1``) and ``reference``
-(``distill.losses.kd_loss``). :func:`fused_kd_loss` picks one; ``impl=`` or the environment
+(``distill.losses.kd.kd_loss``). :func:`fused_kd_loss` picks one; ``impl=`` or the environment
 variable ``DISTILL_KD_IMPL`` overrides the choice.
 """
 
@@ -25,8 +25,8 @@ import os
 import torch
 from torch import Tensor
 
-from distill.losses import check_kd_args, kd_loss
-from distill.topk import TopKTargets, log1mexp
+from distill.losses.kd import check_kd_args, kd_loss
+from distill.losses.topk import TopKTargets, log1mexp
 
 IMPLS = ("auto", "reference", "chunked", "triton")
 
@@ -52,7 +52,7 @@ def mean_scale(keep: Tensor) -> float:
 def _chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) -> tuple[Tensor, Tensor]:
     """Loss sum (already divided by the row count) and gradient of one chunk of rows, fp32.
 
-    ``t`` is the teacher's logits for the rows, or their top-K targets (:class:`distill.topk.TopKTargets`,
+    ``t`` is the teacher's logits for the rows, or their top-K targets (:class:`distill.losses.topk.TopKTargets`,
     with the rest bucket). In place wherever a temporary can be reused: each chunk-sized fp32 buffer is
     a full pass of memory traffic, and the peak is a handful of them."""
     s32 = s.float()
@@ -92,7 +92,7 @@ def _add_soft_kl(grad: Tensor, s32: Tensor, t: Tensor, keep: Tensor, temperature
 def _add_topk_kl(
     grad: Tensor, s32: Tensor, targets: TopKTargets, keep: Tensor, temperature: float, alpha: float
 ) -> Tensor:
-    """The same against top-K targets with their rest bucket, the (K + 1)-way KL of :mod:`distill.topk`.
+    """The same against top-K targets with their rest bucket, the (K + 1)-way KL of :mod:`distill.losses.topk`.
 
     With ``p = softmax(s / T)`` and the rest masses ``p_r = 1 - sum_K p``, ``q_r``: the gradient of the KL
     with respect to ``s_j`` is ``(p_j - q_j) / T`` for ``j`` in the top K and ``p_j (1 - q_r / p_r) / T``
@@ -156,7 +156,7 @@ class _ChunkedKD(torch.autograd.Function):
 def kd_loss_chunked(
     student_logits, teacher_logits, labels=None, *, temperature, alpha, ignore_index=-100, chunk_size=128
 ) -> Tensor:
-    """:func:`distill.losses.kd_loss`, computed ``chunk_size`` rows at a time (see module docstring)."""
+    """:func:`distill.losses.kd.kd_loss`, computed ``chunk_size`` rows at a time (see module docstring)."""
     _check(teacher_logits, labels, temperature, alpha)
     return _ChunkedKD.apply(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, chunk_size)
 

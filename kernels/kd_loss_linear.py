@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.kernels.kd_loss import _check, _chunk_terms, kept_rows, mean_scale, pick_impl, scaled_gradients
-from distill.losses import kd_loss
-from distill.topk import TopKTargets
+from distill.losses.kd import kd_loss
+from distill.losses.topk import TopKTargets
 
 DEFAULT_CHUNK_ROWS = {"triton": 1024, "chunked": 256}
 
@@ -164,7 +164,7 @@ def kd_loss_linear_topk(
     impl: str | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """:func:`kd_loss_linear` against stored top-K teacher targets (:mod:`distill.topk`, with the rest
+    """:func:`kd_loss_linear` against stored top-K teacher targets (:mod:`distill.losses.topk`, with the rest
     bucket) instead of a teacher head: the student's logits exist ``chunk_size`` rows at a time.
 
     ``impl="reference"`` projects everything and calls ``kd_loss``; every other choice runs the chunked

@@ -153,6 +153,6 @@ class _TritonKD(torch.autograd.Function):
 
 
 def kd_loss_triton(student_logits, teacher_logits, labels=None, *, temperature, alpha, ignore_index=-100) -> Tensor:
-    """:func:`distill.losses.kd_loss` through the Triton kernel above."""
+    """:func:`distill.losses.kd.kd_loss` through the Triton kernel above."""
     _check(teacher_logits, labels, temperature, alpha)
     return _TritonKD.apply(student_logits, teacher_logits, labels, temperature, alpha, ignore_index)

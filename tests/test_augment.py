@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill.data.augment import AUGMENTED_PREFIX, AugmentingCollator, TokenAugmenter, sequence_fingerprint
-from distill.losses import kd_loss_terms
+from distill.losses.kd import kd_loss_terms
 from tests.test_data import write_task
 from tests.test_module import make_module
 

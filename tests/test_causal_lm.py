@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from distill.data.glue import EXAMPLE_INDEX
 from distill.data.text import TextDataModule
 from distill.kernels.sparsity import is_nm_sparse
-from distill.losses import kd_loss_terms
+from distill.losses.kd import kd_loss_terms
+from distill.losses.topk import topk_targets
 from distill.models.reference import resolve
 from distill.models.student import check_context, from_pretrained, shared_vocabulary
 from distill.models.teacher import Teacher, prepare_teacher
@@ -25,7 +26,6 @@ from distill.modules.distillation import DistillationModule
 from distill.tasks import CausalLMTask
 from distill.tasks.causal_lm import Perplexity, next_token_nll, perplexity
 from distill.teacher_logits import precompute_teacher_logits
-from distill.topk import topk_targets
 from distill.train import train
 from tests.callback_helpers import make_trainer
 from tests.conftest import tiny_llama

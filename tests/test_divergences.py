@@ -1,4 +1,4 @@
-"""Every divergence of distill.divergences against float64 formulas, through kd_loss and top-K targets."""
+"""Every divergence of distill.losses.divergences against float64 formulas, through kd_loss and top-K targets."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.divergences import DIVERGENCES, divergence
-from distill.losses import KDLoss, kd_loss, kd_loss_terms
-from distill.topk import topk_targets
+from distill.losses.divergences import DIVERGENCES, divergence
+from distill.losses.kd import KDLoss, kd_loss, kd_loss_terms
+from distill.losses.topk import topk_targets
 
 # (member, beta): every member, and the weighted ones at several weights.
 CASES = [
@@ -132,7 +132,7 @@ def test_default_is_the_forward_kl_of_before() -> None:
     assert torch.equal(default, explicit)
     log_p, log_q = log_probs(student, 2.0), log_probs(teacher, 2.0)
     q = log_q.exp()
-    former_soft_kl = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)  # distill.losses._soft_kl until now
+    former_soft_kl = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)  # distill.losses.kd._soft_kl until now
     assert torch.equal(divergence(log_p, log_q, "forward_kl"), former_soft_kl)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.hidden_loss import HiddenStateLoss, hidden_state_loss, uniform_layer_map
+from distill.losses.hidden import HiddenStateLoss, hidden_state_loss, uniform_layer_map
 
 
 def states(seed: int, shape=(3, 5, 8)) -> torch.Tensor:

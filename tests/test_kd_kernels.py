@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distill.kernels.kd_loss import fused_kd_loss, kd_loss_chunked, pick_impl, triton_available
-from distill.losses import kd_loss
+from distill.losses.kd import kd_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")

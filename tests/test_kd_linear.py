@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from distill.kernels.kd_loss import triton_available
 from distill.kernels.kd_loss_linear import kd_loss_linear
-from distill.losses import kd_loss
+from distill.losses.kd import kd_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["chunked", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
@@ -133,8 +133,8 @@ def test_liger_fused_linear_jsd_at_beta_0_is_this_contract() -> None:
 def test_topk_targets_through_the_head_equal_the_reference(alpha: float) -> None:
     """kd_loss_linear_topk: the student's logits in chunks against stored top-K targets (with the rest bucket)."""
     from distill.kernels.kd_loss_linear import kd_loss_linear_topk
-    from distill.losses import kd_loss
-    from distill.topk import topk_targets
+    from distill.losses.kd import kd_loss
+    from distill.losses.topk import topk_targets
 
     torch.manual_seed(0)
     hidden, weight = torch.randn(3, 5, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
@@ -157,7 +157,7 @@ def test_topk_targets_through_the_head_equal_the_reference(alpha: float) -> None
 def test_under_bf16_autocast_the_heads_run_in_bf16_and_gradients_keep_fp32(targets_kind: str) -> None:
     """bf16-mixed training: the fused path follows autocast like the reference, within bf16's precision."""
     from distill.kernels.kd_loss_linear import kd_loss_linear_topk
-    from distill.topk import topk_targets
+    from distill.losses.topk import topk_targets
 
     student, teacher, labels = heads(rows=24, hidden=32, vocab=200)
     settings = dict(temperature=2.0, alpha=0.5)

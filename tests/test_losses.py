@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill.losses import KDLoss, kd_loss, kd_loss_terms
+from distill.losses.kd import KDLoss, kd_loss, kd_loss_terms
 
 
 def reference_loss(student, teacher, labels, temperature, alpha, ignore_index=-100) -> float:

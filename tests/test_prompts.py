@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.data.prompts import PromptResponseDataModule, pack_responses, passages
 from distill.data.text import IGNORE_INDEX, TextDataModule
-from distill.losses import kd_loss_terms
+from distill.losses.kd import kd_loss_terms
 from distill.modules.on_policy import OnPolicy
 from distill.tasks import CausalLMTask
 from distill.tasks.causal_lm import next_token_nll

@@ -15,9 +15,9 @@ from transformers import AutoModelForSequenceClassification
 
 from distill.data.augment import AUGMENTED_PREFIX, COPY_FINGERPRINT
 from distill.data.glue import EXAMPLE_INDEX
+from distill.losses.topk import TopKTargets, topk_targets
 from distill.modules.distillation import DistillationModule
 from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits
-from distill.topk import TopKTargets, topk_targets
 from distill.train import train
 from tests.test_module import fit
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.losses import kd_loss
-from distill.topk import kd_loss_topk, log1mexp, topk_targets
+from distill.losses.kd import kd_loss, kd_loss_topk
+from distill.losses.topk import log1mexp, topk_targets
 
 
 def logits(shape=(4, 6, 50), seed=0, scale=3.0):

@@ -7,8 +7,8 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from distill.losses.topk import TopKTargets
 from distill.modules.frozen_teacher import FrozenTeacher
-from distill.topk import TopKTargets
 
 
 class CopyTargets:

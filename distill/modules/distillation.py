@@ -21,8 +21,8 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.data.augment import COPY_FINGERPRINT, pop_copies
 from distill.data.glue import EXAMPLE_INDEX
-from distill.hidden_loss import HiddenStateLoss
-from distill.losses import KDLoss, KDLossTerms
+from distill.losses.hidden import HiddenStateLoss
+from distill.losses.kd import KDLoss, KDLossTerms
 from distill.modules.copy_targets import CopyTargets
 from distill.modules.frozen_teacher import FrozenTeacher
 from distill.modules.on_policy import OnPolicy
@@ -41,11 +41,11 @@ class DistillationModule(pl.LightningModule):
         student: a trainable Hugging Face model of the task's kind.
         teacher: the frozen teacher, or ``None`` for plain fine-tuning (requires ``alpha=1``).
         num_labels: number of classes of the default task (sequence classification).
-        temperature, alpha: the KD loss settings (see :mod:`distill.losses`).
+        temperature, alpha: the KD loss settings (see :mod:`distill.losses.kd`).
         divergence, beta: the member of the divergence family the soft term uses, and its weight.
         optimizer: a partial optimizer taking ``params`` (Hydra ``_partial_: true``).
         warmup_ratio: fraction of the training steps with linear warm-up, then linear decay to 0.
-        hidden_weight: weight of the hidden-state term (:mod:`distill.hidden_loss`); 0 turns it off.
+        hidden_weight: weight of the hidden-state term (:mod:`distill.losses.hidden`); 0 turns it off.
             Like the KD term it is scaled by ``1 - alpha``, so ``alpha=1`` learns from labels only.
         hidden_layers: the teacher layer each student layer matches; ``None`` spreads them uniformly.
         teacher_logits: precomputed teacher logits by training-example index

@@ -5,7 +5,7 @@ Contract of :func:`kd_loss`::
     loss = alpha * CE(labels, student) + (1 - alpha) * T**2 * D(softmax(teacher / T), softmax(student / T))
 
 * ``D`` is the per-example ``divergence`` between teacher ``q`` and student ``p``, a member of
-  :data:`distill.divergences.DIVERGENCES` (formulas there): ``forward_kl`` ``KL(q || p)`` (the default, the
+  :data:`distill.losses.divergences.DIVERGENCES` (formulas there): ``forward_kl`` ``KL(q || p)`` (the default, the
   Hinton KD term), ``reverse_kl`` ``KL(p || q)``, ``jsd`` (generalised Jensen-Shannon divided by
   ``beta (1 - beta)``: forward KL at ``beta = 0``, reverse KL at ``beta = 1``, ``4 * JSD`` at 0.5),
   ``skew_kl`` ``KL(q || beta q + (1 - beta) p)``, ``skew_rkl`` ``KL(p || beta p + (1 - beta) q)`` and ``tvd``
@@ -25,8 +25,8 @@ Contract of :func:`kd_loss`::
   changes how ``alpha`` and ``T`` weigh the terms; their own gradients need not scale exactly as ``1/T**2``.
 * ``alpha=1`` is plain fine-tuning on hard labels; teacher logits may then be ``None``.
 * If no example counts, the loss is a zero that still has a graph to the student logits.
-* Cached top-K teacher targets (:class:`distill.topk.TopKTargets`) are compared as the (K + 1)-way (or
-  renormalised K-way) distributions of :func:`distill.topk.topk_log_probs`, with the same divergence.
+* Cached top-K teacher targets (:class:`distill.losses.topk.TopKTargets`) are compared as the (K + 1)-way (or
+  renormalised K-way) distributions of :func:`distill.losses.topk.topk_log_probs`, with the same divergence.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill import divergences
-from distill.topk import TopKTargets, topk_log_probs
+from distill.losses import divergences
+from distill.losses.topk import TopKTargets, topk_log_probs
 
 
 class KDLossTerms(NamedTuple):
@@ -111,12 +111,12 @@ def kd_loss_terms(
     Args:
         student_logits: ``(..., C)`` logits of the trainable student.
         teacher_logits: ``(..., C)`` logits of the frozen teacher, or its cached top-K targets
-            (:class:`distill.topk.TopKTargets`); ``None`` only if ``alpha == 1``.
+            (:class:`distill.losses.topk.TopKTargets`); ``None`` only if ``alpha == 1``.
         labels: ``(...)`` integer class labels, ``ignore_index`` where an example must not count.
         temperature: softmax temperature ``T > 0`` of the KD term.
         alpha: weight of the hard-label CE term, in ``[0, 1]``.
         ignore_index: label value that excludes an example from both terms.
-        divergence: member of :data:`distill.divergences.DIVERGENCES` used for the soft term.
+        divergence: member of :data:`distill.losses.divergences.DIVERGENCES` used for the soft term.
         beta: weight of ``jsd`` / ``skew_kl`` / ``skew_rkl``, in ``[0, 1]`` (``[0, 1)`` for the skew members).
         normalizer: if given, both terms are ``sum over counted examples / normalizer`` instead of the local
             mean: the counted examples (tokens) of the whole optimizer step, across ranks and accumulation
@@ -159,8 +159,8 @@ def kd_loss(
     ``D`` is ``divergence`` (default forward KL, ``KL(softmax(t/T) || softmax(s/T))``); see the module
     docstring for the full contract (members, ``beta``, reduction, ``normalizer``, masking, T**2).
 
-    ``teacher_logits`` may also be cached top-K targets (:class:`distill.topk.TopKTargets`), for
-    vocabularies too large to store; :mod:`distill.topk` states that contract.
+    ``teacher_logits`` may also be cached top-K targets (:class:`distill.losses.topk.TopKTargets`), for
+    vocabularies too large to store; :mod:`distill.losses.topk` states that contract.
 
     >>> s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[2.0, 0.0]])
     >>> float(kd_loss(s, t, temperature=2.0, alpha=0.0))
@@ -238,3 +238,25 @@ class KDLoss(nn.Module):
             f"temperature={self.temperature}, alpha={self.alpha}, ignore_index={self.ignore_index}, "
             f"divergence={self.divergence!r}, beta={self.beta}"
         )
+
+
+def kd_loss_topk(
+    student_logits: Tensor,
+    targets: TopKTargets,
+    labels: Tensor | None = None,
+    *,
+    temperature: float,
+    alpha: float,
+    ignore_index: int = -100,
+    rest: bool = True,
+) -> Tensor:
+    """``alpha * CE + (1 - alpha) * T**2 * KL(top-K teacher || student)``, the targets as
+    :mod:`distill.losses.topk` states them; ``rest=False`` renormalises the top K instead of keeping the rest mass."""
+    return kd_loss_terms(
+        student_logits,
+        targets._replace(rest=rest),
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=ignore_index,
+    ).loss

@@ -3,7 +3,7 @@
 Storing ``N x V`` teacher logits is out of the question at V = 32k-256k, so a cache keeps, per
 position, the teacher's K largest logits and their class indices (``distill.teacher_cache_topk``
 has :mod:`distill.teacher_logits` store exactly these). Contract of the targets made by
-:func:`topk_targets` and read by :func:`topk_log_probs` / :func:`topk_kl` (``distill.losses.kd_loss`` and
+:func:`topk_targets` and read by :func:`topk_log_probs` / :func:`topk_kl` (``distill.losses.kd.kd_loss`` and
 ``KDLoss`` take :class:`TopKTargets` wherever they take teacher logits):
 
 * ``q_k = softmax(t / T)_k`` for the K kept classes, from the full-vocabulary softmax at the
@@ -11,12 +11,12 @@ has :mod:`distill.teacher_logits` store exactly these). Contract of the targets 
   is an error, since the missing mass depends on T).
 * ``TopKTargets.rest=True`` (default): the mass outside the top K, ``r = 1 - sum_k q_k``, is kept as one
   "rest" bucket; the student's matching bucket is ``1 - sum_k p_k``. The KD term is then the chosen
-  divergence (:mod:`distill.divergences`; KL by default, :func:`topk_kl`) between two (K + 1)-way
+  divergence (:mod:`distill.losses.divergences`; KL by default, :func:`topk_kl`) between two (K + 1)-way
   distributions, exact when the teacher puts no mass outside its top K.
 * ``rest=False``: ``q`` is renormalised over the K classes and compared with the student's
   distribution renormalised over the same K classes.
 * :func:`topk_log_probs` builds both log-distributions; every divergence is applied to them unchanged.
-* Reduction, masking, ``T**2`` and the CE term are those of ``distill.losses.kd_loss``; all math in fp32.
+* Reduction, masking, ``T**2`` and the CE term are those of ``distill.losses.kd.kd_loss``; all math in fp32.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.divergences import forward_kl
+from distill.losses.divergences import forward_kl
 
 
 class TopKTargets(NamedTuple):
@@ -85,26 +85,3 @@ def topk_log_probs(student: Tensor, targets: TopKTargets, temperature: float) ->
 def topk_kl(student: Tensor, targets: TopKTargets, temperature: float) -> Tensor:
     """Per-position KL between the teacher's top-K (+ rest) distribution and the student's fp32 logits."""
     return forward_kl(*topk_log_probs(student, targets, temperature))
-
-
-def kd_loss_topk(
-    student_logits: Tensor,
-    targets: TopKTargets,
-    labels: Tensor | None = None,
-    *,
-    temperature: float,
-    alpha: float,
-    ignore_index: int = -100,
-    rest: bool = True,
-) -> Tensor:
-    """``alpha * CE + (1 - alpha) * T**2 * KL(top-K teacher || student)``; see the module docstring."""
-    from distill.losses import kd_loss_terms  # distill.losses routes TopKTargets back to topk_kl
-
-    return kd_loss_terms(
-        student_logits,
-        targets._replace(rest=rest),
-        labels,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-    ).loss
