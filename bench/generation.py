@@ -2,7 +2,7 @@
 
     python bench/generation.py [--model <reference>] [--batch-sizes 1 16 48] [--prompt-tokens 94] [--new-tokens 32]
 
-Times ``distill.generation.Generator`` (left-padded, KV-cached, greedy ``generate``) at 1 new token (the
+Times ``distill.serve.generation.Generator`` (left-padded, KV-cached, greedy ``generate``) at 1 new token (the
 prefill) and at ``1 + new_tokens`` (prefill + decode steps), median of ``--repeats`` runs, on synthetic
 prompts of ``--prompt-tokens`` ids (the cost does not depend on which ids). The default model is
 ``$DISTILL_LM_TEACHER``. Prints a markdown table with the speed-up of each batch size over batch 1.
@@ -15,8 +15,8 @@ import os
 import statistics
 import time
 
-from distill.generation import Generator, SamplingSettings
 from distill.models.reference import load_causal_lm
+from distill.serve.generation import Generator, SamplingSettings
 
 
 def seconds(model, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:

@@ -11,7 +11,7 @@ from distill.compression_report import report_rows
 from distill.models.student import transformer_layer_params
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
-from distill.teacher_logits import TeacherLogitStore
+from distill.stores.teacher_logits import TeacherLogitStore
 from distill.utils.run_record import count_parameters
 
 

@@ -14,8 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from distill.generation import SamplingSettings
 from distill.losses.divergences import check_divergence_args
+from distill.serve.generation import SamplingSettings
 
 
 @dataclass
@@ -84,7 +84,7 @@ class PrunedSchema:
     layer_score: str = "nll"
     calibration_batches: int = 8
     report_path: str | None = None
-    # Where cut students are kept for reuse (distill/models/pruned_cache.py); null prunes every run.
+    # Where cut students are kept for reuse (distill/stores/pruned_students.py); null prunes every run.
     cache_dir: str | None = None
 
 

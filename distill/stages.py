@@ -15,11 +15,12 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from distill.generation import end_token_ids
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
 from distill.modules.on_policy import OnPolicy
-from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits, weights_fingerprint
+from distill.serve.generation import end_token_ids
+from distill.stores.teacher_logits import TeacherLogitStore, precompute_teacher_logits
+from distill.utils.keys import weights_fingerprint
 
 log = logging.getLogger("distill.train")
 

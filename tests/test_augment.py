@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distill.data.augment import AUGMENTED_PREFIX, AugmentingCollator, TokenAugmenter, sequence_fingerprint
+from distill.data.augment import AugmentingCollator, TokenAugmenter, sequence_fingerprint
 from distill.losses.kd import kd_loss_terms
+from distill.utils.keys import AUGMENTED_PREFIX
 from tests.test_data import write_task
 from tests.test_module import make_module
 

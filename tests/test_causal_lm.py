@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from distill.data.glue import EXAMPLE_INDEX
 from distill.data.text import TextDataModule
 from distill.kernels.sparsity import is_nm_sparse
 from distill.losses.kd import kd_loss_terms
@@ -23,10 +22,11 @@ from distill.models.reference import resolve
 from distill.models.student import check_context, from_pretrained, shared_vocabulary
 from distill.models.teacher import Teacher, prepare_teacher
 from distill.modules.distillation import DistillationModule
+from distill.stores.teacher_logits import precompute_teacher_logits
 from distill.tasks import CausalLMTask
 from distill.tasks.causal_lm import Perplexity, next_token_nll, perplexity
-from distill.teacher_logits import precompute_teacher_logits
 from distill.train import train
+from distill.utils.keys import EXAMPLE_INDEX
 from tests.callback_helpers import make_trainer
 from tests.conftest import tiny_llama
 

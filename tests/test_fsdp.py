@@ -19,10 +19,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoModelForCausalLM
 
-from distill.generation import Generator, SamplingSettings
 from distill.modules.distillation import DistillationModule
 from distill.modules.frozen_teacher import FrozenTeacher
 from distill.schemas import validate
+from distill.serve.generation import Generator, SamplingSettings
 from distill.utils.sharding import is_sharded, shard, unsharded
 from distill.utils.strategies import fsdp
 from tests.conftest import tiny_llama

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.generation import GenerationStore, Generator, SamplingSettings, cut_at_end, left_padded
+from distill.serve.generation import Generator, SamplingSettings, cut_at_end, left_padded
+from distill.stores.generations import GenerationStore
 from tests.conftest import tiny_llama
 
 END = 3

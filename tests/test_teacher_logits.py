@@ -13,12 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
-from distill.data.augment import AUGMENTED_PREFIX, COPY_FINGERPRINT
-from distill.data.glue import EXAMPLE_INDEX
 from distill.losses.topk import TopKTargets, topk_targets
 from distill.modules.distillation import DistillationModule
-from distill.teacher_logits import TeacherLogitStore, precompute_teacher_logits
+from distill.stores.teacher_logits import TeacherLogitStore, precompute_teacher_logits
 from distill.train import train
+from distill.utils.keys import AUGMENTED_PREFIX, COPY_FINGERPRINT, EXAMPLE_INDEX
 from tests.test_module import fit
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from distill.data.glue import EXAMPLE_INDEX
 from distill.data.text import IGNORE_INDEX, TextDataModule
+from distill.utils.keys import EXAMPLE_INDEX
 from tests.conftest import require
 
 PANGRAM = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches"

@@ -27,18 +27,11 @@ import torch
 from torch.utils.data import get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-AUGMENTED_PREFIX = "augmented_"
+from distill.utils.keys import AUGMENTED_PREFIX, COPY_FINGERPRINT
+
+
 # One int64 per perturbed copy (:func:`sequence_fingerprint`): lets a store of the teacher's logits on
 # the copies (distill.teacher_logits) check that it holds the very copies a batch carries.
-COPY_FINGERPRINT = "copy_fingerprint"
-
-
-def pop_copies(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Take the perturbed copies out of a collated batch, as model inputs (``input_ids``, ...)."""
-    keys = [key for key in batch if key.startswith(AUGMENTED_PREFIX)]
-    return {key.removeprefix(AUGMENTED_PREFIX): batch.pop(key) for key in keys}
-
-
 def sequence_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``(R,)`` int64 that changes with any token or the length of a row of ``(R, L)`` token ids.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +18,16 @@ import datasets
 import lightning.pytorch as pl
 from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from distill.data.augment import AugmentingCollator, build_augmenter
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
 from distill.data.split_loaders import SplitLoaders
 from distill.data.tsv import check_labels, check_tsv_layout
-from distill.utils.keys import digest
+from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 
 HUB_DATASET = "nyu-mll/glue"
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A digest of the tokenizer as loaded; take it before use, since calls change backend state."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(f"{type(tokenizer).__name__}\n{spec}".encode()).hexdigest()[:16]
-
-
-EXAMPLE_INDEX = "example_index"
 
 
 class GlueDataModule(SplitLoaders, pl.LightningDataModule):

@@ -7,7 +7,7 @@ Contract:
   tokenizer's chat template as a user turn awaiting the assistant's answer. Passages are runs of
   whole lines of at least ``passage_tokens`` tokens; ``prompts[split]`` of them are drawn per split
   with ``pool_seed``, so held-out prompts come from held-out documents only.
-* Responses are the teacher's (:mod:`distill.generation`), made once by :meth:`attach_teacher` (the
+* Responses are the teacher's (:mod:`distill.stores.generations`), made once by :meth:`attach_teacher` (the
   run's generation stage) and cached: every split's prompts, held-out ones included, since the
   teacher's held-out responses are what the student is scored against.
 * Every row is ``prompt + response``, right-padded to ``max_prompt_tokens + max_new_tokens``, with
@@ -31,12 +31,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from distill.data.documents import HELD_OUT, SPLITS
-from distill.data.glue import EXAMPLE_INDEX
 from distill.data.split_loaders import SplitLoaders
 from distill.data.text import BLOCK_FEATURES, IGNORE_INDEX, TextDataModule
-from distill.generation import GenerationStore, Generator, SamplingSettings, end_token_ids, settings_key
-from distill.teacher_logits import weights_fingerprint
-from distill.utils.keys import digest
+from distill.serve.generation import Generator, SamplingSettings, end_token_ids
+from distill.stores.generations import GenerationStore, settings_key
+from distill.utils.keys import EXAMPLE_INDEX, digest, weights_fingerprint
 
 log = logging.getLogger(__name__)
 TRAIN_SOURCES = ("responses", "corpus")
@@ -94,7 +93,7 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
         passage_tokens: the least tokens of a passage.
         max_prompt_tokens: the longest prompt accepted, template included (longer ones are an error).
         chat_template: wrap prompts in the tokenizer's chat template (an error if it has none).
-        generation: :class:`~distill.generation.SamplingSettings` of the teacher's responses.
+        generation: :class:`~distill.serve.generation.SamplingSettings` of the teacher's responses.
         shard_size / generation_batch_size: prompts per store shard / per ``generate`` call.
         train_on: ``responses`` (sequence-level KD) or ``corpus`` (token-level baselines).
         train_tokens: cap on counted training tokens (``None``: all rows).

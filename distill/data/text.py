@@ -12,7 +12,7 @@ Contract:
   tokens with ``labels == input_ids`` (the model shifts them, as in HF). Training drops the last partial
   block; validation and test pad it (pad id, ``attention_mask`` 0, labels -100), so every held-out token
   lies in exactly one block: the windows of non-overlapping perplexity.
-* Training batches carry :data:`~distill.data.glue.EXAMPLE_INDEX` (the block's row of the train split).
+* Training batches carry :data:`~distill.utils.keys.EXAMPLE_INDEX` (the block's row of the train split).
   Shuffled loaders shard themselves across data-parallel ranks (trainers run with
   ``use_distributed_sampler=False``); evaluation loaders are whole on every rank.
 """
@@ -32,10 +32,9 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from distill.data.documents import HELD_OUT, DocumentSource, SplitDocuments
-from distill.data.glue import EXAMPLE_INDEX, tokenizer_fingerprint
 from distill.data.split_loaders import SplitLoaders
 from distill.models.reference import load_tokenizer
-from distill.utils.keys import digest
+from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 
 IGNORE_INDEX = -100
 TOKEN_FEATURES = datasets.Features(input_ids=datasets.Sequence(datasets.Value("int32")))

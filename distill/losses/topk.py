@@ -2,7 +2,7 @@
 
 Storing ``N x V`` teacher logits is out of the question at V = 32k-256k, so a cache keeps, per
 position, the teacher's K largest logits and their class indices (``distill.teacher_cache_topk``
-has :mod:`distill.teacher_logits` store exactly these). Contract of the targets made by
+has :mod:`distill.stores.teacher_logits` store exactly these). Contract of the targets made by
 :func:`topk_targets` and read by :func:`topk_log_probs` / :func:`topk_kl` (``distill.losses.kd.kd_loss`` and
 ``KDLoss`` take :class:`TopKTargets` wherever they take teacher logits):
 

@@ -160,10 +160,10 @@ def pruned(
 ) -> PreTrainedModel:
     """A smaller dense student cut from the teacher by importance measured on training batches
     (:func:`distill.models.structured_pruning.pruned_student` takes ``settings``); ``shape`` fields
-    left ``None`` keep the teacher's, and a shape with none set is no shape. With ``cache_dir``, the cut
-    is reused by every run of the same teacher, calibration tokens and settings (:mod:`distill.models.pruned_cache`)."""
-    from distill.models.pruned_cache import cached_pruned_student, pruned_cache_key
+    left ``None`` keep the teacher's, and a shape with none set is no shape. With ``cache_dir``, the cut is
+    reused by every run of the same teacher, calibration tokens and settings (:mod:`distill.stores.pruned_students`)."""
     from distill.models.structured_pruning import pruned_student
+    from distill.stores.pruned_students import cached_pruned_student, pruned_cache_key
 
     if calibration_batches < 1:
         raise ValueError(f"student.calibration_batches={calibration_batches!r} must be >= 1")

@@ -14,7 +14,7 @@ from distill.modules.frozen_teacher import FrozenTeacher
 class CopyTargets:
     """The store's answers when it holds these very copies (same epoch, same fingerprint), else the live teacher's.
 
-    ``store`` is a :class:`~distill.teacher_logits.TeacherLogitStore`'s ``copies`` (or ``None``: always live).
+    ``store`` is a :class:`~distill.stores.teacher_logits.TeacherLogitStore`'s ``copies`` (or ``None``: always live).
     ``labelled_live`` counts the steps the live teacher labelled; the first one warns, once per run, since
     each means a teacher forward the store was meant to save.
     """

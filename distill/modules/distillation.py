@@ -19,8 +19,6 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from distill.data.augment import COPY_FINGERPRINT, pop_copies
-from distill.data.glue import EXAMPLE_INDEX
 from distill.losses.hidden import HiddenStateLoss
 from distill.losses.kd import KDLoss, KDLossTerms
 from distill.modules.copy_targets import CopyTargets
@@ -29,6 +27,7 @@ from distill.modules.on_policy import OnPolicy
 from distill.modules.step_mean import StepMean
 from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
 from distill.tasks import ClassificationTask
+from distill.utils.keys import COPY_FINGERPRINT, EXAMPLE_INDEX, pop_copies
 from distill.utils.sharding import is_sharded, shard
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -49,7 +48,7 @@ class DistillationModule(pl.LightningModule):
             Like the KD term it is scaled by ``1 - alpha``, so ``alpha=1`` learns from labels only.
         hidden_layers: the teacher layer each student layer matches; ``None`` spreads them uniformly.
         teacher_logits: precomputed teacher logits by training-example index
-            (:class:`distill.teacher_logits.TeacherLogitStore`), with those on the perturbed copies in
+            (:class:`distill.stores.teacher_logits.TeacherLogitStore`), with those on the perturbed copies in
             its ``copies``; the teacher then runs for evaluation and for copies the store lacks.
         task: what differs per task (:mod:`distill.tasks`); ``None`` is classification with ``num_labels``.
         teacher_memo: a file that keeps the teacher's evaluation answers across runs (see :class:`FrozenTeacher`).

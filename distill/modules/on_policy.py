@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.data.prompts import pack_responses, prompt_lengths
-from distill.generation import Generator, SamplingSettings
+from distill.serve.generation import Generator, SamplingSettings
 
 
 @dataclass

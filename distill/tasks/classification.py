@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForSequenceClassification
 
-from distill.data.glue import EXAMPLE_INDEX
 from distill.serve.onnx_int8 import export_onnx
+from distill.utils.keys import EXAMPLE_INDEX
 
 
 class ClassificationTask:

@@ -22,8 +22,7 @@ from filelock import FileLock
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from distill.teacher_logits import weights_fingerprint
-from distill.utils.keys import digest
+from distill.utils.keys import digest, weights_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -40,21 +40,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distill.data.augment import COPY_FINGERPRINT, pop_copies
-from distill.data.glue import EXAMPLE_INDEX, GlueDataModule
+from distill.data.glue import GlueDataModule
 from distill.losses.topk import TopKTargets, topk_targets
 from distill.utils.devices import on_gpu_if_any, to_device
+from distill.utils.keys import COPY_FINGERPRINT, EXAMPLE_INDEX, pop_copies, weights_fingerprint
 
 log = logging.getLogger(__name__)
 MODES = ("none", "precompute")
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class TeacherLogitStore:
