@@ -9,7 +9,7 @@ exact 2:4 mask (distill.kernels.nm_mask). Arms, outputs compared with the dense 
 
 - dense: the masked ``nn.Linear``;
 - torch 2:4: the layer with ``torch.sparse.to_sparse_semi_structured`` weights, as
-  ``distill.semi_structured`` exports it (cuSPARSELt where torch ships it, else CUTLASS);
+  ``distill.serve.semi_structured`` exports it (cuSPARSELt where torch ships it, else CUTLASS);
 - tuned cuSPARSELt: ``torch._cslt_sparse_mm`` with the fastest of a few algorithm ids (0,
   cuSPARSELt's own search pick, ``--algs``) and output layouts for this product, by timing each.
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from distill.kernels.sparsity import is_nm_sparse, nm_mask
-from distill.semi_structured import cuda_time_ms, graph_time_ms
+from distill.serve.semi_structured import cuda_time_ms, graph_time_ms
 
 TOKENS = [512, 2048, 4096, 8192, 16384]
 BERT_BASE = {"ffn_in 768->3072": (768, 3072), "ffn_out 3072->768": (3072, 768)}

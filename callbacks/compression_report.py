@@ -1,14 +1,14 @@
-"""Log the student's compression (``compression/*``) at every validation; see distill.compression_report."""
+"""Log the student's compression (``compression/*``) at every validation; see distill.pruning.compression_report."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from distill.compression_report import compression_report
+from distill.pruning.compression_report import compression_report
 
 
 class CompressionReport(pl.Callback):
-    """Totals of :func:`distill.compression_report.compression_report`, logged as ``compression/<key>``."""
+    """Totals of :func:`distill.pruning.compression_report.compression_report`, logged as ``compression/<key>``."""
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -5,7 +5,7 @@
 
 Composes conf/prune.yaml, prints it, draws calibration samples from the training split (never
 held-out text), scores the dense model (held-out perplexity / dev accuracy), prunes it block by
-block (:mod:`distill.oneshot.sequential`), scores it again and saves it with ``save_pretrained``,
+block (:mod:`distill.pruning.oneshot.sequential`), scores it again and saves it with ``save_pretrained``,
 its tokenizer and its masks (``sparsity_masks.safetensors``: what ``compression=hold_masks``
 keeps while distilling) into the run folder, with ``prune.json``: the scores, the wall time and
 the peak memory of the pruning step.
@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 
 from distill.models.reference import load_tokenizer, resolve
 from distill.models.student import draw_calibration_batches
-from distill.oneshot.sequential import OneShotSettings, prune_oneshot
-from distill.oneshot.solvers import SparsityTarget
+from distill.pruning.oneshot.sequential import OneShotSettings, prune_oneshot
+from distill.pruning.oneshot.solvers import SparsityTarget
 from distill.utils.cli import hydra_cli
 from distill.utils.devices import to_device
 from distill.utils.run_record import git_state, write_json

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from distill.models.reference import load_tokenizer, resolve
-from distill.oneshot.sequential import target_linears
+from distill.pruning.oneshot.sequential import target_linears
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import save_int8
 from distill.utils.cli import hydra_cli

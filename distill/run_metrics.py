@@ -7,10 +7,10 @@ from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
 
-from distill.compression_report import report_rows
 from distill.models.student import transformer_layer_params
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
+from distill.pruning.compression_report import report_rows
 from distill.stores.teacher_logits import TeacherLogitStore
 from distill.utils.run_record import count_parameters
 

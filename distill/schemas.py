@@ -74,7 +74,7 @@ class PrunedShapeSchema:
 
 @dataclass
 class PrunedSchema:
-    """A smaller dense student cut from the teacher by measured importance (distill/models/structured_pruning.py)."""
+    """A smaller dense student cut from the teacher by measured importance (distill/pruning/structured.py)."""
 
     _target_: str = "distill.models.student.pruned"
     # A parameter count to reach by shrinking `axes`, or an explicit (partial) shape; one of the two.

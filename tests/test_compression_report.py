@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from distill.callbacks.qat import fake_quantize
-from distill.compression_report import compression_report, layer_report
 from distill.kernels.sparsity import nm_mask
+from distill.pruning.compression_report import compression_report, layer_report
 
 
 def linear(out_features: int = 16, in_features: int = 32, seed: int = 0) -> nn.Linear:

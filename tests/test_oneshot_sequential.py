@@ -1,4 +1,4 @@
-"""Layer-sequential one-shot pruning (distill/oneshot/sequential.py) and `python -m distill.prune`."""
+"""Layer-sequential one-shot pruning (distill/pruning/oneshot/sequential.py) and `python -m distill.prune`."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification
 
 from distill.kernels.sparsity import is_nm_sparse
-from distill.oneshot import solvers
-from distill.oneshot.sequential import OneShotSettings, prune_oneshot, target_linears
-from distill.oneshot.solvers import SparsityTarget
 from distill.prune import MASKS_FILE, prune
+from distill.pruning.oneshot import solvers
+from distill.pruning.oneshot.sequential import OneShotSettings, prune_oneshot, target_linears
+from distill.pruning.oneshot.solvers import SparsityTarget
 from tests.conftest import tiny_llama
 
 VOCAB = 100

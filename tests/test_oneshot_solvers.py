@@ -1,4 +1,4 @@
-"""One-shot solvers (distill/oneshot/solvers.py): exact targets, SparseGPT against a float64
+"""One-shot solvers (distill/pruning/oneshot/solvers.py): exact targets, SparseGPT against a float64
 implementation written here, the reconstruction ordering of the three methods, and bad input."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.kernels.sparsity import is_nm_sparse
-from distill.oneshot.solvers import SparsityTarget, magnitude, sparsegpt, wanda
+from distill.pruning.oneshot.solvers import SparsityTarget, magnitude, sparsegpt, wanda
 
 TARGETS = [SparsityTarget(sparsity=0.5), SparsityTarget(n=2, m=4), SparsityTarget(n=4, m=8)]
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from distill.oneshot.sequential import target_linears
+from distill.pruning.oneshot.sequential import target_linears
 from distill.serve.onnx_decoder import OnnxCausalLM, export_decoder, load_onnx
 from distill.serve.onnx_int8 import OnnxModel, save_int8
 from tests.conftest import tiny_llama

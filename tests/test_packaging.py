@@ -58,6 +58,18 @@ def test_subpackages_import_under_distill() -> None:
     assert Path(distill.kernels.sparsity.__file__).resolve().parent == ROOT / "kernels"
 
 
+def test_every_subpackage_ships_in_the_wheel() -> None:
+    """setuptools installs only the packages pyproject lists: a new folder under distill/ must be listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(("distill", *init.parent.relative_to(ROOT / "distill").parts)).rstrip(".")
+        for init in (ROOT / "distill").rglob("__init__.py")
+    }
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+
+
 def test_conf_is_the_checkouts_folder() -> None:
     import distill.conf
     from distill.utils.cli import CONFIG_DIR

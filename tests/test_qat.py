@@ -19,8 +19,8 @@ from distill.callbacks.qat import (
     WeightFakeQuantizer,
     fake_quantized_layers,
 )
-from distill.compression_report import compression_report
 from distill.modules.distillation import DistillationModule
+from distill.pruning.compression_report import compression_report
 from tests.callback_helpers import ENCODER, batches, make_trainer, tiny_module
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill import semi_structured
 from distill.kernels.sparsity import nm_mask
-from distill.semi_structured import convert_layer, ineligibility, to_semi_structured
+from distill.serve import semi_structured
+from distill.serve.semi_structured import convert_layer, ineligibility, to_semi_structured
 
 
 def sparse_linear(dtype=torch.float16, device="cpu", shape=(64, 128)) -> nn.Linear:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
 
-from distill.models.pruned_shape import FFN_MULTIPLE, PrunedShape, choose_shape, shape_params
-from distill.models.pruning_scores import ImportanceScores, calibration_scores
 from distill.models.reference import load_causal_lm, load_tokenizer
-from distill.models.structured_pruning import decoder_layer_params, kept_indices, prune, pruned_student
+from distill.pruning.scores import ImportanceScores, calibration_scores
+from distill.pruning.shape import FFN_MULTIPLE, PrunedShape, choose_shape, shape_params
+from distill.pruning.structured import decoder_layer_params, kept_indices, prune, pruned_student
 from tests.conftest import require
 
 SIZES = dict(
@@ -369,7 +369,7 @@ class CalibrationOnly:
 def test_pruned_students_are_cached_by_teacher_calibration_and_settings(tmp_path: Path, monkeypatch) -> None:
     """A second run with the same teacher, calibration tokens and settings loads the cut instead of
     re-measuring; other calibration tokens or another target prune again; no cache prunes every time."""
-    import distill.models.structured_pruning as structured
+    import distill.pruning.structured as structured
     from distill.models.student import pruned
     from distill.models.teacher import Teacher
 

@@ -1,7 +1,7 @@
 """Student construction: a layer subset of the teacher, a smaller config, or a pretrained model.
 
 Each builder takes the prepared :class:`~distill.models.teacher.Teacher` and the data module
-(which builders that measure on calibration data use: :mod:`distill.models.structured_pruning`)
+(which builders that measure on calibration data use: :mod:`distill.pruning.structured`)
 and returns a trainable Hugging Face model of the teacher's kind with the teacher's vocabulary.
 """
 
@@ -159,10 +159,10 @@ def pruned(
     **settings: Any,
 ) -> PreTrainedModel:
     """A smaller dense student cut from the teacher by importance measured on training batches
-    (:func:`distill.models.structured_pruning.pruned_student` takes ``settings``); ``shape`` fields
+    (:func:`distill.pruning.structured.pruned_student` takes ``settings``); ``shape`` fields
     left ``None`` keep the teacher's, and a shape with none set is no shape. With ``cache_dir``, the cut is
     reused by every run of the same teacher, calibration tokens and settings (:mod:`distill.stores.pruned_students`)."""
-    from distill.models.structured_pruning import pruned_student
+    from distill.pruning.structured import pruned_student
     from distill.stores.pruned_students import cached_pruned_student, pruned_cache_key
 
     if calibration_batches < 1:

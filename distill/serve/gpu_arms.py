@@ -3,7 +3,7 @@ the student with int8 GEMMs, each request timed with the device synchronised.
 
 * ``*_bf16_gpu``: the PyTorch model cast to bf16 on the GPU, the baseline of the other GPU arms.
 * ``student_2:4_gpu`` (a student whose ``compression.json`` says 2:4): its Linear layers swapped for
-  ``torch.sparse`` semi-structured weights by :func:`distill.semi_structured.to_semi_structured`, every
+  ``torch.sparse`` semi-structured weights by :func:`distill.serve.semi_structured.to_semi_structured`, every
   eligible layer whether or not it alone is faster: the arm measures the model as served.
 * ``student_int8_gpu``: torchao's dynamic int8 activations x int8 weights on the Linear layers of the
   student's blocks (``torch._int_mm``): the GPU's int8 path, as ONNX Runtime's is the CPU's.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.oneshot.sequential import target_linears
+from distill.pruning.oneshot.sequential import target_linears
 
 GPU_DTYPE = torch.bfloat16
 
@@ -65,7 +65,7 @@ def gpu_models(
         models["teacher_bf16_gpu"] = load(teacher_path, dtype=GPU_DTYPE).cuda().eval()
     models["student_bf16_gpu"] = load(student_dir, dtype=GPU_DTYPE).cuda().eval()
     if is_two_four(student_dir) and not causal:
-        from distill.semi_structured import to_semi_structured
+        from distill.serve.semi_structured import to_semi_structured
 
         sparse = load(student_dir, dtype=GPU_DTYPE).cuda().eval()
         decisions = to_semi_structured(sparse, timing="none")

@@ -3,7 +3,7 @@
 The calibration batches' inputs to the first block are captured (the model runs up to it and is
 stopped there); then block by block: the targeted Linear layers' input statistics are gathered
 from a forward pass of the still-dense block, each layer is pruned by its solver
-(:mod:`distill.oneshot.solvers`), and the pruned block is run again to give the next block its
+(:mod:`distill.pruning.oneshot.solvers`), and the pruned block is run again to give the next block its
 inputs. Only one block's statistics exist at a time; pruned errors propagate as in SparseGPT and
 Wanda. Padding tokens (``attention_mask == 0``) never enter the statistics.
 """
@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from distill.oneshot import solvers
-from distill.oneshot.solvers import SparsityTarget
+from distill.pruning.oneshot import solvers
+from distill.pruning.oneshot.solvers import SparsityTarget
 
 log = logging.getLogger(__name__)
 METHODS = ("magnitude", "wanda", "sparsegpt")

@@ -2,9 +2,9 @@
 
 Contract:
 
-- The student's shape comes from :mod:`distill.models.pruned_shape` (explicit, or a parameter target).
+- The student's shape comes from :mod:`distill.pruning.shape` (explicit, or a parameter target).
 - :func:`prune` returns a NEW model of the teacher's class (the teacher is deep-copied, never changed)
-  that keeps, by the :class:`~distill.models.pruning_scores.ImportanceScores`, the top layers (in their
+  that keeps, by the :class:`~distill.pruning.scores.ImportanceScores`, the top layers (in their
   original order), per kept layer the top FFN channels and whole KV groups with their query heads, and
   the top hidden channels, sliced out of the embeddings, every norm, every projection and ``lm_head``
   (tied embeddings stay tied). ``head_dim`` is kept and written to ``config.head_dim``. The result
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from distill.models.pruned_shape import PrunedShape, apply_shape, choose_shape, head_dim_of, validated
-from distill.models.pruning_scores import LAYER_SCORES, ImportanceScores, calibration_scores, decoder_layers
+from distill.pruning.scores import LAYER_SCORES, ImportanceScores, calibration_scores, decoder_layers
+from distill.pruning.shape import PrunedShape, apply_shape, choose_shape, head_dim_of, validated
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,0 @@
-"""One-shot pruning (SparseGPT, Wanda, magnitude), layer by layer: :mod:`distill.oneshot.sequential`."""
