@@ -15,8 +15,8 @@ import os
 import statistics
 import time
 
-from distill.models.reference import load_causal_lm
 from distill.serve.generation import Generator, SamplingSettings
+from distill.utils.references import load_causal_lm
 
 
 def seconds(model, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:

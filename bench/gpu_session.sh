@@ -52,7 +52,7 @@ classifier() {
 lm() {
   local prune=(python3 -m distill.prune -m data.test_limit_blocks=32 calibration.samples=64)
   # The GGUF is de-quantized once into the cache; every job below reads it from there.
-  step dequantize python3 -c "import os; from distill.models.reference import resolve; resolve(os.environ['DISTILL_LM_TEACHER'])"
+  step dequantize python3 -c "import os; from distill.utils.references import resolve; resolve(os.environ['DISTILL_LM_TEACHER'])"
   step prune_24 "${prune[@]}" method=magnitude,wanda,sparsegpt pattern=2:4 hydra.sweep.dir=/tmp/prune24
   # Training starts beside the unstructured runs: their times are marked as shared in steps.txt.
   step train_bf16 python3 -m distill.train experiment=smollm2_to_small trainer.precision=bf16-mixed logger=csv \

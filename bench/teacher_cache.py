@@ -27,8 +27,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from distill.schemas import register_schemas
-from distill.stages import build_module, teacher_logit_store
+from distill.config.schemas import register_schemas
+from distill.pipeline.stages import build_module, teacher_logit_store
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -21,11 +21,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from distill.config.cli import CONFIG_DIR
+from distill.config.schemas import register_schemas
 from distill.data.glue import GlueDataModule
-from distill.schemas import register_schemas
 from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.onnx_int8 import ONNX_FILE, OnnxModel
-from distill.utils.cli import CONFIG_DIR
 from distill.utils.devices import model_device, to_device
 from distill.utils.run_record import count_parameters, write_json
 

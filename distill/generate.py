@@ -18,9 +18,9 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from distill.models.reference import load_causal_lm
-from distill.utils.cli import hydra_cli
-from distill.utils.energy import RunMeter
+from distill.config.cli import hydra_cli
+from distill.utils.references import load_causal_lm
+from distill.utils.run_meter import RunMeter
 from distill.utils.run_record import git_state, write_json
 
 log = logging.getLogger("distill.generate")

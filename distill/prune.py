@@ -25,12 +25,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from distill.models.reference import load_tokenizer, resolve
+from distill.config.cli import hydra_cli
 from distill.models.student import draw_calibration_batches
 from distill.pruning.oneshot.sequential import OneShotSettings, prune_oneshot
 from distill.pruning.oneshot.solvers import SparsityTarget
-from distill.utils.cli import hydra_cli
 from distill.utils.devices import to_device
+from distill.utils.references import load_tokenizer, resolve
 from distill.utils.run_record import git_state, write_json
 
 log = logging.getLogger("distill.prune")

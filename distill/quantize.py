@@ -21,11 +21,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from distill.models.reference import load_tokenizer, resolve
+from distill.config.cli import hydra_cli
 from distill.pruning.oneshot.sequential import target_linears
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import save_int8
-from distill.utils.cli import hydra_cli
+from distill.utils.references import load_tokenizer, resolve
 from distill.utils.run_record import git_state, write_json
 
 log = logging.getLogger("distill.quantize")

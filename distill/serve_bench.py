@@ -30,16 +30,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from distill.models.reference import load_causal_lm
-from distill.schemas import register_schemas
+from distill.config.cli import CONFIG_DIR
+from distill.config.schemas import register_schemas
 from distill.serve.energy import NvmlEnergy, cpu_energy
 from distill.serve.gpu_arms import gpu_models, synchronized
 from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import measure, summarize
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import ONNX_FILE
-from distill.utils.cli import CONFIG_DIR
 from distill.utils.devices import model_device, to_device
+from distill.utils.references import load_causal_lm
 from distill.utils.run_record import write_json
 
 log = logging.getLogger("distill.serve_bench")

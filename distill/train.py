@@ -21,16 +21,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from distill.export import export_student
+from distill.config.cli import CONFIG_DIR
+from distill.config.schemas import register_schemas, validate
 from distill.models.student import check_context, check_same_tokenizer, shared_vocabulary
 from distill.modules.distillation import DistillationModule
-from distill.run_metrics import finetune_key, log_final, store_facts, summarize
-from distill.schemas import register_schemas, validate
-from distill.stages import build_module, generation_stage, teacher_logit_store
-from distill.utils.cli import CONFIG_DIR
+from distill.pipeline.export import export_student
+from distill.pipeline.metrics import finetune_key, log_final, store_facts, summarize
+from distill.pipeline.stages import build_module, generation_stage, teacher_logit_store
 from distill.utils.devices import warn_if_emulated_bf16
-from distill.utils.energy import RunMeter
 from distill.utils.instantiate import instantiate_named
+from distill.utils.run_meter import RunMeter
 from distill.utils.run_record import count_parameters, git_state, record_student, write_json
 from distill.utils.sharding import unsharded
 

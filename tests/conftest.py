@@ -24,8 +24,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from distill.config.schemas import register_schemas
 from distill.data.glue import GlueDataModule
-from distill.schemas import register_schemas
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TEACHER_ID = "sentence-transformers/all-MiniLM-L6-v2"

@@ -18,7 +18,6 @@ from distill.data.text import TextDataModule
 from distill.kernels.sparsity import is_nm_sparse
 from distill.losses.kd import kd_loss_terms
 from distill.losses.topk import topk_targets
-from distill.models.reference import resolve
 from distill.models.student import check_context, from_pretrained, shared_vocabulary
 from distill.models.teacher import Teacher, prepare_teacher
 from distill.modules.distillation import DistillationModule
@@ -27,6 +26,7 @@ from distill.tasks import CausalLMTask
 from distill.tasks.causal_lm import Perplexity, next_token_nll, perplexity
 from distill.train import train
 from distill.utils.keys import EXAMPLE_INDEX
+from distill.utils.references import resolve
 from tests.callback_helpers import make_trainer
 from tests.conftest import tiny_llama
 

@@ -8,7 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from distill.schemas import validate
+from distill.config.schemas import validate
 
 PRESETS = [
     [],

@@ -19,9 +19,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoModelForCausalLM
 
+from distill.config.schemas import validate
 from distill.modules.distillation import DistillationModule
 from distill.modules.frozen_teacher import FrozenTeacher
-from distill.schemas import validate
 from distill.serve.generation import Generator, SamplingSettings
 from distill.utils.sharding import is_sharded, shard, unsharded
 from distill.utils.strategies import fsdp

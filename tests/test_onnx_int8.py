@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill.callbacks.qat import fake_quantize
-from distill.export import float_student
+from distill.pipeline.export import float_student
 from distill.serve.first_token import FirstTokenClassifier, reads_first_token
 from distill.serve.onnx_int8 import OnnxModel, export_onnx, matmuls_with_weights, save_int8
 from tests.callback_helpers import tiny_bert

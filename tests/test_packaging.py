@@ -72,7 +72,7 @@ def test_every_subpackage_ships_in_the_wheel() -> None:
 
 def test_conf_is_the_checkouts_folder() -> None:
     import distill.conf
-    from distill.utils.cli import CONFIG_DIR
+    from distill.config.cli import CONFIG_DIR
 
     assert Path(CONFIG_DIR) == ROOT / "conf" == Path(next(iter(distill.conf.__path__)))
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from distill.rouge import longest_common_subsequence, rouge_l, rouge_tokens
+from distill.tasks.rouge import longest_common_subsequence, rouge_l, rouge_tokens
 
 
 def brute_force_lcs(first: list[str], second: list[str]) -> int:

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import distill.serve_bench as serve_bench_module
 from distill.callbacks.qat import fake_quantize
 from distill.eval import evaluate
-from distill.export import float_student
+from distill.pipeline.export import float_student
 from distill.quantize import quantize
 from distill.serve.energy import PowerModelEstimate, RaplEnergy
 from distill.serve.latency import Samples, measure, percentile, summarize

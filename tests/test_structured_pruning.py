@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
 
-from distill.models.reference import load_causal_lm, load_tokenizer
 from distill.pruning.scores import ImportanceScores, calibration_scores
 from distill.pruning.shape import FFN_MULTIPLE, PrunedShape, choose_shape, shape_params
 from distill.pruning.structured import decoder_layer_params, kept_indices, prune, pruned_student
+from distill.utils.references import load_causal_lm, load_tokenizer
 from tests.conftest import require
 
 SIZES = dict(

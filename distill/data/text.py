@@ -33,8 +33,8 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.data.documents import HELD_OUT, DocumentSource, SplitDocuments
 from distill.data.split_loaders import SplitLoaders
-from distill.models.reference import load_tokenizer
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
+from distill.utils.references import load_tokenizer
 
 IGNORE_INDEX = -100
 TOKEN_FEATURES = datasets.Features(input_ids=datasets.Sequence(datasets.Value("int32")))

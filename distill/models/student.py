@@ -18,8 +18,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from distill.models.reference import load_tokenizer, resolve
 from distill.models.teacher import Teacher
+from distill.utils.references import load_tokenizer, resolve
 
 
 def auto_class_like(model: PreTrainedModel) -> type:

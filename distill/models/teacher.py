@@ -32,8 +32,8 @@ from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from distill.data.glue import GlueDataModule
-from distill.models.reference import resolve
 from distill.tasks import ClassificationTask
+from distill.utils.references import resolve
 
 log = logging.getLogger(__name__)
 INFO_FILE = "teacher_info.json"

@@ -21,7 +21,7 @@ from distill.utils.sharding import is_sharded
 class SamplingSettings:
     """How responses are drawn: greedy (``do_sample=False``) or sampled at ``temperature``/``top_p``,
     ``num_return_sequences`` per prompt, at most ``max_new_tokens`` each. Also the config schema of
-    ``data.generation`` (distill/schemas.py)."""
+    ``data.generation`` (distill/config/schemas.py)."""
 
     max_new_tokens: int = 64
     do_sample: bool = False

@@ -23,9 +23,9 @@ from transformers import AutoModelForCausalLM
 from distill.kernels.kd_loss_linear import kd_loss_linear, kd_loss_linear_topk
 from distill.losses.kd import KDLossTerms
 from distill.losses.topk import TopKTargets
-from distill.rouge import rouge_l
 from distill.serve.generation import Generator, SamplingSettings, end_token_ids
 from distill.serve.onnx_decoder import export_decoder
+from distill.tasks.rouge import rouge_l
 from distill.utils.devices import model_device, to_device
 from distill.utils.keys import EXAMPLE_INDEX
 from distill.utils.run_record import write_json

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import distill.conf
-from distill.schemas import register_schemas
+from distill.config.schemas import register_schemas
 
 log = logging.getLogger("distill")
 # The configs' folder, absolute: conf/ beside distill/ in a checkout, distill/conf in a wheel (distill/__init__.py).
