@@ -61,7 +61,7 @@ def calibration_batches(datamodule: Any, samples: int) -> list[dict[str, torch.T
     try:
         batches = draw_calibration_batches(datamodule, count)
     except ValueError as error:
-        available = len(datamodule.splits["train"]) if hasattr(datamodule, "splits") else "fewer"
+        available = len(datamodule.splits["train"])
         raise ValueError(f"calibration.samples={samples} is more than the {available} training sequences") from error
     batches[-1] = {key: value[: samples - (count - 1) * batch_size] for key, value in batches[-1].items()}
     return batches

@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     log.info("Instantiating student <%s>", cfg.student._target_)
     student = instantiate(cfg.student, teacher=teacher, datamodule=datamodule)
-    task.vocabulary = shared_vocabulary(teacher, student, getattr(datamodule, "tokenizer", None))
+    task.vocabulary = shared_vocabulary(teacher, student, datamodule.tokenizer)
     record_student(output_dir, student)
     module = build_module(cfg, task, teacher, student, datamodule, teacher_logits)
 

@@ -23,6 +23,7 @@ from distill.models.teacher import Teacher, prepare_teacher
 from distill.modules.distillation import DistillationModule
 from distill.stores.teacher_logits import precompute_teacher_logits
 from distill.tasks import CausalLMTask
+from distill.tasks.base import FusedStep
 from distill.tasks.causal_lm import Perplexity, next_token_nll, perplexity
 from distill.train import train
 from distill.utils.keys import EXAMPLE_INDEX
@@ -108,14 +109,14 @@ def test_differently_padded_vocabularies_compare_the_tokenizers_ids(fused: bool)
     labels = batch["input_ids"].clone()
     tokenizer = [None] * 97  # only its length matters
     task = CausalLMTask(fused_kd=fused)
-    task.vocabulary = shared_vocabulary(Teacher(model=teacher, path="padded"), student, tokenizer)
+    task.vocabulary = shared_vocabulary(Teacher(model=teacher, path="padded", task=task), student, tokenizer)
     assert task.vocabulary == 97
     loss = module_for(student, teacher, task).training_step({**batch, "labels": labels.clone()}, 0)
     student_logits, teacher_logits = student(**batch).logits, teacher(**batch).logits[..., :97]
     expected = kd_loss_terms(*CausalLMTask().align(student_logits, teacher_logits, labels), temperature=2.0, alpha=0.3)
     assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
     with pytest.raises(ValueError, match=r"the tokenizer's 100 tokens do not fit both"):
-        shared_vocabulary(Teacher(model=teacher, path="padded"), student, [None] * 100)
+        shared_vocabulary(Teacher(model=teacher, path="padded", task=task), student, [None] * 100)
 
 
 def test_fused_path_with_stored_topk_targets_gives_the_reference_loss() -> None:
@@ -136,7 +137,8 @@ def test_other_divergences_take_the_logit_path() -> None:
     teacher, student = tiny_llama(97, seed=1), tiny_llama(97, layers=2, seed=2)
     batch = {"input_ids": torch.randint(0, 97, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
     module = module_for(student, teacher, CausalLMTask(), divergence="reverse_kl", alpha=0.0)
-    assert module.task.fused_terms(module, batch, batch["input_ids"], None) is None
+    step = FusedStep(student, module.teacher, stored=None, temperature=2.0, alpha=0.0, divergence="reverse_kl")
+    assert module.task.fused_terms(step, batch, batch["input_ids"]) is None
     loss = module.training_step({**batch, "labels": batch["input_ids"].clone()}, 0)
     expected = kd_loss_terms(
         *CausalLMTask().align(student(**batch).logits, teacher(**batch).logits, batch["input_ids"]),
@@ -169,8 +171,8 @@ def test_teacher_correction_is_cached(lm_teacher_dir: Path, corpus: Path, tmp_pa
     data = text_module(corpus, str(lm_teacher_dir), tmp_path / "cache")
     settings = dict(epochs=1, max_steps=2, lr=1e-3, batch_size=2, weight_decay=0.0, warmup_ratio=0.0, seed=0)
     task = CausalLMTask()
-    first = prepare_teacher(str(lm_teacher_dir), data, True, str(tmp_path / "teachers"), settings, task)
-    second = prepare_teacher(str(lm_teacher_dir), data, True, str(tmp_path / "teachers"), settings, task)
+    first = prepare_teacher(str(lm_teacher_dir), data, task, True, str(tmp_path / "teachers"), settings)
+    second = prepare_teacher(str(lm_teacher_dir), data, task, True, str(tmp_path / "teachers"), settings)
     assert first.metric == "val/ppl" and first.val_score == second.val_score and math.isfinite(first.val_score)
     assert first.path == second.path and json.loads((Path(first.path) / "teacher_info.json").read_text())["steps"] == 2
     assert isinstance(first.model, LlamaForCausalLM)
@@ -189,7 +191,7 @@ def test_bad_inputs_are_named(lm_teacher_dir: Path, tmp_path: Path, corpus: Path
     tokenizer = AutoTokenizer.from_pretrained(lm_teacher_dir)
     tokenizer.add_tokens(["<an_extra_token>"])
     tokenizer.save_pretrained(other)
-    teacher = Teacher(model=AutoModelForCausalLM.from_pretrained(lm_teacher_dir), path=str(lm_teacher_dir))
+    teacher = Teacher(AutoModelForCausalLM.from_pretrained(lm_teacher_dir), str(lm_teacher_dir), CausalLMTask())
     with pytest.raises(ValueError, match="different tokenizer"):
         from_pretrained(teacher, str(other))
 

@@ -17,12 +17,13 @@ from distill.models.student import (
     transformer_layer_params,
 )
 from distill.models.teacher import Teacher
+from distill.tasks import ClassificationTask
 
 
 @pytest.fixture
 def tiny_teacher(tiny_teacher_dir: Path) -> Teacher:
     model = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)
-    return Teacher(model=model.eval().requires_grad_(False), path=str(tiny_teacher_dir))
+    return Teacher(model=model.eval().requires_grad_(False), path=str(tiny_teacher_dir), task=ClassificationTask(2))
 
 
 def test_from_teacher_copies_the_chosen_layers(tiny_teacher: Teacher) -> None:
@@ -86,7 +87,8 @@ def test_pretrained_student_with_other_tokenizer_is_rejected(tiny_teacher: Teach
 def test_default_student_has_three_times_fewer_layer_parameters(compose_train, hf_teacher_available: str) -> None:
     cfg = compose_train("experiment=bert_to_tiny", "paths.output_dir=/tmp/unused")
     model = AutoModelForSequenceClassification.from_pretrained(hf_teacher_available, num_labels=2)
-    student = from_teacher(Teacher(model=model, path=hf_teacher_available), layers=list(cfg.student.layers))
+    teacher = Teacher(model=model, path=hf_teacher_available, task=ClassificationTask(2))
+    student = from_teacher(teacher, layers=list(cfg.student.layers))
     assert transformer_layer_params(model) >= 3 * transformer_layer_params(student)
 
 

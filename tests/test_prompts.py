@@ -130,7 +130,7 @@ def test_bad_prompt_pools_are_named(poems: Path, chat_teacher_dir: Path, lm_teac
     with pytest.raises(ValueError, match="has no chat template"):
         prompt_module(poems, lm_teacher_dir, cache).prompt_ids()
     with pytest.raises(ValueError, match=r"max_new_tokens = 200 exceeds the model's context of 128"):
-        prompt_module(poems, chat_teacher_dir, cache, max_prompt_tokens=194).check_block_size(128)
+        prompt_module(poems, chat_teacher_dir, cache, max_prompt_tokens=194).check_context(128)
     with pytest.raises(ValueError, match=r"data.train_on='text' must be one of"):
         prompt_module(poems, chat_teacher_dir, cache, train_on="text")
     with pytest.raises(RuntimeError, match="generation stage"):

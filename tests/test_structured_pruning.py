@@ -372,10 +372,11 @@ def test_pruned_students_are_cached_by_teacher_calibration_and_settings(tmp_path
     import distill.pruning.structured as structured
     from distill.models.student import pruned
     from distill.models.teacher import Teacher
+    from distill.tasks import CausalLMTask
 
     calls, original = [], structured.pruned_student
     monkeypatch.setattr(structured, "pruned_student", lambda *args, **kw: calls.append(1) or original(*args, **kw))
-    teacher = Teacher(model=tiny_model("llama-untied-biases"), path="tiny")
+    teacher = Teacher(model=tiny_model("llama-untied-biases"), path="tiny", task=CausalLMTask())
     target = teacher.model.num_parameters() - decoder_layer_params(teacher.model) // 2
 
     def build(seed: int, run: str, cache: Path | None = tmp_path / "students", **extra) -> PreTrainedModel:

@@ -14,13 +14,14 @@ PREPARE = """
 import json, logging, sys
 from distill.data.glue import GlueDataModule
 from distill.models.teacher import prepare_teacher
+from distill.tasks import ClassificationTask
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 teacher_dir, data_dir, cache_dir = sys.argv[1:4]
 datamodule = GlueDataModule(task="sst2", text_fields=["sentence"], data_dir=data_dir, cache_dir=cache_dir + "/data",
                             tokenizer=teacher_dir, num_labels=2, train_limit=64, val_limit=32, max_length=32)
 settings = dict(epochs=1, max_steps=4, lr=1e-3, batch_size=16, weight_decay=0.0, warmup_ratio=0.0, seed=0)
-teacher = prepare_teacher(teacher_dir, datamodule, finetune=True, cache_dir=cache_dir + "/teachers",
-                          finetune_settings=settings)
+teacher = prepare_teacher(teacher_dir, datamodule, ClassificationTask(2), finetune=True,
+                          cache_dir=cache_dir + "/teachers", finetune_settings=settings)
 print("RESULT " + json.dumps({"path": teacher.path, "val_acc": teacher.val_score}))
 """
 

@@ -230,9 +230,9 @@ def test_empty_folder_names_folder_pattern_and_fix(tmp_path: Path, text_module) 
 
 def test_block_size_above_the_context_is_refused(text_module) -> None:
     module = text_module(block_size=64)
-    module.check_block_size(64)
+    module.check_context(64)
     with pytest.raises(ValueError, match=r"data.block_size=64 exceeds the model's context length of 32"):
-        module.check_block_size(32)
+        module.check_context(32)
     with pytest.raises(ValueError, match=r"data.train_limit_blocks=0"):
         text_module(train_limit_blocks=0)
 

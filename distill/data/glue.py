@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import lightning.pytorch as pl
 from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from distill.data.augment import AugmentingCollator, build_augmenter
+from distill.data.base import DataModule
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
-from distill.data.split_loaders import SplitLoaders
 from distill.data.tsv import check_labels, check_tsv_layout
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 
@@ -30,7 +29,7 @@ HUB_DATASET = "nyu-mll/glue"
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
 
 
-class GlueDataModule(SplitLoaders, pl.LightningDataModule):
+class GlueDataModule(DataModule):
     """Tokenised, dynamically padded GLUE classification data.
 
     Args:
@@ -189,6 +188,24 @@ class GlueDataModule(SplitLoaders, pl.LightningDataModule):
         # Batches carry each example's row so per-example stores (cached teacher logits) can be read.
         train = train.add_column(EXAMPLE_INDEX, list(range(len(train))))
         self.splits = {"train": train, "validation": validation}
+
+    def teacher_key_fields(self) -> dict[str, Any]:
+        return {
+            "num_labels": self.num_labels,
+            "tokenizer": self.tokenizer_key,
+            "max_length": self.max_length,
+            "train_limit": self.train_limit,
+            "val_limit": self.val_limit,
+            "group_by_length": self.group_by_length,
+        }
+
+    def check_context(self, max_positions: int) -> None:
+        """Sentences are truncated to ``max_length`` tokens, which must fit the model's positions."""
+        if self.max_length > max_positions:
+            raise ValueError(
+                f"data.max_length={self.max_length} exceeds the model's {max_positions} positions "
+                f"(max_position_embeddings): set data.max_length<={max_positions}"
+            )
 
     def train_fingerprint(self) -> str:
         """Identity of the training examples as batches see them: source, tokenisation and slice."""

@@ -25,13 +25,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
-import lightning.pytorch as pl
 import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from distill.data.base import DataModule
 from distill.data.documents import HELD_OUT, SPLITS
-from distill.data.split_loaders import SplitLoaders
 from distill.data.text import BLOCK_FEATURES, IGNORE_INDEX, TextDataModule
 from distill.serve.generation import Generator, SamplingSettings, end_token_ids
 from distill.stores.generations import GenerationStore, settings_key
@@ -83,7 +82,7 @@ def prompt_lengths(labels: Tensor, attention_mask: Tensor) -> list[int]:
     ]
 
 
-class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
+class PromptResponseDataModule(DataModule):
     """Teacher responses to passage-continuation prompts (and, for baselines, the corpus itself).
 
     Args:
@@ -100,6 +99,7 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
     """
 
     task = "causal_lm"
+    prompt_pool = True
 
     def __init__(
         self,
@@ -137,6 +137,10 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
         self.responses: dict[str, datasets.Dataset] = {}
         self.splits: dict[str, datasets.Dataset] = {}
         self.store: GenerationStore | None = None
+
+    @property
+    def positions_per_example(self) -> int:
+        return self.block_size
 
     @property
     def block_size(self) -> int:
@@ -196,6 +200,7 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
 
     def attach_teacher(self, teacher: nn.Module) -> dict[str, float]:
         """Make (or reuse) the teacher's responses to every split's prompts; returns generation statistics."""
+        log.info("Generation stage: the teacher answers the prompt pool")
         prompts = self.prompt_ids()
         ordered = [prompt for split in SPLITS for prompt in prompts[split]]
         key = {
@@ -264,14 +269,21 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
             [source, self.train_on, self.max_length, self.train_tokens, self.pool_seed, len(self.splits["train"])]
         )
 
-    def check_block_size(self, max_positions: int) -> None:
+    def teacher_key_fields(self) -> dict[str, Any]:
+        raise ValueError(
+            "teacher.finetune=true fine-tunes the teacher on the training rows, and prompt/response data makes"
+            " those from the teacher's own responses: fine-tune it on the corpus (data=shakespeare) and point"
+            " teacher.name_or_path at the fine-tuned teacher's folder"
+        )
+
+    def check_context(self, max_positions: int) -> None:
         """Prompt plus response (and the corpus's blocks) must fit the model's context."""
         if self.max_length > max_positions:
             raise ValueError(
                 f"data.max_prompt_tokens + data.generation.max_new_tokens = {self.max_length} exceeds the "
                 f"model's context of {max_positions} positions"
             )
-        self.corpus.check_block_size(max_positions)
+        self.corpus.check_context(max_positions)
 
     # Evaluation helpers.
 

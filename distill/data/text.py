@@ -22,17 +22,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
-import lightning.pytorch as pl
 import numpy as np
 import pyarrow.compute as pc
 from filelock import FileLock
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from distill.data.base import DataModule
 from distill.data.documents import HELD_OUT, DocumentSource, SplitDocuments
-from distill.data.split_loaders import SplitLoaders
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 from distill.utils.references import load_tokenizer
 
@@ -78,7 +78,7 @@ def check_limit(option: str, value: int | None) -> None:
         raise ValueError(f"data.{option}={value!r} must be a positive number of blocks or null (all)")
 
 
-class TextDataModule(SplitLoaders, pl.LightningDataModule):
+class TextDataModule(DataModule):
     """Causal-LM blocks of a plain-text corpus split by whole documents.
 
     Args:
@@ -89,7 +89,7 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
         pattern: glob selecting the documents in ``data_dir``.
         hub_dataset / hub_config / text_field: a ``datasets`` dataset (and its config) whose ``text_field``
             rows are the documents, used only when no file matches ``pattern``.
-        block_size: tokens per block (at most the model's context length: see :meth:`check_block_size`).
+        block_size: tokens per block (at most the model's context length: see :meth:`check_context`).
         add_bos: start every document with the tokenizer's BOS token, if it has one.
         train_limit_blocks: keep a random slice of this many training blocks, drawn with ``slice_seed``
             (apart from ``seed``, which orders the batches: runs of several seeds train on one slice
@@ -98,6 +98,8 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
     """
 
     task = "causal_lm"
+    # The held-out references are the text's true continuations, not the teacher's.
+    references_are_teachers = False
 
     def __init__(
         self,
@@ -162,7 +164,7 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
         if add_bos and self.bos_id is None:
             log.warning("data.add_bos=true, but tokenizer %r has no BOS token: documents start without one", name)
 
-    def check_block_size(self, max_positions: int) -> None:
+    def check_context(self, max_positions: int) -> None:
         """Refuse blocks longer than the model's context length ``max_positions``."""
         if self.block_size > max_positions:
             raise ValueError(
@@ -230,6 +232,13 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
         if split == "train":
             blocks = blocks.shuffle(seed=self.slice_seed)
         return blocks.select(range(min(limit, len(blocks))))
+
+    @property
+    def positions_per_example(self) -> int:
+        return self.block_size
+
+    def teacher_key_fields(self) -> dict[str, Any]:
+        return {"train": self.train_fingerprint(), "validation": sorted(self.documents("validation"))}
 
     def train_fingerprint(self) -> str:
         """Identity of the training blocks as batches see them: source, tokenisation, block size and slice."""

@@ -13,19 +13,12 @@ from typing import Any
 
 from torch import Tensor, nn
 from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     PreTrainedModel,
 )
 
+from distill.data.base import DataModule
 from distill.models.teacher import Teacher
 from distill.utils.references import load_tokenizer, resolve
-
-
-def auto_class_like(model: PreTrainedModel) -> type:
-    """The Auto class for students of ``model``'s kind (causal LM or sequence classifier)."""
-    causal = any(name.endswith("ForCausalLM") for name in model.config.architectures or [])
-    return AutoModelForCausalLM if causal else AutoModelForSequenceClassification
 
 
 def encoder_layers(model: PreTrainedModel) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -89,7 +82,7 @@ def from_config(
             "intermediate_size": intermediate_size,
         }
     )
-    return _trainable(auto_class_like(teacher.model).from_config(config))
+    return _trainable(teacher.task.auto_model.from_config(config))
 
 
 def check_same_tokenizer(teacher_reference: str, student_reference: str) -> None:
@@ -109,9 +102,7 @@ def from_pretrained(teacher: Teacher, name_or_path: str, datamodule: Any = None)
     """A pretrained Hugging Face model (hub id, folder or GGUF file); its tokenizer must equal the teacher's."""
     name_or_path = resolve(name_or_path)
     check_same_tokenizer(teacher.path, name_or_path)
-    auto_class = auto_class_like(teacher.model)
-    labels = {"num_labels": teacher.model.config.num_labels} if auto_class is AutoModelForSequenceClassification else {}
-    return _trainable(auto_class.from_pretrained(name_or_path, **labels))
+    return _trainable(teacher.task.auto_model.from_pretrained(name_or_path, **teacher.task.model_kwargs()))
 
 
 def shared_vocabulary(teacher: Teacher, student: PreTrainedModel, tokenizer: Any) -> int | None:
@@ -131,11 +122,11 @@ def shared_vocabulary(teacher: Teacher, student: PreTrainedModel, tokenizer: Any
     return tokens
 
 
-def check_context(model: PreTrainedModel, datamodule: Any) -> None:
-    """Blocks of packed text must fit the model's context window (data modules without blocks pass)."""
+def check_context(model: PreTrainedModel, datamodule: DataModule) -> None:
+    """The data's rows must fit the model's positions (models without a fixed window take any length)."""
     context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and hasattr(datamodule, "check_block_size"):
-        datamodule.check_block_size(context)
+    if context is not None:
+        datamodule.check_context(context)
 
 
 def draw_calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tensor]]:

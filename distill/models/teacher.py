@@ -31,8 +31,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from distill.data.glue import GlueDataModule
-from distill.tasks import ClassificationTask
+from distill.data.base import DataModule
+from distill.tasks.base import Task
 from distill.utils.references import resolve
 
 log = logging.getLogger(__name__)
@@ -41,37 +41,28 @@ INFO_FILE = "teacher_info.json"
 
 @dataclass
 class Teacher:
-    """A prepared teacher: the model, where it was loaded from and its validation score if fine-tuned here
-    (``metric``: the task's monitored metric, e.g. ``val/acc`` or ``val/ppl``)."""
+    """A prepared teacher: the model, where it was loaded from, the task it serves (which the student
+    builders ask for the model class) and its validation score if fine-tuned here, on ``metric``."""
 
     model: PreTrainedModel
     path: str
+    task: Task
     val_score: float | None = None
-    metric: str = "val/acc"
+
+    @property
+    def metric(self) -> str:
+        """The task's monitored metric, e.g. ``val/acc`` or ``val/ppl``."""
+        return self.task.monitor
 
 
-def data_key_fields(datamodule: Any) -> dict[str, Any]:
-    """What of the data decides a fine-tuned teacher: the GLUE fields, or a text module's training blocks."""
-    if not isinstance(datamodule, GlueDataModule):
-        return {"train": datamodule.train_fingerprint(), "validation": sorted(datamodule.documents("validation"))}
-    return {
-        "num_labels": datamodule.num_labels,
-        "tokenizer": datamodule.tokenizer_key,
-        "max_length": datamodule.max_length,
-        "train_limit": datamodule.train_limit,
-        "val_limit": datamodule.val_limit,
-        "group_by_length": datamodule.group_by_length,
-    }
-
-
-def teacher_cache_key(name_or_path: str, datamodule: Any, settings: dict[str, Any]) -> str:
+def teacher_cache_key(name_or_path: str, datamodule: DataModule, settings: dict[str, Any]) -> str:
     spec = {
         # Bumped when fine-tuning changes what it makes from the same settings.
         # 2: each epoch visits the length-grouped batches in a new order (epoch 2 replayed epoch 1's before).
         "recipe": 2,
         "model": name_or_path,
         "task": datamodule.task,
-        **data_key_fields(datamodule),
+        **datamodule.teacher_key_fields(),
         "settings": settings,
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
@@ -80,24 +71,23 @@ def teacher_cache_key(name_or_path: str, datamodule: Any, settings: dict[str, An
 
 def prepare_teacher(
     name_or_path: str,
-    datamodule: Any,
+    datamodule: DataModule,
+    task: Task,
     finetune: bool = False,
     cache_dir: str = "",
     finetune_settings: dict[str, Any] | None = None,
-    task: Any = None,
 ) -> Teacher:
     """Load the teacher (hub id, folder or GGUF file), fine-tuning it on the task (or reusing the cached result)."""
-    task = task if task is not None else ClassificationTask(datamodule.num_labels)
     if not finetune:
         path = resolve(name_or_path)
         model = task.auto_model.from_pretrained(path)
-        labels = getattr(datamodule, "num_labels", None)
+        labels = datamodule.num_labels
         if labels is not None and model.config.num_labels != labels:
             raise ValueError(
                 f"teacher {name_or_path!r} has num_labels={model.config.num_labels}, the task "
                 f"{datamodule.task!r} has {labels}; set teacher.finetune=true to fine-tune it"
             )
-        return Teacher(model=model.eval(), path=path, metric=task.monitor)
+        return Teacher(model=model.eval(), path=path, task=task)
     settings = dict(finetune_settings or {})
     target = Path(cache_dir).expanduser() / teacher_cache_key(name_or_path, datamodule, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +98,7 @@ def prepare_teacher(
             log.info("Reusing the fine-tuned teacher in %s", target)
     info = json.loads((target / INFO_FILE).read_text())
     model = task.auto_model.from_pretrained(target)
-    return Teacher(model=model, path=str(target), val_score=info[metric_key(task)], metric=task.monitor)
+    return Teacher(model=model, path=str(target), task=task, val_score=info[metric_key(task)])
 
 
 def metric_key(task: Any) -> str:

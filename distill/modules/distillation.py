@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from distill.losses.hidden import HiddenStateLoss
 from distill.losses.kd import KDLoss, KDLossTerms
+from distill.losses.topk import TopKTargets
 from distill.modules.copy_targets import CopyTargets
 from distill.modules.frozen_teacher import FrozenTeacher
 from distill.modules.loss_guard import NonFiniteLossGuard
@@ -28,6 +29,7 @@ from distill.modules.on_policy import OnPolicy
 from distill.modules.step_mean import StepMean
 from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
 from distill.tasks import ClassificationTask
+from distill.tasks.base import FusedStep, Task
 from distill.utils.keys import COPY_FINGERPRINT, EXAMPLE_INDEX, pop_copies
 from distill.utils.sharding import is_sharded, shard
 
@@ -71,7 +73,7 @@ class DistillationModule(pl.LightningModule):
         teacher_logits: Callable[[Tensor], Tensor] | None = None,
         divergence: str = "forward_kl",
         beta: float = 0.5,
-        task: Any = None,
+        task: Task | None = None,
         teacher_memo: str | None = None,
         on_policy: OnPolicy | None = None,
     ) -> None:
@@ -124,11 +126,12 @@ class DistillationModule(pl.LightningModule):
         if self.on_policy is not None and self.on_policy.draws(self.global_step):
             batch, labels = self.on_policy.resample(self.student, batch, labels)
             example_index = None  # no stored targets for the student's own samples: the live teacher's
-        # The fused kernels read the output heads' weights outside a forward, where FSDP holds only shards.
-        fused = not copies and not is_sharded(self.student)
-        terms = self.task.fused_terms(self, batch, labels, example_index) if fused else None
+        # With alpha=1 every teacher term has weight 0: skip the teacher (and the unlabelled copies).
+        uses_teacher = self.teacher is not None and self.loss.alpha < 1
+        stored = self._stored_targets(example_index) if uses_teacher else None
+        terms = self._fused_terms(batch, labels, stored) if uses_teacher and not copies else None
         if terms is None:
-            terms = self._loss_terms(batch, labels, example_index, copies, copy_fingerprint)
+            terms = self._loss_terms(batch, labels, stored, uses_teacher, example_index, copies, copy_fingerprint)
         counted = self.task.count_targets(labels)
         self.loss_guard.record(terms.loss, self.global_step)
         size = labels.shape[0]
@@ -153,20 +156,37 @@ class DistillationModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.step_mean.rescale(self._trainer, self.student.parameters(), self.device)
 
+    def _stored_targets(self, example_index: Tensor | None) -> Tensor | TopKTargets | None:
+        """The store's teacher targets for the batch; ``None`` without a store or for the student's own samples."""
+        if self.teacher_logits is None or example_index is None:
+            return None
+        return self.teacher_logits(example_index)
+
+    def _fused_terms(
+        self, batch: dict[str, Tensor], labels: Tensor, stored: Tensor | TopKTargets | None
+    ) -> KDLossTerms | None:
+        """The task's fused loss, where it has one. The fused kernels read the output heads' weights outside a
+        forward, where FSDP holds only shards, and compute no hidden-state term."""
+        if self.hidden_loss is not None or is_sharded(self.student):
+            return None
+        settings = self.loss
+        step = FusedStep(self.student, self.teacher, stored, settings.temperature, settings.alpha, settings.divergence)
+        return self.task.fused_terms(step, batch, labels)
+
     def _loss_terms(
         self,
         batch: dict[str, Tensor],
         labels: Tensor,
+        stored: Tensor | TopKTargets | None,
+        uses_teacher: bool,
         example_index: Tensor | None,
         copies: dict[str, Tensor],
         copy_fingerprint: Tensor | None,
     ) -> KDLossTerms:
-        # With alpha=1 every teacher term has weight 0: skip the teacher (and the unlabelled copies).
-        uses_teacher = self.teacher is not None and self.loss.alpha < 1
         with_hidden = uses_teacher and self.hidden_loss is not None
         student_out = self.student(**batch, output_hidden_states=with_hidden)
         teacher_logits, teacher_hidden = (
-            self._teacher_outputs(batch, example_index, with_hidden) if uses_teacher else (None, None)
+            self._teacher_outputs(batch, stored, with_hidden) if uses_teacher else (None, None)
         )
         terms = self.loss(*self.task.align(student_out.logits, teacher_logits, labels))
         loss, kd, size = terms.loss, terms.kd, labels.shape[0]
@@ -189,11 +209,11 @@ class DistillationModule(pl.LightningModule):
         return self.loss.soft(self.student(**copies).logits, teacher_targets)
 
     def _teacher_outputs(
-        self, batch: dict[str, Tensor], example_index: Tensor | None, with_hidden: bool
-    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        """Teacher logits (from the precomputed store when there is one) and hidden states if asked."""
-        if self.teacher_logits is not None and example_index is not None:
-            return self.teacher_logits(example_index), None
+        self, batch: dict[str, Tensor], stored: Tensor | TopKTargets | None, with_hidden: bool
+    ) -> tuple[Tensor | TopKTargets, tuple[Tensor, ...] | None]:
+        """Teacher logits (the store's when it has the batch) and hidden states if asked."""
+        if stored is not None:
+            return stored, None
         out = self.teacher(batch, output_hidden_states=with_hidden)
         return out.logits, out.hidden_states
 

@@ -21,8 +21,8 @@ from typing import Any
 from torch import nn
 
 from distill.callbacks.qat import fake_quantized_layers
-from distill.eval import latency_ms
 from distill.pruning.compression_report import LayerReport, compression_report
+from distill.serve.latency import latency_ms
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import save_int8
 from distill.utils.run_record import write_json

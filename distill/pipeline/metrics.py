@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
 
+from distill.data.base import DataModule
 from distill.models.student import transformer_layer_params
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
@@ -33,10 +34,10 @@ def summarize(teacher: Teacher, module: DistillationModule, results: dict[str, f
     }
 
 
-def store_facts(store: TeacherLogitStore | None, datamodule: Any) -> dict[str, float]:
+def store_facts(store: TeacherLogitStore | None, datamodule: DataModule) -> dict[str, float]:
     if store is None:
         return {}
-    positions = getattr(datamodule, "block_size", 1)
+    positions = datamodule.positions_per_example
     unit = "token" if positions > 1 else "example"
     return {f"teacher_store/bytes_per_{unit}": store.bytes_per_position(positions)}
 

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from distill.data.base import DataModule
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
 from distill.modules.on_policy import OnPolicy
@@ -26,7 +27,7 @@ log = logging.getLogger("distill.train")
 
 
 def teacher_logit_store(
-    cfg: DictConfig, teacher: Teacher, datamodule: Any, world_size: int
+    cfg: DictConfig, teacher: Teacher, datamodule: DataModule, world_size: int
 ) -> TeacherLogitStore | None:
     cached = cfg.distill.teacher_cache == "precompute" and cfg.distill.alpha < 1
     if not cached:
@@ -47,13 +48,9 @@ def teacher_logit_store(
     )
 
 
-def generation_stage(datamodule: Any, teacher: Teacher) -> dict[str, float]:
-    """The teacher's responses to a prompt pool, for data modules that train on them (cached)."""
-    attach = getattr(datamodule, "attach_teacher", None)
-    if attach is None:
-        return {}
-    log.info("Generation stage: the teacher answers the prompt pool <%s>", type(datamodule).__name__)
-    return {f"generation/{key}": value for key, value in attach(teacher.model).items()}
+def generation_stage(datamodule: DataModule, teacher: Teacher) -> dict[str, float]:
+    """The teacher's responses to a prompt pool, for data modules that train on them (cached); none for others."""
+    return {f"generation/{key}": value for key, value in datamodule.attach_teacher(teacher.model).items()}
 
 
 def build_module(
@@ -61,13 +58,13 @@ def build_module(
     task: Any,
     teacher: Teacher,
     student: Any,
-    datamodule: Any,
+    datamodule: DataModule,
     teacher_logits: TeacherLogitStore | None,
 ) -> DistillationModule:
     return DistillationModule(
         student=student,
         teacher=teacher.model,
-        num_labels=getattr(datamodule, "num_labels", None),
+        num_labels=datamodule.num_labels,
         task=task,
         temperature=cfg.distill.temperature,
         alpha=cfg.distill.alpha,
@@ -83,12 +80,12 @@ def build_module(
     )
 
 
-def on_policy_sampler(cfg: DictConfig, datamodule: Any, teacher: Teacher) -> OnPolicy | None:
+def on_policy_sampler(cfg: DictConfig, datamodule: DataModule, teacher: Teacher) -> OnPolicy | None:
     """GKD's student sampling when ``distill.on_policy.probability`` (λ) > 0; it needs prompts to sample from."""
     settings = cfg.distill.on_policy
     if settings.probability == 0:
         return None
-    if not hasattr(datamodule, "attach_teacher"):
+    if not datamodule.prompt_pool:
         raise ValueError(
             f"distill.on_policy.probability={settings.probability} samples responses to prompts: it needs "
             f"prompt/response data (e.g. data=shakespeare_prompts), not {type(datamodule).__name__}"

@@ -12,13 +12,20 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
 
 
 @dataclass
 class Samples:
     seconds: list[float] = field(default_factory=list)
     joules: list[float] = field(default_factory=list)
+
+
+if TYPE_CHECKING:
+    from distill.data.base import DataModule
 
 
 def measure(
@@ -64,3 +71,18 @@ def summarize(samples: Samples, requests_per_call: int) -> dict[str, float]:
     if samples.joules:  # the mean: a counter that ticks coarser than one request is still right on average
         summary["joules_per_1000_requests"] = statistics.fmean(samples.joules) / requests_per_call * 1000
     return summary
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, datamodule: DataModule, batch_size: int, warmup: int, repeats: int) -> float:
+    """Median forward time of one dev batch of ``batch_size`` real sentences, in milliseconds."""
+    batch = next(iter(datamodule.dataloader("validation", batch_size, shuffle=False)))
+    batch.pop("labels")
+    for _ in range(warmup):
+        model(**batch)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(**batch)
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)

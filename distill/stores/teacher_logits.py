@@ -32,6 +32,7 @@ import os
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
@@ -40,10 +41,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distill.data.glue import GlueDataModule
 from distill.losses.topk import TopKTargets, topk_targets
 from distill.utils.devices import on_gpu_if_any, to_device
 from distill.utils.keys import COPY_FINGERPRINT, EXAMPLE_INDEX, pop_copies, weights_fingerprint
+
+if TYPE_CHECKING:  # the stores read data modules through their contract and import no data module
+    from distill.data.base import DataModule
 
 log = logging.getLogger(__name__)
 MODES = ("none", "precompute")
@@ -165,7 +168,7 @@ def write_targets(
 @torch.inference_mode()
 def compute_targets(
     teacher: nn.Module,
-    datamodule: GlueDataModule,
+    datamodule: DataModule,
     batch_size: int,
     topk: int | None = None,
     temperature: float = 1.0,
@@ -193,7 +196,7 @@ def compute_targets(
 @torch.inference_mode()
 def compute_copy_targets(
     teacher: nn.Module,
-    datamodule: GlueDataModule,
+    datamodule: DataModule,
     epochs: int,
     topk: int | None = None,
     temperature: float = 1.0,
@@ -228,11 +231,10 @@ def replay(loader: DataLoader, epochs: int) -> Iterator[tuple[int, dict[str, Ten
             yield epoch, batch
 
 
-def copies_replay(datamodule: GlueDataModule) -> bool:
+def copies_replay(datamodule: DataModule) -> bool:
     """Whether a replay of the training loaders draws the copies training will: one stream per rank,
     fixed batches (DataLoader workers draw from streams seeded per worker and epoch)."""
-    augmenter = getattr(datamodule, "augmenter", None)  # text data has no perturbed copies
-    return augmenter is not None and datamodule.group_by_length and datamodule.num_workers == 0
+    return datamodule.augmenter is not None and datamodule.group_by_length and datamodule.num_workers == 0
 
 
 def load_or_build(
@@ -264,7 +266,7 @@ def store_path(cache_dir: str, name: str, expected: dict[str, str]) -> Path:
 
 def precompute_teacher_logits(
     teacher: nn.Module,
-    datamodule: GlueDataModule,
+    datamodule: DataModule,
     cache_dir: str,
     topk: int | None = None,
     temperature: float = 1.0,
@@ -275,7 +277,7 @@ def precompute_teacher_logits(
     """Load the stores for this teacher and training set, building them if absent; the copies' store
     holds the copies ``replicas`` data-parallel ranks draw in ``epochs`` epochs."""
     # Token stores cover the tokenizer's ids: rows that only pad the teacher's embedding are no token's.
-    classes = getattr(datamodule, "num_labels", None) or min(teacher.config.vocab_size, len(datamodule.tokenizer))
+    classes = datamodule.num_labels or min(teacher.config.vocab_size, len(datamodule.tokenizer))
     if topk is not None and not 0 < topk <= classes:
         raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, {classes}] (the classes)")
     if value_dtype not in ("float32", "float16"):
@@ -302,7 +304,7 @@ def precompute_teacher_logits(
     return store
 
 
-def copies_key(datamodule: GlueDataModule, epochs: int, replicas: int = 1) -> dict[str, str]:
+def copies_key(datamodule: DataModule, epochs: int, replicas: int = 1) -> dict[str, str]:
     """What decides the copies the training loaders draw: perturbation settings, seed, batches, ranks."""
     augmenter = dataclasses.asdict(datamodule.augmenter)
     augmenter["special_ids"] = sorted(augmenter["special_ids"])

@@ -20,11 +20,13 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from transformers import AutoModelForCausalLM
 
+from distill.data.base import DataModule, LanguageModelData
 from distill.kernels.kd_loss_linear import kd_loss_linear, kd_loss_linear_topk
 from distill.losses.kd import KDLossTerms
 from distill.losses.topk import TopKTargets
 from distill.serve.generation import Generator, SamplingSettings, end_token_ids
 from distill.serve.onnx_decoder import export_decoder
+from distill.tasks.base import EvaluatedModule, FusedStep
 from distill.tasks.rouge import rouge_l
 from distill.utils.devices import model_device, to_device
 from distill.utils.keys import EXAMPLE_INDEX
@@ -127,29 +129,23 @@ class CausalLMTask:
         the labels' device: the training step never waits to read it)."""
         return (labels[..., 1:] != -100).sum()
 
-    def fused_terms(
-        self, module: Any, batch: dict[str, Tensor], labels: Tensor, example_index: Tensor | None
-    ) -> KDLossTerms | None:
+    def fused_terms(self, step: FusedStep, batch: dict[str, Tensor], labels: Tensor) -> KDLossTerms | None:
         """The step's loss through the fused head kernels, or ``None`` where they do not apply: the
         student's hidden states times its LM head, chunk by chunk, against the live teacher's head
         (:func:`kd_loss_linear`) or the stored top-K targets (:func:`kd_loss_linear_topk`)."""
-        uses_teacher = module.teacher is not None and module.loss.alpha < 1
-        applies = self.fused_kd and uses_teacher and module.loss.divergence == "forward_kl"
-        if not applies or module.hidden_loss is not None:
+        if not self.fused_kd or step.divergence != "forward_kl":
             return None
-        has_store = module.teacher_logits is not None and example_index is not None
-        stored = module.teacher_logits(example_index) if has_store else None
-        if stored is not None and not isinstance(stored, TopKTargets):
+        if step.stored is not None and not isinstance(step.stored, TopKTargets):
             return None  # full-vocabulary stores take the logits path
-        student_hidden = module.student.base_model(**batch).last_hidden_state[..., :-1, :]
-        student_weight, student_bias = self._head(module.student.get_output_embeddings())
-        settings = dict(temperature=module.loss.temperature, alpha=module.loss.alpha, student_bias=student_bias)
-        if stored is not None:
-            targets = drop_last_position(stored)
+        student_hidden = step.student.base_model(**batch).last_hidden_state[..., :-1, :]
+        student_weight, student_bias = self._head(step.student.get_output_embeddings())
+        settings = dict(temperature=step.temperature, alpha=step.alpha, student_bias=student_bias)
+        if step.stored is not None:
+            targets = drop_last_position(step.stored)
             loss = kd_loss_linear_topk(student_hidden, student_weight, targets, labels[..., 1:], **settings)
         else:
-            teacher_hidden = module.teacher.last_hidden_state(batch)[..., :-1, :]
-            teacher_weight, teacher_bias = self._head(module.teacher.output_head())
+            teacher_hidden = step.teacher.last_hidden_state(batch)[..., :-1, :]
+            teacher_weight, teacher_bias = self._head(step.teacher.output_head())
             loss = kd_loss_linear(
                 student_hidden,
                 student_weight,
@@ -171,7 +167,7 @@ class CausalLMTask:
             {f"{stage}_{name}": Perplexity() for stage in ("val", "test") for name in ("ppl", "teacher_ppl")}
         )
 
-    def evaluate(self, module: Any, batch: dict[str, Tensor], stage: str) -> None:
+    def evaluate(self, module: EvaluatedModule, batch: dict[str, Tensor], stage: str) -> None:
         labels = batch.pop("labels")
         nll, tokens = next_token_nll(module(batch), labels)
         module.update_metric(f"{stage}/ppl", int(tokens), nll, tokens)
@@ -181,15 +177,17 @@ class CausalLMTask:
             )
             module.update_metric(f"{stage}/teacher_ppl", int(tokens), teacher_nll, teacher_tokens.long())
 
-    def score(self, model: nn.Module, datamodule: Any) -> dict[str, float]:
+    def score(self, model: nn.Module, datamodule: DataModule) -> dict[str, float]:
         """Held-out (test split) perplexity of a standalone model (e.g. the exported int8 student)."""
         return {"test_ppl": perplexity(model, datamodule.test_dataloader())}
 
-    def export_onnx(self, model: nn.Module, datamodule: Any, path: Path) -> None:
+    def export_onnx(self, model: nn.Module, datamodule: DataModule, path: Path) -> None:
         """A decoder step with a KV cache: it scores (empty past) and generates."""
         export_decoder(model, path)
 
-    def export_extras(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any, output_dir: Path) -> dict:
+    def export_extras(
+        self, student: nn.Module, teacher: nn.Module | None, datamodule: LanguageModelData, output_dir: Path
+    ) -> dict[str, float]:
         """Greedy responses to held-out prompts, the student's and the teacher's side by side, scored by
         ROUGE-L against the data's reference (the text's true continuation, or the teacher's stored
         response); perplexity on the data's extra held-out loaders (e.g. the corpus of a prompt pool)."""
@@ -198,7 +196,7 @@ class CausalLMTask:
         rows = [{"prompt": decode(prompt), "reference": decode(reference)} for prompt, reference in pairs]
         metrics = {}
         # Where the references are the teacher's own greedy responses, its score is 100 by construction.
-        teacher = None if getattr(datamodule, "references_are_teachers", False) else teacher
+        teacher = None if datamodule.references_are_teachers else teacher
         for name, model in (("student", student), ("teacher", teacher)):
             if model is None:
                 continue

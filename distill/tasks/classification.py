@@ -5,12 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForSequenceClassification
 
+from distill.data.base import DataModule
 from distill.serve.onnx_int8 import export_onnx
+from distill.tasks.base import EvaluatedModule, FusedStep
+from distill.utils.devices import model_device, to_device
 from distill.utils.keys import EXAMPLE_INDEX
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, datamodule: DataModule) -> float:
+    """Dev-set accuracy of a standalone classifier."""
+    correct = total = 0
+    device = model_device(model)
+    for batch in datamodule.val_dataloader():
+        labels = batch.pop("labels").to(device)
+        correct += int((model(**to_device(batch, device)).logits.argmax(dim=-1) == labels).sum())
+        total += labels.numel()
+    return correct / total
 
 
 class ClassificationTask:
@@ -38,8 +54,8 @@ class ClassificationTask:
         """Examples that count in a training batch (0-dim, on the labels' device: no host read)."""
         return (labels != -100).sum()
 
-    def fused_terms(self, module: Any, batch: dict[str, Tensor], labels: Tensor, example_index: Tensor | None) -> None:
-        return None
+    def fused_terms(self, step: FusedStep, batch: dict[str, Tensor], labels: Tensor) -> None:
+        return None  # a classifier's logits are small: nothing to fuse
 
     def make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict(
@@ -50,7 +66,7 @@ class ClassificationTask:
             }
         )
 
-    def evaluate(self, module: Any, batch: dict[str, Tensor], stage: str) -> None:
+    def evaluate(self, module: EvaluatedModule, batch: dict[str, Tensor], stage: str) -> None:
         labels = batch.pop("labels")
         predictions = module(batch).argmax(dim=-1)
         module.update_metric(f"{stage}/acc", labels.shape[0], predictions, labels)
@@ -59,20 +75,20 @@ class ClassificationTask:
             module.update_metric(f"{stage}/teacher_acc", labels.shape[0], teacher_predictions, labels)
             module.update_metric(f"{stage}/agreement", labels.shape[0], predictions, teacher_predictions)
 
-    def score(self, model: nn.Module, datamodule: Any) -> dict[str, float]:
+    def score(self, model: nn.Module, datamodule: DataModule) -> dict[str, float]:
         """Dev accuracy of a standalone model (e.g. the exported int8 student)."""
-        from distill.eval import accuracy
-
         return {"val_acc": accuracy(model, datamodule)}
 
-    def export_onnx(self, model: nn.Module, datamodule: Any, path: Path) -> None:
+    def export_onnx(self, model: nn.Module, datamodule: DataModule, path: Path) -> None:
         """The logits graph, traced on a few real dev sentences."""
         batch = next(iter(datamodule.dataloader("validation", 4, shuffle=False)))
         export_onnx(
             model, {name: value for name, value in batch.items() if name not in ("labels", EXAMPLE_INDEX)}, path
         )
 
-    def export_extras(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any, output_dir: Any) -> dict:
+    def export_extras(
+        self, student: nn.Module, teacher: nn.Module | None, datamodule: DataModule, output_dir: Any
+    ) -> dict:
         return {}
 
     def summary(self, results: dict[str, float]) -> dict[str, Any]:
