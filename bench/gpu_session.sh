@@ -45,7 +45,7 @@ classifier() {
   nvidia-smi --query-gpu=name,driver_version,power.draw,clocks.sm --format=csv >"$WORK/gpu.txt" 2>&1
   python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >>"$WORK/gpu.txt" 2>&1
   step shapes python3 bench/serve_shapes.py --out /tmp/shapes
-  step serve_classifier python3 -m distill.serve_bench run_dir=/tmp/shapes/run teacher_path=/tmp/shapes/teacher \
+  step serve_classifier python3 -m distill.serve_bench run_dir=/tmp/shapes/run task=classification teacher_path=/tmp/shapes/teacher \
     'threads=[1]' repeats=20 warmup=3 hydra.run.dir=/tmp/shapes/bench
 }
 

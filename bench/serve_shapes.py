@@ -9,7 +9,7 @@ it, and says so in compression.json, which is how `distill.serve_bench` knows to
 Accuracy has no meaning here: the frontier's accuracies come from trained runs.
 
     python bench/serve_shapes.py --config sentence-transformers/all-MiniLM-L6-v2 --out /tmp/shapes
-    python -m distill.serve_bench run_dir=/tmp/shapes/run teacher_path=/tmp/shapes/teacher
+    python -m distill.serve_bench run_dir=/tmp/shapes/run task=classification teacher_path=/tmp/shapes/teacher
 """
 
 from __future__ import annotations

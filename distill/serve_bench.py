@@ -28,7 +28,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas
@@ -38,6 +37,7 @@ from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import measure, summarize
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import ONNX_FILE
+from distill.tasks.base import Task
 from distill.utils.devices import model_device, to_device
 from distill.utils.references import load_causal_lm
 from distill.utils.run_record import write_json
@@ -45,26 +45,32 @@ from distill.utils.run_record import write_json
 log = logging.getLogger("distill.serve_bench")
 
 
-def is_causal_lm(student_dir: Path) -> bool:
-    return any(name.endswith("ForCausalLM") for name in AutoConfig.from_pretrained(student_dir).architectures or [])
+def run_task(cfg: DictConfig) -> Task:
+    """The task the run trained: ``task`` when given, else the one in the run folder's own config."""
+    if cfg.get("task") is not None:
+        return instantiate(cfg.task)
+    saved = Path(cfg.run_dir) / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"run_dir={cfg.run_dir!r} has no .hydra/config.yaml to read its task from: name it, e.g. task=causal_lm"
+        )
+    return instantiate(OmegaConf.load(saved).task)
 
 
-def float_models(cfg: DictConfig, causal: bool) -> dict[str, nn.Module]:
+def load_model(task: Task, reference: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model of the task's class by reference (a GGUF teacher too) in ``dtype``, in eval mode."""
+    if task.generates:  # cast, not loaded in dtype: a GGUF teacher is de-quantized (and cached) once, in fp32
+        return load_causal_lm(str(reference)).to(dtype).eval()
+    return task.auto_model.from_pretrained(reference, dtype=dtype, **task.model_kwargs()).eval()
+
+
+def float_models(cfg: DictConfig, task: Task) -> dict[str, nn.Module]:
     """The PyTorch fp32 arms on the CPU, loaded once for every thread count."""
-    auto_model = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     models = {}
     if cfg.teacher_path:
-        load = load_causal_lm if causal else auto_model.from_pretrained
-        models["teacher_fp32"] = load(cfg.teacher_path).eval()
-    models["student_fp32"] = auto_model.from_pretrained(Path(cfg.run_dir) / "student").eval()
+        models["teacher_fp32"] = load_model(task, cfg.teacher_path)
+    models["student_fp32"] = load_model(task, Path(cfg.run_dir) / "student")
     return models
-
-
-def load_half(causal: bool, reference: str | Path, dtype: torch.dtype) -> nn.Module:
-    """A model by reference (a GGUF teacher too) in ``dtype``, for the GPU arms."""
-    if causal:  # cast, not loaded in dtype: a GGUF teacher is de-quantized (and cached) once, in fp32
-        return load_causal_lm(str(reference)).to(dtype)
-    return AutoModelForSequenceClassification.from_pretrained(reference, dtype=dtype)
 
 
 def serve(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
@@ -139,12 +145,13 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
     student_dir = Path(cfg.run_dir) / "student"
     if not (student_dir / "config.json").is_file():
         raise FileNotFoundError(f"run_dir={cfg.run_dir!r} has no exported student/ (config.json)")
-    causal, int8_path = is_causal_lm(student_dir), int8_artifact(cfg)
+    task, int8_path = run_task(cfg), int8_artifact(cfg)
+    causal = task.generates
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test" if causal else "validate")
-    models = float_models(cfg, causal)
-    gpu, skipped = gpu_models(functools.partial(load_half, causal), cfg.teacher_path, student_dir, causal)
+    models = float_models(cfg, task)
+    gpu, skipped = gpu_models(functools.partial(load_model, task), cfg.teacher_path, student_dir, causal)
     bench = bench_causal_lm if causal else bench_classifier
     rows, energy = [], None
     for threads in cfg.threads:

@@ -104,6 +104,7 @@ def test_bench_serves_every_artifact_on_the_same_dev_batch(
     monkeypatch.setattr(serve_bench_module, "serve", recording_serve)
     cfg = compose_train(
         f"run_dir={run_dir}",
+        "task=classification",  # the fixture run folder has no .hydra/config.yaml to read it from
         f"teacher_path={tiny_teacher_dir}",
         f"paths.output_dir={run_dir / 'bench'}",
         f"paths.cache_dir={run_dir / 'cache'}",
@@ -178,6 +179,7 @@ def test_post_training_int8_of_a_causal_lm_then_its_decode_bench(
     assert report["layers"] == 4 * 7 and 1 < report["float"]["test_ppl"] < report["int8"]["test_ppl"] * 1.5
     cfg = compose_train(
         f"run_dir={run}",
+        "task=causal_lm",
         f"teacher_path={lm_teacher_dir}",
         f"int8_path={tmp_path / 'quantize' / 'model_int8'}",
         f"paths.output_dir={tmp_path / 'bench'}",
@@ -199,6 +201,7 @@ def test_post_training_int8_of_a_causal_lm_then_its_decode_bench(
 def test_an_int8_path_without_a_model_is_named(compose_train, run_dir, tmp_path: Path, data_dir) -> None:
     cfg = compose_train(
         f"run_dir={run_dir}",
+        "task=classification",  # the fixture run folder has no .hydra/config.yaml to read it from
         f"int8_path={tmp_path}",
         f"paths.output_dir={tmp_path / 'bench'}",
         f"paths.data_dir={data_dir}",

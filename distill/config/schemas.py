@@ -312,6 +312,7 @@ class ServeBenchSchema:
     task_name: str = "serve_bench"
     seed: int = 0
     run_dir: str = MISSING
+    task: Any = None
     teacher_path: str | None = None
     int8_path: str | None = None
     threads: list[int] = field(default_factory=lambda: [1, 2])

@@ -67,6 +67,8 @@ class Task(Protocol):
     monitor_mode: str
     #: what a training batch trains on (``examples``, ``tokens``)
     target_unit: str
+    #: a served request generates tokens (prefill, then decode) rather than taking one forward
+    generates: bool
     #: batch sizes the exported int8 student's latency is measured at (empty: not one forward per request)
     latency_batch_sizes: tuple[int, ...]
     #: set by the run when teacher and student pad their vocabularies differently: logits are compared on

@@ -104,6 +104,7 @@ class CausalLMTask:
     name = "causal_lm"
     auto_model = AutoModelForCausalLM
     monitor, monitor_mode = "val/ppl", "min"
+    generates = True
     latency_batch_sizes = ()  # serving speed of language models: prefill/decode, not one forward
     target_unit = "tokens"
 

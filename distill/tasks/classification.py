@@ -36,6 +36,7 @@ class ClassificationTask:
     auto_model = AutoModelForSequenceClassification
     monitor, monitor_mode = "val/acc", "max"
     # Batch sizes the exported int8 student's CPU latency is measured at.
+    generates = False
     latency_batch_sizes = (1, 32)
     target_unit = "examples"
 
