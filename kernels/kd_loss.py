@@ -25,116 +25,22 @@ import os
 import torch
 from torch import Tensor
 
-from distill.losses.kd import check_kd_args, kd_loss
-from distill.losses.topk import TopKTargets, log1mexp
+from distill.kernels.kd_rows import check_args, chunk_terms, flat_rows, mean_scale, scaled_gradients
+from distill.losses.kd import kd_loss
 
 IMPLS = ("auto", "reference", "chunked", "triton")
-
-
-def _rows(student: Tensor, teacher: Tensor | None, labels: Tensor | None, ignore_index: int):
-    vocab = student.shape[-1]
-    s = student.reshape(-1, vocab)
-    t = teacher.reshape(-1, vocab) if teacher is not None else None
-    y = labels.reshape(-1) if labels is not None else None
-    return s, t, y, kept_rows(s, y, ignore_index)
-
-
-def kept_rows(s: Tensor, y: Tensor | None, ignore_index: int) -> Tensor:
-    """Which rows of ``s`` count: those whose label is not ``ignore_index`` (all rows without labels)."""
-    return (y != ignore_index) if y is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-
-
-def mean_scale(keep: Tensor) -> float:
-    """``1 / (rows that count)``: the loss is a mean over kept rows (and stays finite with none)."""
-    return 1.0 / max(int(keep.sum()), 1)
-
-
-def _chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) -> tuple[Tensor, Tensor]:
-    """Loss sum (already divided by the row count) and gradient of one chunk of rows, fp32.
-
-    ``t`` is the teacher's logits for the rows, or their top-K targets (:class:`distill.losses.topk.TopKTargets`,
-    with the rest bucket). In place wherever a temporary can be reused: each chunk-sized fp32 buffer is
-    a full pass of memory traffic, and the peak is a handful of them."""
-    s32 = s.float()
-    loss = s32.new_zeros(())
-    grad = s32.new_zeros(s32.shape)
-    if alpha > 0:
-        loss = loss + _add_ce(grad, s32, y, keep, alpha)
-    if alpha < 1:
-        soft_terms = _add_topk_kl if isinstance(t, TopKTargets) else _add_soft_kl
-        loss = loss + soft_terms(grad, s32, t, keep, temperature, alpha)
-    grad.mul_((keep[:, None] * scale).to(grad.dtype))
-    return loss * scale, grad
-
-
-def _add_ce(grad: Tensor, s32: Tensor, y: Tensor, keep: Tensor, alpha: float) -> Tensor:
-    """``alpha`` times the summed CE of the kept rows; adds its gradient to ``grad``."""
-    log_p1 = torch.log_softmax(s32, dim=-1)
-    safe = torch.where(keep, y, 0)
-    ce = -log_p1.gather(1, safe[:, None]).squeeze(1)
-    grad.add_(log_p1.exp_(), alpha=alpha)
-    grad.scatter_add_(1, safe[:, None], torch.full_like(ce[:, None], -alpha))
-    return alpha * (ce * keep).sum()
-
-
-def _add_soft_kl(grad: Tensor, s32: Tensor, t: Tensor, keep: Tensor, temperature: float, alpha: float) -> Tensor:
-    """``(1 - alpha) T^2`` times the summed KL to the teacher's full softmax; adds its gradient."""
-    log_p = torch.log_softmax(s32 / temperature, dim=-1)
-    log_q = torch.log_softmax(t.float() / temperature, dim=-1)
-    q = log_q.exp()
-    pointwise_kl = log_q.sub_(log_p).mul_(q).masked_fill_(q == 0, 0.0)  # 0 * log 0 = 0
-    loss = (1 - alpha) * temperature**2 * (pointwise_kl.sum(dim=-1) * keep).sum()
-    del pointwise_kl, log_q
-    grad.add_(log_p.exp_().sub_(q), alpha=(1 - alpha) * temperature)
-    return loss
-
-
-def _add_topk_kl(
-    grad: Tensor, s32: Tensor, targets: TopKTargets, keep: Tensor, temperature: float, alpha: float
-) -> Tensor:
-    """The same against top-K targets with their rest bucket, the (K + 1)-way KL of :mod:`distill.losses.topk`.
-
-    With ``p = softmax(s / T)`` and the rest masses ``p_r = 1 - sum_K p``, ``q_r``: the gradient of the KL
-    with respect to ``s_j`` is ``(p_j - q_j) / T`` for ``j`` in the top K and ``p_j (1 - q_r / p_r) / T``
-    outside it."""
-    if not targets.rest:
-        raise ValueError("the fused top-K loss compares (K + 1)-way distributions: targets need rest=True")
-    log_p = torch.log_softmax(s32 / temperature, dim=-1)
-    log_p_k = log_p.gather(1, targets.indices)
-    log_p_rest = log1mexp(log_p_k.logsumexp(-1))
-    log_q_rest = targets.rest_log_mass.float()
-    scaled = targets.values.float() / temperature
-    log_q_k = scaled - scaled.logsumexp(-1, keepdim=True) + log1mexp(log_q_rest)[:, None]
-    q_k, q_rest = log_q_k.exp(), log_q_rest.exp()
-    kl = torch.where(q_k > 0, q_k * (log_q_k - log_p_k), 0.0).sum(-1)
-    kl = kl + torch.where(q_rest > 0, q_rest * (log_q_rest - log_p_rest), 0.0)
-    ratio = torch.where(q_rest > 0, torch.exp(log_q_rest - log_p_rest), 0.0)
-    soft = log_p.exp_().mul_(1 - ratio[:, None])
-    soft.scatter_(1, targets.indices, log_p_k.exp() - q_k)
-    grad.add_(soft, alpha=(1 - alpha) * temperature)
-    return (1 - alpha) * temperature**2 * (kl * keep).sum()
-
-
-def scaled_gradients(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-    """The gradients stored by forward, scaled in place: a second N x V copy would double the peak.
-
-    The buffers are used up, so backward runs once per forward (no ``retain_graph``)."""
-    if getattr(ctx, "used", False):
-        raise RuntimeError("the fused KD loss supports one backward per forward (no retain_graph)")
-    ctx.used = True
-    return tuple(grad.mul_(grad_output.to(grad.dtype)) if grad is not None else None for grad in ctx.saved_tensors)
 
 
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, alpha, ignore_index, chunk_size):
-        s, t, y, keep = _rows(student, teacher, labels, ignore_index)
+        s, t, y, keep = flat_rows(student, teacher, labels, ignore_index)
         scale = mean_scale(keep)
         total = s.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(s)
         for start in range(0, s.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            chunk_loss, chunk_grad = _chunk_terms(
+            chunk_loss, chunk_grad = chunk_terms(
                 s[rows],
                 t[rows] if t is not None else None,
                 y[rows] if y is not None else None,
@@ -157,16 +63,8 @@ def kd_loss_chunked(
     student_logits, teacher_logits, labels=None, *, temperature, alpha, ignore_index=-100, chunk_size=128
 ) -> Tensor:
     """:func:`distill.losses.kd.kd_loss`, computed ``chunk_size`` rows at a time (see module docstring)."""
-    _check(teacher_logits, labels, temperature, alpha)
+    check_args(teacher_logits, labels, temperature, alpha)
     return _ChunkedKD.apply(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, chunk_size)
-
-
-def _check(teacher_logits, labels, temperature: float, alpha: float) -> None:
-    check_kd_args(temperature, alpha)
-    if labels is None and alpha > 0:
-        raise ValueError(f"labels=None requires alpha=0 (got alpha={alpha!r}): CE needs labels")
-    if teacher_logits is None and alpha < 1:
-        raise ValueError(f"teacher_logits=None requires alpha=1 (got alpha={alpha!r})")
 
 
 def triton_available() -> bool:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.kernels.kd_loss import _check, _chunk_terms, kept_rows, mean_scale, pick_impl, scaled_gradients
+from distill.kernels.kd_loss import pick_impl
+from distill.kernels.kd_rows import check_args, chunk_terms, kept_rows, mean_scale, scaled_gradients
 from distill.losses.kd import kd_loss
 from distill.losses.topk import TopKTargets
 
@@ -45,7 +46,7 @@ def _row_terms(
 
         return kd_rows(s, t, y, settings.temperature, settings.alpha, settings.ignore_index, scale)
     keep = kept_rows(s, y, settings.ignore_index)
-    loss, grad = _chunk_terms(s, t, y, keep, settings.temperature, settings.alpha, scale)
+    loss, grad = chunk_terms(s, t, y, keep, settings.temperature, settings.alpha, scale)
     return loss, grad.to(s.dtype)
 
 
@@ -123,7 +124,7 @@ def kd_loss_linear(
     ``chunk_size`` defaults to 1024 rows for Triton (one GPU program per row: enough rows to fill
     the GPU) and 256 for the PyTorch loop, whose fp32 temporaries are several times a chunk's logits.
     """
-    _check(teacher_hidden, labels, temperature, alpha)
+    check_args(teacher_hidden, labels, temperature, alpha)
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
             f"the student's head has {student_weight.shape[0]} outputs and the teacher's {teacher_weight.shape[0]}:"
@@ -169,7 +170,7 @@ def kd_loss_linear_topk(
 
     ``impl="reference"`` projects everything and calls ``kd_loss``; every other choice runs the chunked
     PyTorch rows (the Triton kernel takes full teacher logits only)."""
-    _check(student_hidden, labels, temperature, alpha)
+    check_args(student_hidden, labels, temperature, alpha)
     if targets.indices.shape[:-1] != student_hidden.shape[:-1]:
         raise ValueError(
             f"top-K targets for positions {tuple(targets.indices.shape[:-1])}, hidden states for "

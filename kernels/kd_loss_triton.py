@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from distill.kernels.kd_loss import _check, _rows, mean_scale, scaled_gradients
+from distill.kernels.kd_rows import check_args, flat_rows, mean_scale, scaled_gradients
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def kd_rows(
 class _TritonKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, alpha, ignore_index):
-        s, t, y, keep = _rows(student, teacher, labels, ignore_index)
+        s, t, y, keep = flat_rows(student, teacher, labels, ignore_index)
         loss, grad = kd_rows(s, t, y, temperature, alpha, ignore_index, mean_scale(keep))
         ctx.save_for_backward(grad.view(student.shape))
         return loss
@@ -154,5 +154,5 @@ class _TritonKD(torch.autograd.Function):
 
 def kd_loss_triton(student_logits, teacher_logits, labels=None, *, temperature, alpha, ignore_index=-100) -> Tensor:
     """:func:`distill.losses.kd.kd_loss` through the Triton kernel above."""
-    _check(teacher_logits, labels, temperature, alpha)
+    check_args(teacher_logits, labels, temperature, alpha)
     return _TritonKD.apply(student_logits, teacher_logits, labels, temperature, alpha, ignore_index)
