@@ -95,6 +95,12 @@ class ClassificationTaskSchema:
 
 
 @dataclass
+class TokenClassificationTaskSchema:
+    _target_: str = "distill.tasks.token_classification.TokenClassificationTask"
+    label_names: list[str] = MISSING
+
+
+@dataclass
 class CausalLMTaskSchema:
     _target_: str = "distill.tasks.CausalLMTask"
     fused_kd: bool = True
@@ -162,6 +168,22 @@ class DataSchema:
     seed: int = 0
     group_by_length: bool = False
     augment: AugmentSchema = field(default_factory=AugmentSchema)
+
+
+@dataclass
+class TaggedDataSchema:
+    """Tagged sentences for token classification (distill/data/tagged.py)."""
+
+    _target_: str = "distill.data.tagged.TaggedDataModule"
+    name: str = MISSING
+    label_names: list[str] = MISSING
+    data_dir: str = MISSING
+    tokenizer: str = MISSING
+    max_length: int = 64
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    seed: int = 0
 
 
 @dataclass
@@ -356,6 +378,8 @@ _SCHEMAS = {
     ("student", "pruned_schema"): PrunedSchema,
     ("task", "classification_schema"): ClassificationTaskSchema,
     ("task", "causal_lm_schema"): CausalLMTaskSchema,
+    ("task", "token_classification_schema"): TokenClassificationTaskSchema,
+    ("data", "tagged_data_schema"): TaggedDataSchema,
     ("data", "text_data_schema"): TextDataSchema,
     ("data", "prompt_data_schema"): PromptDataSchema,
     ("distill", "distill_schema"): DistillSchema,
