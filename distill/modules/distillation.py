@@ -25,6 +25,7 @@ from distill.hidden_loss import HiddenStateLoss
 from distill.losses import KDLoss, KDLossTerms
 from distill.modules.copy_targets import CopyTargets
 from distill.modules.frozen_teacher import FrozenTeacher
+from distill.modules.loss_guard import NonFiniteLossGuard
 from distill.modules.on_policy import OnPolicy
 from distill.modules.step_mean import StepMean
 from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
@@ -91,7 +92,10 @@ class DistillationModule(pl.LightningModule):
         self.on_policy = on_policy
         self.copy_targets = CopyTargets(getattr(teacher_logits, "copies", None))
         self.step_mean = StepMean()
-        self.trained_targets = 0  # examples or tokens (task.target_unit) this rank trained on, resumes included
+        self.loss_guard = NonFiniteLossGuard()
+        # Examples or tokens (task.target_unit) this rank trained on, resumes included: an int, or a
+        # device tensor once a step has added its count (read through `trained_targets`).
+        self._trained_targets: Tensor | int = 0
         self.optimizer_factory = optimizer
         self.metrics = self.task.make_metrics()
 
@@ -127,16 +131,25 @@ class DistillationModule(pl.LightningModule):
         if terms is None:
             terms = self._loss_terms(batch, labels, example_index, copies, copy_fingerprint)
         counted = self.task.count_targets(labels)
-        if not torch.isfinite(terms.loss):
-            # Stop before the optimizer step spreads it into the weights; saved checkpoints stay good.
-            raise FloatingPointError(f"train/loss is {terms.loss.item()} at step {self.global_step}; stopping the run")
+        self.loss_guard.record(terms.loss, self.global_step)
         size = labels.shape[0]
-        self.trained_targets += counted
+        self._trained_targets = self._trained_targets + counted
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=size)
         if terms.kd is not None:  # the fused kernels return the total only
             self.log("train/loss_kd", terms.kd, batch_size=size)
             self.log("train/loss_ce", terms.ce, batch_size=size)
-        return terms.loss * self.step_mean.weight(self._trainer, counted, self.device)
+        return terms.loss * self.step_mean.weight(self._trainer, counted)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.trainer.log_every_n_steps
+        if every > 0 and (batch_idx + 1) % every == 0:  # the loggers read the step's metrics here anyway
+            self.loss_guard.raise_if_seen(self.all_gather)
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_guard.raise_if_seen(self.all_gather)
+
+    def on_train_end(self) -> None:
+        self.loss_guard.raise_if_seen(self.all_gather)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.step_mean.rescale(self._trainer, self.student.parameters(), self.device)
@@ -218,6 +231,15 @@ class DistillationModule(pl.LightningModule):
         scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @property
+    def trained_targets(self) -> int:
+        """Examples or tokens this rank trained on, resumes included (reading it waits for the device)."""
+        return int(self._trained_targets)
+
+    @trained_targets.setter
+    def trained_targets(self, count: int) -> None:
+        self._trained_targets = count
+
     def trained_targets_all_ranks(self) -> int:
         """Examples or tokens trained on, summed over data-parallel ranks (collective: every rank calls it)."""
         if self._trainer is None or self.trainer.world_size == 1:
@@ -225,6 +247,7 @@ class DistillationModule(pl.LightningModule):
         return int(self.trainer.strategy.reduce(torch.tensor(self.trained_targets), reduce_op="sum"))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loss_guard.raise_if_seen(self.all_gather)  # before the weights of a bad step are written
         checkpoint["trained_targets"] = self.trained_targets
         describe_student(checkpoint, self.student)
 

@@ -23,29 +23,31 @@ from torch import nn
 
 class StepMean:
     def __init__(self) -> None:
-        self.reference: float | None = None
-        self.counted = 0
+        # Device tensors, so that no training step waits to read a count on the host.
+        self.reference: torch.Tensor | None = None
+        self.counted: torch.Tensor | int = 0
 
     @staticmethod
     def _active(trainer: pl.Trainer | None) -> bool:
         return trainer is not None and (trainer.world_size > 1 or trainer.accumulate_grad_batches > 1)
 
-    def weight(self, trainer: pl.Trainer | None, counted: int, device: torch.device) -> float:
-        """The factor this micro-batch's mean loss is multiplied by before backward."""
+    def weight(self, trainer: pl.Trainer | None, counted: torch.Tensor) -> torch.Tensor | float:
+        """The factor this micro-batch's mean loss is multiplied by before backward (``counted``: its
+        0-dim count on the loss's device)."""
         if not self._active(trainer):
             return 1.0
         if self.reference is None:  # the same on every rank: the largest first micro-batch
-            first = torch.tensor(float(max(counted, 1)), device=device)
-            self.reference = float(trainer.strategy.reduce(first, reduce_op="max"))
-        self.counted += counted
+            self.reference = trainer.strategy.reduce(counted.float().clamp(min=1), reduce_op="max")
+        self.counted = self.counted + counted
         return counted * trainer.world_size / self.reference
 
     def rescale(self, trainer: pl.Trainer | None, parameters: Iterable[nn.Parameter], device: torch.device) -> None:
         """Turn the accumulated gradients into those of the step's mean; call once before each step."""
         if not self._active(trainer) or self.reference is None:
             return
-        total = trainer.strategy.reduce(torch.tensor(float(self.counted), device=device), reduce_op="sum")
-        factor = trainer.accumulate_grad_batches * self.reference / max(float(total), 1.0)
+        counted = torch.as_tensor(self.counted, dtype=torch.float32, device=device)
+        total = trainer.strategy.reduce(counted, reduce_op="sum")
+        factor = trainer.accumulate_grad_batches * self.reference / total.clamp(min=1)
         self.counted = 0
         for parameter in parameters:
             if parameter.grad is not None:

@@ -9,7 +9,8 @@ A task is a small object (``conf/task/``) that the module, the teacher stage and
   ``monitor`` / ``monitor_mode`` naming the one checkpoints rank by;
 * ``fused_terms(...)``: the loss straight from hidden states and output heads, where the task has
   a fused kernel for it (``None``: compute logits and use the loss module);
-* ``count_targets(labels)`` / ``target_unit``: what a training batch trains on (examples, tokens);
+* ``count_targets(labels)`` / ``target_unit``: what a training batch trains on (examples, tokens),
+  counted as a 0-dim tensor on the labels' device so that the training step never waits for the host;
 * ``score(model, datamodule)`` / ``export_extras(...)``: a standalone model's score (the int8
   export) and task-specific artifacts of the run folder (greedy samples for language models);
 * ``summary(results)``: the final metrics of a run;

@@ -122,9 +122,10 @@ class CausalLMTask:
             teacher = teacher[..., : self.vocabulary] if isinstance(teacher, Tensor) else teacher
         return student_logits[..., :-1, :], teacher, labels[..., 1:]
 
-    def count_targets(self, labels: Tensor) -> int:
-        """Tokens that count in a training batch: those with a next token that is not -100."""
-        return int((labels[..., 1:] != -100).sum())
+    def count_targets(self, labels: Tensor) -> Tensor:
+        """Tokens that count in a training batch: those with a next token that is not -100 (0-dim, on
+        the labels' device: the training step never waits to read it)."""
+        return (labels[..., 1:] != -100).sum()
 
     def fused_terms(
         self, module: Any, batch: dict[str, Tensor], labels: Tensor, example_index: Tensor | None

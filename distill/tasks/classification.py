@@ -34,8 +34,9 @@ class ClassificationTask:
     def align(self, student_logits: Tensor, teacher_targets: Any, labels: Tensor) -> tuple[Tensor, Any, Tensor]:
         return student_logits, teacher_targets, labels
 
-    def count_targets(self, labels: Tensor) -> int:
-        return int((labels != -100).sum())
+    def count_targets(self, labels: Tensor) -> Tensor:
+        """Examples that count in a training batch (0-dim, on the labels' device: no host read)."""
+        return (labels != -100).sum()
 
     def fused_terms(self, module: Any, batch: dict[str, Tensor], labels: Tensor, example_index: Tensor | None) -> None:
         return None
