@@ -149,6 +149,29 @@ def test_other_divergences_take_the_logit_path() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_teacher_nll_memo_tells_labellings_of_the_same_inputs_apart() -> None:
+    """The teacher's memoised NLL counts the tokens its labels count: a batch whose prompt is masked gets
+    its own answer, not the one the same inputs got with every token labelled."""
+    teacher = tiny_llama(97, layers=2, seed=1)
+    module = module_for(tiny_llama(97, layers=1, seed=2), teacher, CausalLMTask())
+    teacher_nll = []
+
+    def record(name: str, batch_size: int, *values: torch.Tensor) -> None:
+        if name == "val/teacher_ppl":
+            teacher_nll.append(values[0])
+
+    module.update_metric = record
+    batch = {"input_ids": torch.randint(0, 97, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    every_token, response_only = batch["input_ids"].clone(), batch["input_ids"].clone()
+    response_only[:, :5] = -100
+    for labels in (every_token, response_only):
+        module.task.evaluate(module, {**batch, "labels": labels}, "val")
+    with torch.no_grad():
+        fresh, _ = next_token_nll(teacher(**batch).logits, response_only)
+    assert teacher_nll[0] != teacher_nll[1]
+    assert teacher_nll[1].item() == pytest.approx(fresh.item(), rel=1e-6)
+
+
 def test_token_store_is_compact_and_gives_the_live_targets(lm_teacher_dir: Path, corpus: Path, tmp_path: Path) -> None:
     data = text_module(corpus, str(lm_teacher_dir), tmp_path / "cache")
     teacher = AutoModelForCausalLM.from_pretrained(lm_teacher_dir).eval()

@@ -49,3 +49,14 @@ def test_cpu_flags_are_read_once_and_hold_the_instruction_sets() -> None:
     if flags is None:
         pytest.skip("/proc/cpuinfo has no flags here")
     assert devices.cpu_flags() is flags and "sse2" in flags  # every x86-64 CPU has it
+
+
+def test_store_passes_run_on_the_gpu_when_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """on_gpu_if_any (the teacher-store passes' device choice) picks the current CUDA device and moves back."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    model, moves = torch.nn.Linear(2, 2), []
+    monkeypatch.setattr(model, "to", moves.append)
+    with devices.on_gpu_if_any(model) as device:
+        assert device == torch.device("cuda", 1)
+    assert moves == [torch.device("cuda", 1), torch.device("cpu")]

@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification
 
 from distill.losses.topk import TopKTargets, topk_targets
 from distill.modules.distillation import DistillationModule
+from distill.stores import teacher_logits
 from distill.stores.teacher_logits import TeacherLogitStore, precompute_teacher_logits
 from distill.train import train
 from distill.utils.keys import AUGMENTED_PREFIX, COPY_FINGERPRINT, EXAMPLE_INDEX
@@ -179,6 +180,35 @@ def test_copy_store_for_two_ranks_holds_the_copies_each_rank_draws(data_with_cop
     # One process draws every batch from one stream: rank 1 starts its own, which that store lacks.
     batch = next(iter(rank_loader(datamodule, 1)))
     assert single.lookup(0, batch[EXAMPLE_INDEX], batch[COPY_FINGERPRINT]) is None
+
+
+def test_the_copies_replay_runs_the_teacher_where_the_main_pass_does(
+    data_with_copies, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every teacher forward of both store passes runs inside on_gpu_if_any (on a GPU when there is one),
+    its inputs on the device it picked: the copies' replay once ran on the teacher's CPU home."""
+    datamodule, teacher = data_with_copies
+    picked: list[torch.device] = []
+    on_gpu_if_any = teacher_logits.on_gpu_if_any
+
+    @contextlib.contextmanager
+    def recording(model):
+        with on_gpu_if_any(model) as device:
+            picked.append(device)
+            yield device
+            picked.pop()
+
+    monkeypatch.setattr(teacher_logits, "on_gpu_if_any", recording)
+    misplaced = []
+
+    def check_placement(module, args, kwargs) -> None:
+        devices = {value.device for value in kwargs.values() if isinstance(value, torch.Tensor)}
+        if not picked or devices != {picked[-1]}:
+            misplaced.append(devices)
+
+    teacher.register_forward_pre_hook(check_placement, with_kwargs=True)
+    store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
+    assert store.copies is not None and misplaced == []
 
 
 def test_copy_store_is_keyed_by_the_augmentation(data_with_copies, tmp_path: Path) -> None:

@@ -42,15 +42,17 @@ from distill.losses.topk import TopKTargets, topk_log_probs
 
 
 class KDLossTerms(NamedTuple):
-    """The total loss and its two parts, each already weighted by ``alpha`` / ``1 - alpha``.
+    """The total loss and its two parts, unweighted.
 
-    ``ce`` and ``kd`` are the unweighted terms: ``ce`` is the mean cross-entropy and ``kd``
-    is ``T**2 * D`` (``D`` the chosen divergence), so ``loss == alpha * ce + (1 - alpha) * kd``.
+    ``ce`` is the mean cross-entropy and ``kd`` is ``T**2 * D`` (``D`` the chosen divergence), neither
+    multiplied by its weight, so ``loss == alpha * ce + (1 - alpha) * kd``. A term whose weight is 0 is
+    not computed: it is a zero that keeps the student's graph. The fused head kernels
+    (``CausalLMTask.fused_terms``) return the total only, with ``ce`` and ``kd`` ``None``.
     """
 
     loss: Tensor
-    ce: Tensor
-    kd: Tensor
+    ce: Tensor | None
+    kd: Tensor | None
 
 
 def check_kd_args(temperature: float, alpha: float, divergence: str = "forward_kl", beta: float = 0.5) -> None:

@@ -1,7 +1,8 @@
 """The frozen teacher as the distillation module holds it: outside the module tree, so it is never
 in ``parameters()``, the optimizer, checkpoints or saved hyperparameters.
 
-Its evaluation answers (predicted classes, token NLL sums) are memoised by the exact inputs; with
+Its evaluation answers (predicted classes, token NLL sums) are memoised by the exact inputs and
+whatever else the answer depends on (a causal LM's labels: which tokens the NLL counts); with
 ``memo_file`` the memo persists across runs, so a sweep or a series of seeds evaluates the teacher
 on the dev and test sets once. The file is keyed by the teacher's weights by whoever names it.
 A sharded teacher (``trainer=fsdp``) answers without the memo: ranks that hit it would skip a forward
@@ -61,15 +62,19 @@ class FrozenTeacher:
         """Predicted classes (see :meth:`memoized`)."""
         return self.memoized(inputs, lambda out: out.logits.argmax(dim=-1), "predictions")
 
-    def memoized(self, inputs: dict[str, Tensor], reduce: Callable[[ModelOutput], Tensor], name: str) -> Tensor:
-        """``reduce(teacher(inputs))``, memoised by ``name`` and the exact inputs: a frozen teacher's answer
-        never changes, and every validation check sends it the same batches again."""
+    def memoized(
+        self,
+        inputs: dict[str, Tensor],
+        reduce: Callable[[ModelOutput], Tensor],
+        name: str,
+        key_tensors: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """``reduce(teacher(inputs))``, memoised by ``name``, the exact inputs and ``key_tensors``, every other
+        tensor ``reduce`` reads (labels): a frozen teacher's answer never changes, and every validation check
+        sends it the same batches again. Without ``key_tensors`` the key is the one memo files always had."""
         if is_sharded(self.model):
             return reduce(self(inputs))
-        digest = hashlib.sha256(name.encode())
-        for key, value in sorted(inputs.items()):
-            digest.update(key.encode() + str(tuple(value.shape)).encode() + value.cpu().numpy().tobytes())
-        key = digest.hexdigest()
+        key = memo_key(name, inputs, key_tensors or {})
         if key not in self._memo:
             self._memo[key] = reduce(self(inputs)).cpu()
         return self._memo[key].to(next(iter(inputs.values())).device)
@@ -83,3 +88,17 @@ class FrozenTeacher:
         torch.save(self._memo, scratch)
         os.replace(scratch, self.memo_file)
         self._saved_size = len(self._memo)
+
+
+def memo_key(name: str, inputs: dict[str, Tensor], key_tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256(name.encode())
+    for key, value in sorted(inputs.items()):
+        digest.update(tensor_bytes(key, value))
+    for key, value in sorted(key_tensors.items()):
+        # Marked apart from the inputs, so that a key tensor never hashes like an input of its name.
+        digest.update(b"reduce reads " + tensor_bytes(key, value))
+    return digest.hexdigest()
+
+
+def tensor_bytes(name: str, value: Tensor) -> bytes:
+    return name.encode() + str(tuple(value.shape)).encode() + value.cpu().numpy().tobytes()

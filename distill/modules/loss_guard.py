@@ -21,15 +21,16 @@ NEVER = -1  # the step recorded while every loss was finite
 
 class NonFiniteLossGuard:
     def __init__(self) -> None:
-        self.first_bad_step = torch.tensor(NEVER)
-        self.first_bad_loss = torch.tensor(0.0)
+        # Made on the loss's device by the first record: a host-to-device copy would wait for the device.
+        self.first_bad_step: Tensor | None = None
+        self.first_bad_loss: Tensor | None = None
 
     def record(self, loss: Tensor, step: int) -> None:
         """Remember ``step`` and ``loss`` if the loss is not finite and no earlier step's was; no host read."""
         loss = loss.detach().float()
-        if self.first_bad_step.device != loss.device:  # once: the guard follows the loss to its device
-            self.first_bad_step = self.first_bad_step.to(loss.device)
-            self.first_bad_loss = self.first_bad_loss.to(loss.device)
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.full((), NEVER, dtype=torch.long, device=loss.device)
+            self.first_bad_loss = torch.zeros((), device=loss.device)
         first = ~torch.isfinite(loss) & (self.first_bad_step == NEVER)
         self.first_bad_step = torch.where(first, step, self.first_bad_step)
         self.first_bad_loss = torch.where(first, loss, self.first_bad_loss)
@@ -40,8 +41,9 @@ class NonFiniteLossGuard:
         Reads the device (call it where the host syncs anyway). ``all_gather`` is the module's: every
         rank calls this at the same points and sees every rank's record, so all of them stop together
         (the bad gradients of one rank reach the others' weights through the gradient all-reduce)."""
-        steps = all_gather(self.first_bad_step).reshape(-1).tolist()
-        losses = all_gather(self.first_bad_loss).reshape(-1).tolist()
+        recorded = self.first_bad_step is not None  # no step yet: gather "never", as every rank must gather
+        steps = all_gather(self.first_bad_step if recorded else torch.tensor(NEVER)).reshape(-1).tolist()
+        losses = all_gather(self.first_bad_loss if recorded else torch.tensor(0.0)).reshape(-1).tolist()
         bad = [(step, loss) for step, loss in zip(steps, losses, strict=True) if step != NEVER]
         if bad:
             step, loss = min(bad, key=lambda row: row[0])

@@ -7,8 +7,9 @@ matches the dense layer on a representative input, and only if it is faster ther
 are often slower sparse (pytorch#111339), so the per-layer decision is measured, not assumed.
 
 What "faster" means depends on how the model is served. ``timing="eager"`` counts the host's
-dispatch, which for torch's cuSPARSELt path includes a matmul plan built on every call (0.5 to
-2.6 ms on an H100 with torch 2.11, against a 0.1 ms kernel). ``timing="graph"`` counts GPU time
+dispatch, which for torch's cuSPARSELt path includes a matmul plan built on every call (measured
+with torch 2.11 on an H100: 0.5 to 2.6 ms of host time per call against a 0.1 ms kernel,
+docs/results/bench.md; not measured since with the pinned torch). ``timing="graph"`` counts GPU time
 alone, with the call captured in a CUDA graph: what a server that captures its model (CUDA graphs,
 ``torch.compile(mode="reduce-overhead")``) sees. ``timing="none"`` converts every eligible, exact layer
 unmeasured: what a serving benchmark of the 2:4 model as a whole needs.

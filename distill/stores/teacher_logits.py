@@ -203,20 +203,22 @@ def compute_copy_targets(
     replicas: int = 1,
 ) -> dict[str, Tensor]:
     """Replay ``epochs`` epochs of the training loader of each of ``replicas`` data-parallel ranks
-    and label every perturbed copy they draw."""
+    and label every perturbed copy they draw, on the device the main pass uses (:func:`compute_targets`)."""
     teacher.eval()
     count, copies = len(datamodule.splits["train"]), datamodule.augmenter.copies
     total = epochs * copies * count
     tensors: dict[str, Tensor] = {"fingerprint": torch.zeros(total, dtype=torch.long)}
     filled = torch.zeros(total, dtype=torch.bool)
-    for rank in range(replicas):
-        # Each rank's loader has its own collator, so its copies come from its own stream.
-        loader = datamodule.dataloader("train", datamodule.batch_size, True, augment=True, shard=(rank, replicas))
-        for epoch, batch in replay(loader, epochs):
-            rows = copy_rows(epoch, batch[EXAMPLE_INDEX], copies, count)
-            write_targets(tensors, rows, teacher(**pop_copies(batch)).logits, total, topk, temperature)
-            tensors["fingerprint"][rows] = batch[COPY_FINGERPRINT]
-            filled[rows] = True
+    with on_gpu_if_any(teacher) as device:
+        for rank in range(replicas):
+            # Each rank's loader has its own collator, so its copies come from its own stream.
+            loader = datamodule.dataloader("train", datamodule.batch_size, True, augment=True, shard=(rank, replicas))
+            for epoch, batch in replay(loader, epochs):
+                rows = copy_rows(epoch, batch[EXAMPLE_INDEX], copies, count)
+                logits = teacher(**to_device(pop_copies(batch), device)).logits
+                write_targets(tensors, rows, logits, total, topk, temperature)
+                tensors["fingerprint"][rows] = batch[COPY_FINGERPRINT]
+                filled[rows] = True
     # Data parallelism trims the batches that do not divide among the ranks: their rows stay empty.
     if replicas == 1 and not filled.all():
         raise RuntimeError(f"the replay left {int((~filled).sum())} perturbed copies without logits")

@@ -173,8 +173,13 @@ class CausalLMTask:
         nll, tokens = next_token_nll(module(batch), labels)
         module.update_metric(f"{stage}/ppl", int(tokens), nll, tokens)
         if module.teacher is not None:
+            # The NLL counts the tokens whose label is not -100 (prompts are masked), so the labels are part
+            # of the key. Entries of memo files written before they were are keyed otherwise and never read.
             teacher_nll, teacher_tokens = module.teacher.memoized(
-                batch, lambda out: torch.stack([*next_token_nll(out.logits, labels)]).double(), "next_token_nll"
+                batch,
+                lambda out: torch.stack([*next_token_nll(out.logits, labels)]).double(),
+                "next_token_nll",
+                key_tensors={"labels": labels},
             )
             module.update_metric(f"{stage}/teacher_ppl", int(tokens), teacher_nll, teacher_tokens.long())
 
