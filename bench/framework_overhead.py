@@ -26,7 +26,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 from distill.losses.kd import kd_loss
-from distill.modules.distillation import NO_DECAY, DistillationModule
+from distill.modules.distillation import DistillationModule
+from distill.modules.optimization import NO_DECAY
 
 WARMUP = 5
 

@@ -31,7 +31,7 @@ from distill.utils.keys import AUGMENTED_PREFIX, COPY_FINGERPRINT
 
 
 # One int64 per perturbed copy (:func:`sequence_fingerprint`): lets a store of the teacher's logits on
-# the copies (distill.teacher_logits) check that it holds the very copies a batch carries.
+# the copies (distill.stores.teacher_logits) check that it holds the very copies a batch carries.
 def sequence_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``(R,)`` int64 that changes with any token or the length of a row of ``(R, L)`` token ids.
 

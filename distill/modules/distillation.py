@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
-from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+from transformers import PreTrainedModel
 
 from distill.losses.hidden import HiddenStateLoss
 from distill.losses.kd import KDLoss, KDLossTerms
@@ -26,14 +26,13 @@ from distill.modules.copy_targets import CopyTargets
 from distill.modules.frozen_teacher import FrozenTeacher
 from distill.modules.loss_guard import NonFiniteLossGuard
 from distill.modules.on_policy import OnPolicy
+from distill.modules.optimization import optimizer_with_schedule
 from distill.modules.step_mean import StepMean
 from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
 from distill.tasks import ClassificationTask
 from distill.tasks.base import FusedStep, Task
 from distill.utils.keys import COPY_FINGERPRINT, EXAMPLE_INDEX, pop_copies
 from distill.utils.sharding import is_sharded, shard
-
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
 class DistillationModule(pl.LightningModule):
@@ -237,18 +236,11 @@ class DistillationModule(pl.LightningModule):
         self.on_validation_end()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
         trainable = list(self.student.named_parameters())
         if self.hidden_loss is not None:
             trainable += list(self.hidden_loss.named_parameters())
-        for name, param in trainable:
-            if param.requires_grad:
-                (no_decay if name.endswith(NO_DECAY) else decay).append(param)
-        optimizer = self.optimizer_factory(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(self.hparams.warmup_ratio * total)
-        scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_with_schedule(self.optimizer_factory, trainable, self.hparams.warmup_ratio, total)
 
     @property
     def trained_targets(self) -> int:
