@@ -101,20 +101,26 @@ def compose_train() -> Callable[..., DictConfig]:
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, hf_teacher_available: str) -> Path:
     """A randomly initialised 2-layer BERT with the real teacher's tokenizer, saved like a hub model."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_teacher_available)
+    return save_tiny_bert(BertForSequenceClassification, hf_teacher_available, tmp_path_factory.mktemp("tiny_teacher"))
+
+
+def save_tiny_bert(model_class: type, tokenizer_id: str, path: Path, num_labels: int = 2, positions: int = 128) -> Path:
+    """A random 2-layer BERT of ``model_class`` (a head) with ``tokenizer_id``'s tokenizer, saved in ``path``."""
+    from transformers import AutoTokenizer, BertConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_id)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
+        max_position_embeddings=positions,
+        num_labels=num_labels,
     )
-    path = tmp_path_factory.mktemp("tiny_teacher")
-    BertForSequenceClassification(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForTokenClassification, AutoTokenizer, BertConfig, BertForTokenClassification
+from transformers import AutoModelForTokenClassification, BertForTokenClassification
 
 from distill.data.tagged import TaggedDataModule, read_tagged
 from distill.tasks.token_classification import TokenClassificationTask, word_accuracy
 from distill.train import train
+from tests.conftest import save_tiny_bert
 
 TAGS = ["O", "NAME", "NUM"]
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
@@ -43,21 +44,8 @@ def tagged_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def tagger_dir(tmp_path: Path, hf_teacher_available: str) -> Path:
     """A random 2-layer BERT tagger with the offline teacher's tokenizer, saved like a hub model."""
-    tokenizer = AutoTokenizer.from_pretrained(hf_teacher_available)
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=len(TAGS),
-    )
-    path = tmp_path / "tagger"
-    BertForTokenClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_bert(BertForTokenClassification, hf_teacher_available, tmp_path / "tagger", len(TAGS), 64)
 
 
 def test_tags_go_to_first_subwords_and_bad_lines_are_named(tagged_dir: Path, tagger_dir: Path) -> None:
