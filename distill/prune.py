@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from distill.config.cli import hydra_cli
+from distill.data.base import DataModule
 from distill.models.student import draw_calibration_batches
 from distill.pruning.oneshot.sequential import OneShotSettings, prune_oneshot
 from distill.pruning.oneshot.solvers import SparsityTarget
@@ -50,7 +51,7 @@ def peak_memory_during(work: Callable[[], Any]) -> tuple[Any, float | None]:
     return result, None
 
 
-def calibration_batches(datamodule: Any, samples: int) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(datamodule: DataModule, samples: int) -> list[dict[str, torch.Tensor]]:
     """``samples`` training sequences (blocks or sentences), in the data module's batches."""
     if samples < 1:
         raise ValueError(f"calibration.samples={samples!r} must be >= 1")

@@ -31,6 +31,7 @@ from torch import nn
 
 from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas
+from distill.data.base import DataModule
 from distill.serve.energy import NvmlEnergy, cpu_energy
 from distill.serve.gpu_arms import gpu_models, synchronized
 from distill.serve.int8_arithmetic import int8_arithmetic
@@ -83,7 +84,7 @@ def request(call: Callable[[], Any], model: nn.Module) -> Callable[[], Any]:
 
 
 @torch.inference_mode()
-def bench_classifier(cfg: DictConfig, datamodule: Any, models: dict[str, nn.Module], threads: int, energy: Any):
+def bench_classifier(cfg: DictConfig, datamodule: DataModule, models: dict[str, nn.Module], threads: int, energy: Any):
     rows = []
     for batch_size in cfg.batch_sizes:
         batch = next(iter(datamodule.dataloader("validation", batch_size, shuffle=False)))
@@ -108,7 +109,7 @@ def int8_artifact(cfg: DictConfig) -> Path | None:
 
 
 @torch.inference_mode()
-def bench_causal_lm(cfg: DictConfig, datamodule: Any, models: dict[str, nn.Module], threads: int, energy: Any):
+def bench_causal_lm(cfg: DictConfig, datamodule: DataModule, models: dict[str, nn.Module], threads: int, energy: Any):
     """Batch-1 greedy generation: first token (prefill) and ``new_tokens`` tokens, timed as separate arms."""
     prompt = datamodule.prompts("test", 1, cfg.generation.prompt_tokens)[0]
     encoded = datamodule.tokenizer(prompt, return_tensors="pt")

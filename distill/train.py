@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas, validate
+from distill.data.base import DataModule
 from distill.models.student import check_context, check_same_tokenizer, shared_vocabulary
 from distill.modules.distillation import DistillationModule
 from distill.pipeline.export import export_student
@@ -104,7 +105,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def evaluate_before_fit(trainer: pl.Trainer, module: DistillationModule, datamodule: Any) -> dict[str, float]:
+def evaluate_before_fit(trainer: pl.Trainer, module: DistillationModule, datamodule: DataModule) -> dict[str, float]:
     """The student's test metrics as built (e.g. right after structured pruning), before any training."""
     (results,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return {f"student_before_fit/{key.removeprefix('test/')}": value for key, value in results.items()}

@@ -41,7 +41,7 @@ def _trainable(model: PreTrainedModel) -> PreTrainedModel:
     return model.train()
 
 
-def from_teacher(teacher: Teacher, layers: list[int], datamodule: Any = None) -> PreTrainedModel:
+def from_teacher(teacher: Teacher, layers: list[int], datamodule: DataModule | None = None) -> PreTrainedModel:
     """DistilBERT-style: copy the teacher, keep ``layers`` (in order), weights included."""
     depth = teacher.model.config.num_hidden_layers
     bad = [index for index in layers if not 0 <= index < depth]
@@ -66,7 +66,7 @@ def from_config(
     hidden_size: int,
     num_attention_heads: int,
     intermediate_size: int,
-    datamodule: Any = None,
+    datamodule: DataModule | None = None,
 ) -> PreTrainedModel:
     """A randomly initialised model of the teacher's type and vocabulary with smaller sizes."""
     if hidden_size % num_attention_heads:
@@ -98,7 +98,7 @@ def check_same_tokenizer(teacher_reference: str, student_reference: str) -> None
         )
 
 
-def from_pretrained(teacher: Teacher, name_or_path: str, datamodule: Any = None) -> PreTrainedModel:
+def from_pretrained(teacher: Teacher, name_or_path: str, datamodule: DataModule | None = None) -> PreTrainedModel:
     """A pretrained Hugging Face model (hub id, folder or GGUF file); its tokenizer must equal the teacher's."""
     name_or_path = resolve(name_or_path)
     check_same_tokenizer(teacher.path, name_or_path)
@@ -129,7 +129,7 @@ def check_context(model: PreTrainedModel, datamodule: DataModule) -> None:
         datamodule.check_context(context)
 
 
-def draw_calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tensor]]:
+def draw_calibration_batches(datamodule: DataModule, count: int) -> list[dict[str, Tensor]]:
     """``count`` training batches (inputs only): calibration data is never held-out text."""
     datamodule.prepare_data()
     batches = []
@@ -142,7 +142,7 @@ def draw_calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tens
 
 def pruned(
     teacher: Teacher,
-    datamodule: Any,
+    datamodule: DataModule,
     calibration_batches: int = 8,
     shape: dict | None = None,
     report_path: str | None = None,

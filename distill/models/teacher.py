@@ -101,11 +101,13 @@ def prepare_teacher(
     return Teacher(model=model, path=str(target), task=task, val_score=info[metric_key(task)])
 
 
-def metric_key(task: Any) -> str:
+def metric_key(task: Task) -> str:
     return task.monitor.replace("/", "_")
 
 
-def _finetune_into(target: Path, name_or_path: str, datamodule: Any, settings: dict[str, Any], task: Any) -> None:
+def _finetune_into(
+    target: Path, name_or_path: str, datamodule: DataModule, settings: dict[str, Any], task: Task
+) -> None:
     """Fine-tune with cross-entropy into a scratch folder, then rename it into place."""
     scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -138,9 +140,9 @@ def set_dropout(config: PretrainedConfig, probability: float) -> None:
 
 def finetune_model(
     name_or_path: str,
-    datamodule: Any,
+    datamodule: DataModule,
     log_dir: Path,
-    task: Any,
+    task: Task,
     *,
     epochs: int,
     max_steps: int,
@@ -189,7 +191,7 @@ def finetune_model(
     return module.student.eval(), float(result[task.monitor]), trainer.global_step
 
 
-def _trainable_model(name_or_path: str, task: Any, dropout: float | None) -> PreTrainedModel:
+def _trainable_model(name_or_path: str, task: Task, dropout: float | None) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(name_or_path, **task.model_kwargs())
     if dropout is not None:
         set_dropout(config, dropout)

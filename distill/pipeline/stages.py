@@ -21,6 +21,7 @@ from distill.modules.distillation import DistillationModule
 from distill.modules.on_policy import OnPolicy
 from distill.serve.generation import end_token_ids
 from distill.stores.teacher_logits import TeacherLogitStore, precompute_teacher_logits
+from distill.tasks.base import Task
 from distill.utils.keys import weights_fingerprint
 
 log = logging.getLogger("distill.train")
@@ -55,7 +56,7 @@ def generation_stage(datamodule: DataModule, teacher: Teacher) -> dict[str, floa
 
 def build_module(
     cfg: DictConfig,
-    task: Any,
+    task: Task,
     teacher: Teacher,
     student: Any,
     datamodule: DataModule,
@@ -94,7 +95,7 @@ def on_policy_sampler(cfg: DictConfig, datamodule: DataModule, teacher: Teacher)
     return OnPolicy(**settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
 
 
-def teacher_memo_file(cfg: DictConfig, teacher: Teacher, task: Any) -> Path:
+def teacher_memo_file(cfg: DictConfig, teacher: Teacher, task: Task) -> Path:
     """Where the teacher's evaluation answers persist: one file per teacher (by weights) and task."""
     return (
         Path(cfg.paths.cache_dir).expanduser() / "teacher_eval" / f"{task.name}-{weights_fingerprint(teacher.model)}.pt"
