@@ -14,11 +14,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
+from distill.callbacks.compression import CompressionCallback
+
 
 def compression_complete(trainer: pl.Trainer) -> bool:
     """Whether every callback with a compression schedule has reached its final state."""
-    schedules = [callback for callback in trainer.callbacks if callable(getattr(callback, "complete", None))]
-    return all(schedule.complete(trainer.global_step) for schedule in schedules)
+    compressing = [callback for callback in trainer.callbacks if isinstance(callback, CompressionCallback)]
+    return all(callback.complete(trainer.global_step) for callback in compressing)
 
 
 class CompressionAwareCheckpoint(ModelCheckpoint):

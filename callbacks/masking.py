@@ -21,6 +21,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from distill.callbacks.compression import CompressionCallback
+
 log = logging.getLogger(__name__)
 
 DEFAULT_INCLUDE = ("student.*encoder.layer.*",)
@@ -56,7 +58,7 @@ def check_masks_fit(module: nn.Module, masks: dict[str, Tensor], source: str) ->
             raise ValueError(f"{source}: the mask for {name} has shape {tuple(mask.shape)}, the model's is {shape}")
 
 
-class MaskingCallback(pl.Callback):
+class MaskingCallback(CompressionCallback):
     """Holds ``masks`` for named parameters and keeps the weights, gradients and optimizer state masked."""
 
     def __init__(

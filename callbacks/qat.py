@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear
 
+from distill.callbacks.compression import CompressionCallback
 from distill.callbacks.masking import DEFAULT_INCLUDE, resolve_targets
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
                 quantizer.enabled = enabled
 
 
-class QuantizationAwareTraining(pl.Callback):
+class QuantizationAwareTraining(CompressionCallback):
     """Fake-quantize the targeted Linear layers from ``start_step`` to the end of fit."""
 
     def __init__(self, start_step: int = 0, include: Sequence[str] = DEFAULT_INCLUDE, exclude=()) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distill.callbacks.checkpoint import CompressionAwareCheckpoint
+from distill.callbacks.compression import CompressionCallback
 from distill.callbacks.magnitude_pruning import MagnitudePruning
 from distill.callbacks.nm_sparsity import NMSparsity
 from distill.callbacks.qat import QuantizationAwareTraining
@@ -38,12 +39,15 @@ class ScriptedScores(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class CompleteAfter(pl.Callback):
+class CompleteAfter(CompressionCallback):
     def __init__(self, step: int) -> None:
         self.step = step
 
     def complete(self, global_step: int) -> bool:
         return global_step > self.step
+
+    def describe(self) -> dict[str, int]:
+        return {"complete_after": self.step}
 
 
 def checkpoint(tmp_path: Path, **kwargs) -> CompressionAwareCheckpoint:

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from distill.callbacks.compression import CompressionCallback
 from distill.callbacks.qat import fake_quantized_layers
 from distill.pruning.compression_report import LayerReport, compression_report
 from distill.serve.latency import latency_ms
@@ -43,7 +44,7 @@ def manifest(callbacks: list[Any], totals: dict[str, Any]) -> dict[str, Any]:
     """What was compressed and how: each compression callback's ``describe()``, and the report's totals."""
     entries: dict[str, Any] = {"totals": totals}
     for callback in callbacks:
-        if hasattr(callback, "describe"):
+        if isinstance(callback, CompressionCallback):
             entries[type(callback).__name__] = callback.describe()
     return entries
 
