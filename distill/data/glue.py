@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import datasets
 import lightning.pytorch as pl
@@ -20,7 +19,8 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from distill.data.augment import AugmentingCollator, build_augmenter
+from distill.config.settings import settings_of
+from distill.data.augment import AugmentingCollator, AugmentSettings, build_augmenter
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
 from distill.data.split_loaders import SplitLoaders
 from distill.data.tsv import check_labels, check_tsv_layout
@@ -44,7 +44,7 @@ class GlueDataModule(SplitLoaders, pl.LightningDataModule):
         tokenizer: tokenizer name or path (the teacher's).
         train_limit / val_limit: keep a random slice of train / the first rows of dev.
         group_by_length: draw training batches of similar lengths (far less padding, same epoch).
-        augment: settings of :class:`distill.data.augment.TokenAugmenter`; with ``copies >= 1``
+        augment: :class:`~distill.data.augment.AugmentSettings` (or their mapping); with ``copies >= 1``
             training batches also carry unlabelled, perturbed copies of their examples for the teacher.
     """
 
@@ -66,7 +66,7 @@ class GlueDataModule(SplitLoaders, pl.LightningDataModule):
         val_limit: int | None = None,
         seed: int = 0,
         group_by_length: bool = False,
-        augment: dict[str, Any] | None = None,
+        augment: AugmentSettings | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= len(text_fields) <= 2:
@@ -89,7 +89,8 @@ class GlueDataModule(SplitLoaders, pl.LightningDataModule):
         self.group_by_length = group_by_length
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer_key = tokenizer_fingerprint(self.tokenizer)
-        self.augmenter = build_augmenter(self.tokenizer, len(self.text_fields) == 2, **(augment or {"copies": 0}))
+        pair_task = len(self.text_fields) == 2
+        self.augmenter = build_augmenter(self.tokenizer, pair_task, settings_of(AugmentSettings, augment))
         self.splits: dict[str, datasets.Dataset] = {}
         # Lightning calls prepare_data/setup for every fit, validate and test; load and check once.
         self._tokenized: dict[str, datasets.Dataset] | None = None

@@ -30,6 +30,7 @@ import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from distill.config.settings import settings_of
 from distill.data.documents import HELD_OUT, SPLITS
 from distill.data.split_loaders import SplitLoaders
 from distill.data.text import BLOCK_FEATURES, IGNORE_INDEX, TextDataModule
@@ -110,7 +111,7 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
         passage_tokens: int = 48,
         max_prompt_tokens: int = 128,
         chat_template: bool = True,
-        generation: dict[str, Any] | None = None,
+        generation: SamplingSettings | None = None,
         shard_size: int = 256,
         generation_batch_size: int = 16,
         train_on: str = "responses",
@@ -126,7 +127,7 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
         self.corpus, self.cache_dir, self.instruction = corpus, cache_dir, instruction
         self.passage_tokens, self.max_prompt_tokens = passage_tokens, max_prompt_tokens
         self.chat_template = chat_template
-        self.settings = SamplingSettings(**(generation or {}))
+        self.settings = settings_of(SamplingSettings, generation)
         self.shard_size, self.generation_batch_size = shard_size, generation_batch_size
         self.train_on, self.train_tokens = train_on, train_tokens
         self.batch_size, self.eval_batch_size, self.seed, self.pool_seed = batch_size, eval_batch_size, seed, pool_seed

@@ -18,7 +18,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from distill.config.settings import settings_of
 from distill.models.teacher import Teacher
+from distill.pruning.shape import PartialShape
 from distill.utils.references import load_tokenizer, resolve
 
 
@@ -153,7 +155,7 @@ def pruned(
     teacher: Teacher,
     datamodule: Any,
     calibration_batches: int = 8,
-    shape: dict | None = None,
+    shape: PartialShape | None = None,
     report_path: str | None = None,
     cache_dir: str | None = None,
     **settings: Any,
@@ -168,7 +170,7 @@ def pruned(
     if calibration_batches < 1:
         raise ValueError(f"student.calibration_batches={calibration_batches!r} must be >= 1")
     batches = draw_calibration_batches(datamodule, calibration_batches)
-    settings["shape"] = {name: value for name, value in (shape or {}).items() if value is not None} or None
+    settings["shape"] = settings_of(PartialShape, shape).given()
 
     def prune(report: str | None) -> PreTrainedModel:
         return pruned_student(teacher.model, batches, report_path=report, **settings)

@@ -15,9 +15,10 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from distill.config.settings import settings_of
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
-from distill.modules.on_policy import OnPolicy
+from distill.modules.on_policy import OnPolicy, OnPolicySettings
 from distill.serve.generation import end_token_ids
 from distill.stores.teacher_logits import TeacherLogitStore, precompute_teacher_logits
 from distill.utils.keys import weights_fingerprint
@@ -85,7 +86,7 @@ def build_module(
 
 def on_policy_sampler(cfg: DictConfig, datamodule: Any, teacher: Teacher) -> OnPolicy | None:
     """GKD's student sampling when ``distill.on_policy.probability`` (λ) > 0; it needs prompts to sample from."""
-    settings = cfg.distill.on_policy
+    settings = settings_of(OnPolicySettings, cfg.distill.on_policy)
     if settings.probability == 0:
         return None
     if not hasattr(datamodule, "attach_teacher"):
@@ -94,7 +95,7 @@ def on_policy_sampler(cfg: DictConfig, datamodule: Any, teacher: Teacher) -> OnP
             f"prompt/response data (e.g. data=shakespeare_prompts), not {type(datamodule).__name__}"
         )
     end_ids = end_token_ids(teacher.model, datamodule.tokenizer)
-    return OnPolicy(**settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
+    return OnPolicy(settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
 
 
 def teacher_memo_file(cfg: DictConfig, teacher: Teacher, task: Any) -> Path:
