@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -22,7 +23,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 from distill.config.settings import settings_of
 from distill.data.augment import AugmentingCollator, AugmentSettings, build_augmenter
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
-from distill.data.split_loaders import SplitLoaders
+from distill.data.split_loaders import SplitLoaders, check_batch_sizes
 from distill.data.tsv import check_labels, check_tsv_layout
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 
@@ -69,8 +70,7 @@ class GlueDataModule(SplitLoaders, pl.LightningDataModule):
         augment: AugmentSettings | None = None,
     ) -> None:
         super().__init__()
-        if not 1 <= len(text_fields) <= 2:
-            raise ValueError(f"text_fields={list(text_fields)!r} must name one or two columns")
+        self.check_settings(text_fields, max_length, batch_size, eval_batch_size)
         self.task = task
         self.text_fields = list(text_fields)
         self.label_field = label_field
@@ -95,6 +95,15 @@ class GlueDataModule(SplitLoaders, pl.LightningDataModule):
         # Lightning calls prepare_data/setup for every fit, validate and test; load and check once.
         self._tokenized: dict[str, datasets.Dataset] | None = None
         self._lengths: dict[str, list[int]] = {}
+
+    @staticmethod
+    def check_settings(text_fields: Sequence[str], max_length: int, batch_size: int, eval_batch_size: int) -> None:
+        """The constructor's range checks, which :func:`distill.config.schemas.validate` also runs on ``data``."""
+        if not 1 <= len(text_fields) <= 2:
+            raise ValueError(f"text_fields={list(text_fields)!r} must name one or two columns")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length!r} must be >= 2")
+        check_batch_sizes(batch_size, eval_batch_size)
 
     def local_files(self) -> dict[str, Path]:
         return {split: self.data_dir / self.task / name for split, name in SPLIT_FILES.items()}

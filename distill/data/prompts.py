@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from distill.config.settings import settings_of
 from distill.data.documents import HELD_OUT, SPLITS
-from distill.data.split_loaders import SplitLoaders
+from distill.data.split_loaders import SplitLoaders, check_batch_sizes
 from distill.data.text import BLOCK_FEATURES, IGNORE_INDEX, TextDataModule
 from distill.serve.generation import Generator, SamplingSettings, end_token_ids
 from distill.stores.generations import GenerationStore, settings_key
@@ -40,6 +40,8 @@ from distill.utils.keys import EXAMPLE_INDEX, digest, weights_fingerprint
 
 log = logging.getLogger(__name__)
 TRAIN_SOURCES = ("responses", "corpus")
+# Prompts drawn per split unless `prompts` says otherwise.
+PROMPT_COUNTS = {"train": 1024, "validation": 64, "test": 128}
 
 
 def passages(text: str, tokenizer: Any, min_tokens: int) -> list[str]:
@@ -122,8 +124,10 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
         pool_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.counts = dict(prompts or {"train": 1024, "validation": 64, "test": 128})
-        self._check(train_on, train_tokens, instruction)
+        self.check_settings(
+            train_on, train_tokens, instruction, prompts, max_prompt_tokens, batch_size, eval_batch_size
+        )
+        self.counts = dict(prompts or PROMPT_COUNTS)
         self.corpus, self.cache_dir, self.instruction = corpus, cache_dir, instruction
         self.passage_tokens, self.max_prompt_tokens = passage_tokens, max_prompt_tokens
         self.chat_template = chat_template
@@ -144,18 +148,32 @@ class PromptResponseDataModule(SplitLoaders, pl.LightningDataModule):
         """Positions per training row (a token store's row): the corpus's blocks, or prompt + response."""
         return self.corpus.block_size if self.train_on == "corpus" else self.max_length
 
-    def _check(self, train_on: str, train_tokens: int | None, instruction: str) -> None:
+    @staticmethod
+    def check_settings(
+        train_on: str,
+        train_tokens: int | None,
+        instruction: str,
+        prompts: dict[str, int] | None,
+        max_prompt_tokens: int,
+        batch_size: int,
+        eval_batch_size: int,
+    ) -> None:
+        """The constructor's range checks, which :func:`distill.config.schemas.validate` also runs on ``data``."""
         if train_on not in TRAIN_SOURCES:
             raise ValueError(f"data.train_on={train_on!r} must be one of {TRAIN_SOURCES}")
         if train_tokens is not None and train_tokens < 1:
             raise ValueError(f"data.train_tokens={train_tokens!r} must be a positive number of tokens or null")
         if "{passage}" not in instruction:
             raise ValueError(f"data.instruction={instruction!r} must contain {{passage}}, where the passage goes")
+        counts = prompts or PROMPT_COUNTS
         for split in SPLITS:
-            if self.counts.get(split, 0) < 1:
+            if counts.get(split, 0) < 1:
                 raise ValueError(
-                    f"data.prompts.{split}={self.counts.get(split)!r}: the prompt pool needs >= 1 prompt per split"
+                    f"data.prompts.{split}={counts.get(split)!r}: the prompt pool needs >= 1 prompt per split"
                 )
+        if max_prompt_tokens < 2:
+            raise ValueError(f"data.max_prompt_tokens={max_prompt_tokens!r} must be >= 2")
+        check_batch_sizes(batch_size, eval_batch_size)
 
     # The prompt pool.
 

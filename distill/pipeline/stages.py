@@ -9,6 +9,7 @@ Each stage is cached on disk, so a rerun or a sweep's later jobs skip it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,40 @@ def generation_stage(datamodule: Any, teacher: Teacher) -> dict[str, float]:
         return {}
     log.info("Generation stage: the teacher answers the prompt pool <%s>", type(datamodule).__name__)
     return {f"generation/{key}": value for key, value in attach(teacher.model).items()}
+
+
+@dataclass
+class StageSettings:
+    """The keys of ``distill`` that configure the stages around the module, not the module: the teacher-logit
+    store (:func:`teacher_logit_store`) and the on-policy sampler (:func:`on_policy_sampler`).
+
+    ``teacher_cache``: ``precompute`` runs the frozen teacher once over the training set and reads its logits
+    from a cached store (:mod:`distill.stores.teacher_logits`) in every epoch and every later run; ``none``
+    asks the live teacher. With ``precompute``, ``teacher_cache_topk`` keeps only the teacher's K largest
+    logits per example and the mass they leave out at the module's temperature (:mod:`distill.losses.topk`),
+    for output spaces too large to store (``None``: all logits); ``teacher_cache_dtype`` ``float16`` halves
+    the stored top-K logits (offsets from each position's largest), for token-level stores.
+    """
+
+    teacher_cache: str = "none"
+    teacher_cache_topk: int | None = None
+    teacher_cache_dtype: str = "float32"
+    on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
+
+    def __post_init__(self) -> None:
+        if self.teacher_cache not in ("none", "precompute"):
+            raise ValueError(f"distill.teacher_cache={self.teacher_cache!r} must be 'none' or 'precompute'")
+        if self.teacher_cache_dtype != "float32" and self.teacher_cache_topk is None:
+            raise ValueError(
+                f"distill.teacher_cache_dtype={self.teacher_cache_dtype!r} needs distill.teacher_cache_topk"
+            )
+        if self.teacher_cache_topk is not None and self.teacher_cache != "precompute":
+            raise ValueError(
+                f"distill.teacher_cache_topk={self.teacher_cache_topk!r} needs distill.teacher_cache=precompute"
+            )
+
+
+STAGE_KEYS = tuple(setting.name for setting in fields(StageSettings))
 
 
 def build_module(
