@@ -9,12 +9,13 @@ Each stage is cached on disk, so a rerun or a sweep's later jobs skip it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distill.config.settings import settings_of
 from distill.models.teacher import Teacher
@@ -100,23 +101,26 @@ def build_module(
     datamodule: Any,
     teacher_logits: TeacherLogitStore | None,
 ) -> DistillationModule:
-    return DistillationModule(
+    """The module built from ``distill``'s settings and the run's objects."""
+    log.info("Instantiating module <%s>", cfg.distill._target_)
+    return module_partial(cfg.distill)(
         student=student,
         teacher=teacher.model,
         num_labels=getattr(datamodule, "num_labels", None),
         task=task,
-        temperature=cfg.distill.temperature,
-        alpha=cfg.distill.alpha,
-        divergence=cfg.distill.divergence,
-        beta=cfg.distill.beta,
-        optimizer=instantiate(cfg.distill.optimizer),
-        warmup_ratio=cfg.distill.warmup_ratio,
-        hidden_weight=cfg.distill.hidden_weight,
-        hidden_layers=cfg.distill.hidden_layers,
         teacher_logits=teacher_logits,
         teacher_memo=teacher_memo_file(cfg, teacher, task),
         on_policy=on_policy_sampler(cfg, datamodule, teacher),
     )
+
+
+def module_partial(settings: DictConfig) -> Callable[..., DistillationModule]:
+    """``distill`` instantiated from its ``_target_`` with ``_partial_: true``: the module's own settings bound,
+    its objects (student, teacher, task, store, sampler) to come. The stages' keys (:class:`StageSettings`)
+    are left out rather than made module arguments: the module takes what the stages build from them (the
+    store, the sampler), and a second, config-shaped description of the same things would be one too many."""
+    values = OmegaConf.to_container(settings, resolve=True)
+    return instantiate({key: value for key, value in values.items() if key not in STAGE_KEYS})
 
 
 def on_policy_sampler(cfg: DictConfig, datamodule: Any, teacher: Teacher) -> OnPolicy | None:
