@@ -198,6 +198,16 @@ def _copied_fields(settings: type) -> list[tuple[str, Any, Any]]:
 
 
 @dataclass
+class CommandSchema:
+    """The root keys of every command: its groups (chosen in its YAML), its run folder's name and its seed."""
+
+    paths: Any = MISSING
+    data: Any = MISSING
+    task_name: str = MISSING
+    seed: int = 0
+
+
+@dataclass
 class CalibrationSchema:
     # Training sequences (packed blocks or sentences) whose activations the solvers see.
     samples: int = 64
@@ -206,28 +216,34 @@ class CalibrationSchema:
 @dataclass
 class SparseGPTSchema:
     block_size: int = 128
+    # Fraction of mean(diag H) added to H's diagonal before it is inverted.
     damp: float = 0.01
     hessian_dtype: str = "float32"
 
 
 @dataclass
-class PruneSchema:
+class PruneSchema(CommandSchema):
     """``python -m distill.prune`` (conf/prune.yaml): one-shot pruning of one model."""
 
-    paths: Any = MISSING
-    data: Any = MISSING
     task: Any = MISSING
     task_name: str = "prune"
-    seed: int = 0
+    # A hub id, a save_pretrained folder or a GGUF file (distill/utils/references.py).
     model: str = MISSING
+    # sparsegpt, wanda or magnitude.
     method: str = "sparsegpt"
+    # Exactly one: unstructured sparsity in [0, 1), or N:M along the input dimension ("2:4", "4:8").
     sparsity: float | None = None
-    pattern: str | None = None
+    pattern: str | None = "2:4"
+    # Module-name globs of the Linear layers to prune; None = every Linear of the model's blocks
+    # (decoder or encoder layers), never the embeddings, the LM head or a classifier.
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
     sparsegpt: SparseGPTSchema = field(default_factory=SparseGPTSchema)
+    # Score the model before and after pruning (held-out perplexity / dev accuracy).
     evaluate: bool = True
+    # Where pruning and scoring run: auto = the first CUDA GPU if there is one, else the CPU; or cpu, cuda,
+    # cuda:1. The saved model and masks are the same either way (up to float rounding in the SparseGPT updates).
     device: str = "auto"
 
 
@@ -238,16 +254,18 @@ class GenerationBenchSchema:
 
 
 @dataclass
-class ServeBenchSchema:
+class ServeBenchSchema(CommandSchema):
     """``python -m distill.serve_bench`` (conf/serve_bench.yaml): serving latency and energy of a run."""
 
-    paths: Any = MISSING
-    data: Any = MISSING
     task_name: str = "serve_bench"
-    seed: int = 0
+    # A run folder with student/ (and student_int8/ after QAT).
     run_dir: str = MISSING
+    # The teacher to compare against: a save_pretrained folder, hub id or (causal LMs) GGUF file; None = none.
     teacher_path: str | None = None
+    # An int8 export to serve as student_int8 (a folder with model.onnx, e.g. distill.quantize's model_int8/);
+    # None = the run's own student_int8/ (QAT runs), if it has one.
     int8_path: str | None = None
+    # Each thread count is measured separately (torch and ONNX Runtime both use that many).
     threads: list[int] = field(default_factory=lambda: [1, 2])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     warmup: int = 3
@@ -256,29 +274,48 @@ class ServeBenchSchema:
 
 
 @dataclass
-class QuantizeSchema:
+class QuantizeSchema(CommandSchema):
     """``python -m distill.quantize`` (conf/quantize.yaml): post-training int8 export for ONNX Runtime."""
 
-    paths: Any = MISSING
-    data: Any = MISSING
     task: Any = MISSING
     task_name: str = "quantize"
-    seed: int = 0
+    # A save_pretrained folder, hub id or GGUF file (distill/utils/references.py).
     model: str = MISSING
+    # Module-name globs of the Linear layers to quantize; None = every Linear of the model's blocks (decoder or
+    # encoder layers), never the embeddings, the LM head or a classifier: what compression=qat8 targets.
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     evaluate: bool = True
 
 
 @dataclass
-class GenerateSchema:
+class GenerateSchema(CommandSchema):
     """``python -m distill.generate`` (conf/generate.yaml): the teacher's responses to a prompt pool."""
 
-    paths: Any = MISSING
-    data: Any = MISSING
     task_name: str = "generate"
-    seed: int = 0
+    # Sampled responses draw from it (greedy ones do not depend on it): train.yaml's, as the runs that read them.
+    seed: int = 42
+    # The model that answers (the teacher): a hub id, a save_pretrained folder or a GGUF file.
     model: str = MISSING
+
+
+@dataclass
+class LatencySchema:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 3
+    repeats: int = 20
+    # CPU threads torch uses; None = its default.
+    threads: int | None = None
+
+
+@dataclass
+class EvalSchema(CommandSchema):
+    """``python -m distill.eval`` (conf/eval.yaml): dev accuracy, parameter counts and CPU latency of a student."""
+
+    task_name: str = "eval"
+    # A save_pretrained folder (the run folder's student/) or any HF classifier id.
+    student_path: str = MISSING
+    latency: LatencySchema = field(default_factory=LatencySchema)
 
 
 COMMANDS = {
@@ -286,6 +323,7 @@ COMMANDS = {
     "serve_bench_schema": ServeBenchSchema,
     "quantize_schema": QuantizeSchema,
     "generate_schema": GenerateSchema,
+    "eval_schema": EvalSchema,
 }
 
 
