@@ -120,17 +120,17 @@ def _annotations(function: Callable) -> dict[str, Any]:
 def _schema_field(parameter: inspect.Parameter, hint: Any) -> tuple[str, Any, Any]:
     """A dataclass field for ``parameter``: nested settings get their dataclass's defaults, a parameter
     without a default is ``???``, sequences become lists."""
-    default, settings = parameter.default, _settings_class(hint)
+    default, settings, kind = parameter.default, _settings_class(hint), config_type(hint)
     if settings is not None and (default is None or isinstance(default, settings)):
         factory = settings if default is None else functools.partial(copy.deepcopy, default)
         return parameter.name, settings, field(default_factory=factory)
     if default is inspect.Parameter.empty:
-        default = MISSING
-    elif isinstance(default, (list, tuple, set, frozenset)):
-        return parameter.name, config_type(hint), field(default_factory=functools.partial(list, default))
-    elif isinstance(default, dict):
-        return parameter.name, config_type(hint), field(default_factory=functools.partial(dict, default))
-    return parameter.name, config_type(hint), field(default=default)
+        return parameter.name, kind, field(default=MISSING)
+    if isinstance(default, (list, tuple, set, frozenset)):
+        return parameter.name, kind, field(default_factory=functools.partial(list, default))
+    if isinstance(default, dict):
+        return parameter.name, kind, field(default_factory=functools.partial(dict, default))
+    return parameter.name, kind, field(default=default)
 
 
 def _settings_parameters(function: Callable, skip: Iterable[str] = ()) -> list[tuple[inspect.Parameter, Any]]:
@@ -190,6 +190,7 @@ def schema_of(
 
 
 def _copied_fields(settings: type) -> list[tuple[str, Any, Any]]:
+    """The fields of the dataclass ``settings``, typed for OmegaConf, with its defaults."""
     hints = get_type_hints(settings)
     return [
         (key.name, config_type(hints[key.name]), field(default=key.default, default_factory=key.default_factory))
