@@ -10,6 +10,7 @@ the checkpoint like the other masking callbacks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ def read_masks(path: str | Path, prefix: str = "") -> dict[str, Tensor]:
 
 
 class HeldMasks(MaskingCallback):
-    def __init__(self, masks_file: str, prefix: str = "student.", include=DEFAULT_INCLUDE, **settings: Any) -> None:
+    def __init__(
+        self, masks_file: str, prefix: str = "student.", include: Sequence[str] = DEFAULT_INCLUDE, **settings: Any
+    ) -> None:
         super().__init__(include=include, **settings)
         self.masks_file, self.prefix = masks_file, prefix
         self.saved_masks: dict[str, Tensor] = {}

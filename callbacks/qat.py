@@ -94,7 +94,9 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
 class QuantizationAwareTraining(CompressionCallback):
     """Fake-quantize the targeted Linear layers from ``start_step`` to the end of fit."""
 
-    def __init__(self, start_step: int = 0, include: Sequence[str] = DEFAULT_INCLUDE, exclude=()) -> None:
+    def __init__(
+        self, start_step: int = 0, include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = ()
+    ) -> None:
         if start_step < 0:
             raise ValueError(f"start_step={start_step!r} must be >= 0")
         self.start_step = start_step

@@ -25,8 +25,8 @@ def sentence(*words: int) -> list[int]:
 
 
 def augmenter(**settings) -> TokenAugmenter:
-    base = dict(mask_prob=0.0, replace_prob=0.0, span_prob=0.0)
-    return TokenAugmenter(MASK, SPECIAL, **{**base, **settings})
+    base = dict(copies=1, mask_prob=0.0, replace_prob=0.0, span_prob=0.0)
+    return TokenAugmenter(mask_token_id=MASK, special_ids=SPECIAL, **{**base, **settings})
 
 
 def test_masking_keeps_special_tokens_and_length() -> None:

@@ -139,7 +139,7 @@ def test_rejects_non_positive_temperature(temperature: float) -> None:
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
 def test_rejects_alpha_outside_unit_interval(alpha: float) -> None:
-    with pytest.raises(ValueError, match=rf"alpha={alpha!r} must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=rf"alpha={alpha!r} is outside \[0.0, 1.0\]"):
         KDLoss(temperature=2.0, alpha=alpha)
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill.data.prompts import PromptResponseDataModule, pack_responses, passages
 from distill.data.text import IGNORE_INDEX, TextDataModule
 from distill.losses.kd import kd_loss_terms
-from distill.modules.on_policy import OnPolicy
+from distill.modules.on_policy import OnPolicy, OnPolicySettings
 from distill.tasks import CausalLMTask
 from distill.tasks.causal_lm import next_token_nll
 from distill.train import train
@@ -210,12 +210,12 @@ def test_token_mean_over_prompt_rows_is_the_whole_steps_under_accumulation(tmp_p
 
 
 def test_on_policy_steps_resample_responses_from_the_student() -> None:
-    sampler = OnPolicy(probability=0.5, pad_id=0, end_ids={3}, max_new_tokens=4, seed=1)
+    sampler = OnPolicy(OnPolicySettings(probability=0.5, max_new_tokens=4), pad_id=0, end_ids={3}, seed=1)
     draws = [sampler.draws(step) for step in range(200)]
-    assert draws == [OnPolicy(0.5, 0, {3}, seed=1).draws(step) for step in range(200)]  # reproducible
+    assert draws == [OnPolicy(OnPolicySettings(0.5), 0, {3}, seed=1).draws(step) for step in range(200)]  # reproducible
     assert 70 < sum(draws) < 130
-    assert not any(OnPolicy(0.0, 0, {3}).draws(step) for step in range(50))
-    assert all(OnPolicy(1.0, 0, {3}).draws(step) for step in range(50))
+    assert not any(OnPolicy(OnPolicySettings(0.0), 0, {3}).draws(step) for step in range(50))
+    assert all(OnPolicy(OnPolicySettings(1.0), 0, {3}).draws(step) for step in range(50))
     rows = pack_responses([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], width=8, pad_id=0)
     batch = {name: torch.as_tensor(rows[name]) for name in ("input_ids", "attention_mask")}
     new_batch, labels = sampler.resample(tiny_llama(40, layers=1), batch, torch.as_tensor(rows["labels"]))
@@ -227,7 +227,7 @@ def test_on_policy_steps_resample_responses_from_the_student() -> None:
         assert new_batch["attention_mask"][row].sum() == len(prompt) + len(sampled)
     assert sampler.metrics()["onpolicy/batches"] == 1
     with pytest.raises(ValueError, match=r"distill.on_policy.probability=1.5 must be in \[0, 1\]"):
-        OnPolicy(1.5, 0, {3})
+        OnPolicySettings(1.5)
 
 
 def test_generate_cli_fills_the_cache_the_run_reads(

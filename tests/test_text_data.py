@@ -233,7 +233,7 @@ def test_block_size_above_the_context_is_refused(text_module) -> None:
     module.check_context(64)
     with pytest.raises(ValueError, match=r"data.block_size=64 exceeds the model's context length of 32"):
         module.check_context(32)
-    with pytest.raises(ValueError, match=r"data.train_limit_blocks=0"):
+    with pytest.raises(ValueError, match=r"^train_limit_blocks=0 must be a positive number"):
         text_module(train_limit_blocks=0)
 
 

@@ -1,288 +1,213 @@
-"""Dataclass schemas for the config groups that distill owns.
+"""Structured-config schemas for the config groups that distill owns, and the checks run before any stage.
 
-Group YAML files list ``<name>_schema`` first in their defaults, so a mistyped key in
-a preset or on the command line fails while Hydra composes the config, and types are
-checked. Value ranges are checked by :func:`validate`, before any data is loaded.
+Group YAML files list ``<name>_schema`` first in their defaults, so a mistyped key in a preset or on the
+command line fails while Hydra composes the config, and types are checked. A component's schema is read
+off the signature of the callable its ``_target_`` names (:func:`schema_of`): the keys, types and defaults
+are the constructor's own, its nested settings are the dataclasses it takes, so each default is stated
+once and the YAML states what differs. The commands without a constructor (``python -m distill.prune``,
+``quantize``, ``eval``, ``generate``, ``serve_bench``) have their dataclass here, as their one source.
+:func:`validate` runs each component's own range checks on its config node, before any data is loaded.
 ``register_schemas`` is called by the entry points; nothing registers at import time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import collections.abc as abc
+import copy
+import functools
+import inspect
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
+from enum import Enum
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from distill.losses.divergences import check_divergence_args
-from distill.serve.generation import SamplingSettings
+# Every student builder is handed the prepared teacher and the data module; the module, the run's objects.
+STUDENT_RUNTIME = ("teacher", "datamodule")
+MODULE_RUNTIME = ("student", "teacher", "num_labels", "teacher_logits", "task", "teacher_memo", "on_policy")
+
+# (group, name) -> the `_target_` the schema is read from, the arguments the run passes when it instantiates
+# the node (objects, not settings: left out), and schema_of's other options.
+DERIVED: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any]]] = {
+    ("teacher", "teacher_schema"): ("distill.models.teacher.prepare_teacher", ("datamodule", "task"), {}),
+    ("student", "from_teacher_schema"): ("distill.models.student.from_teacher", STUDENT_RUNTIME, {}),
+    ("student", "from_config_schema"): ("distill.models.student.from_config", STUDENT_RUNTIME, {}),
+    ("student", "pretrained_schema"): ("distill.models.student.from_pretrained", STUDENT_RUNTIME, {}),
+    ("student", "pruned_schema"): (
+        "distill.models.student.pruned",
+        STUDENT_RUNTIME,
+        {"forwards": "distill.pruning.structured.pruned_student"},
+    ),
+    ("task", "classification_schema"): ("distill.tasks.ClassificationTask", (), {}),
+    ("task", "causal_lm_schema"): ("distill.tasks.CausalLMTask", (), {}),
+    ("task", "token_classification_schema"): ("distill.tasks.token_classification.TokenClassificationTask", (), {}),
+    ("data", "data_schema"): ("distill.data.glue.GlueDataModule", (), {}),
+    ("data", "text_data_schema"): ("distill.data.text.TextDataModule", (), {}),
+    ("data", "prompt_data_schema"): ("distill.data.prompts.PromptResponseDataModule", (), {}),
+    ("data", "tagged_data_schema"): ("distill.data.tagged.TaggedDataModule", (), {}),
+    # `distill` also holds the stages' keys (the teacher-logit store, the on-policy sampler): build_module
+    # leaves them out of the partial module it instantiates.
+    ("distill", "distill_schema"): (
+        "distill.modules.distillation.DistillationModule",
+        MODULE_RUNTIME,
+        {"partial": True, "extra": "distill.pipeline.stages.StageSettings"},
+    ),
+    ("compression_schema", "magnitude_pruning"): ("distill.callbacks.magnitude_pruning.MagnitudePruning", (), {}),
+    ("compression_schema", "nm_sparsity"): ("distill.callbacks.nm_sparsity.NMSparsity", (), {}),
+    ("compression_schema", "qat"): ("distill.callbacks.qat.QuantizationAwareTraining", (), {}),
+    ("compression_schema", "held_masks"): (
+        "distill.callbacks.held_masks.HeldMasks",
+        (),
+        {"forwards": "distill.callbacks.masking.MaskingCallback"},
+    ),
+}
+
+_SCALARS = (int, float, bool, str, bytes, Path)
+_SEQUENCES = (list, tuple, set, frozenset, abc.Sequence, abc.MutableSequence, abc.Iterable, abc.Collection, abc.Set)
+_MAPPINGS = (dict, abc.Mapping, abc.MutableMapping)
+
+
+def config_type(hint: Any) -> Any:
+    """``hint`` as OmegaConf can type a node: ``X | None`` is ``Optional[X]``, sequences are lists, mappings
+    dicts; scalars, enums and dataclasses stay; anything else (a model, a data module, a callable) is Any."""
+    if hint in _SCALARS or hint is Any or is_dataclass(hint) or (isinstance(hint, type) and issubclass(hint, Enum)):
+        return hint
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        members = _not_none(hint)
+        inner = config_type(members[0]) if len(members) == 1 else Any
+        # typing's Optional: every OmegaConf version reads it.
+        return inner if inner is Any else Optional[inner]  # noqa: UP045
+    if origin in _SEQUENCES or hint in _SEQUENCES:
+        return list[config_type(args[0])] if args else list[Any]
+    if origin in _MAPPINGS or hint in _MAPPINGS:
+        return dict[config_type(args[0]), config_type(args[1])] if args else dict[str, Any]
+    return Any
+
+
+def _not_none(hint: Any) -> list[Any]:
+    """The members of a union but None; ``[hint]`` for anything else."""
+    return [arg for arg in get_args(hint) if arg is not NoneType] if get_origin(hint) in (Union, UnionType) else [hint]
+
+
+def _settings_class(hint: Any) -> type | None:
+    """The dataclass a parameter takes (``X`` or ``X | None``): its nested settings."""
+    members = _not_none(hint)
+    return members[0] if len(members) == 1 and isinstance(members[0], type) and is_dataclass(members[0]) else None
+
+
+def _annotations(function: Callable) -> dict[str, Any]:
+    """Each parameter's annotation, evaluated where ``function`` is defined (Any where it cannot be)."""
+    code = function.__init__ if isinstance(function, type) else function
+    namespace = getattr(code, "__globals__", {})
+    hints = {}
+    for name, parameter in inspect.signature(function).parameters.items():
+        hint = parameter.annotation
+        if isinstance(hint, str):  # `from __future__ import annotations`: evaluated as typing.get_type_hints would
+            try:
+                hint = eval(hint, namespace)
+            except Exception:  # a name imported only for type checkers
+                hint = Any
+        hints[name] = Any if hint is inspect.Parameter.empty else hint
+    return hints
+
+
+def _schema_field(parameter: inspect.Parameter, hint: Any) -> tuple[str, Any, Any]:
+    """A dataclass field for ``parameter``: nested settings get their dataclass's defaults, a parameter
+    without a default is ``???``, sequences become lists."""
+    default, settings, kind = parameter.default, _settings_class(hint), config_type(hint)
+    if settings is not None and (default is None or isinstance(default, settings)):
+        factory = settings if default is None else functools.partial(copy.deepcopy, default)
+        return parameter.name, settings, field(default_factory=factory)
+    if default is inspect.Parameter.empty:
+        return parameter.name, kind, field(default=MISSING)
+    if isinstance(default, (list, tuple, set, frozenset)):
+        return parameter.name, kind, field(default_factory=functools.partial(list, default))
+    if isinstance(default, dict):
+        return parameter.name, kind, field(default_factory=functools.partial(dict, default))
+    return parameter.name, kind, field(default=default)
+
+
+def _settings_parameters(function: Callable, skip: Iterable[str] = ()) -> list[tuple[inspect.Parameter, Any]]:
+    hints, skip = _annotations(function), set(skip)
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [
+        (parameter, hints[name])
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind in keyword and name not in skip
+    ]
+
+
+def schema_of(
+    target: str,
+    runtime: Iterable[str] = (),
+    *,
+    forwards: str | None = None,
+    partial: bool = False,
+    extra: str | None = None,
+    name: str | None = None,
+) -> type:
+    """The structured-config dataclass of the callable ``target`` names, read off its signature.
+
+    Args:
+        target: the ``_target_`` (a class or a function); its keyword parameters are the keys, their
+            annotations (made OmegaConf's) the types, their defaults the defaults; a parameter without a
+            default is ``???``, one that takes a settings dataclass (``X | None = None``) a nested node
+            with that dataclass's defaults.
+        runtime: parameters the run passes at instantiate time (the teacher, the data module, ...): not keys.
+        forwards: where ``target`` sends its ``**settings``: that callable's parameters with defaults that
+            ``target`` does not name become keys too.
+        partial: the node instantiates with ``_partial_: true`` (the run adds ``runtime`` to the partial).
+        extra: a dataclass whose fields the node also holds for the run (not ``target``'s: the run removes
+            them before instantiating).
+        name: the class name (OmegaConf's errors name it).
+    """
+    runtime = tuple(runtime)
+    component = get_object(target)
+    parameters = inspect.signature(component).parameters
+    unknown = [argument for argument in runtime if argument not in parameters]
+    if unknown:
+        raise TypeError(f"{target} takes no {unknown}: the runtime arguments must be its parameters")
+    settings = _settings_parameters(component, runtime)
+    if forwards is not None:
+        if not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+            raise TypeError(f"{target} takes no **settings to forward to {forwards}")
+        forwarded = _settings_parameters(get_object(forwards), parameters)
+        settings += [(parameter, hint) for parameter, hint in forwarded if parameter.default is not parameter.empty]
+    keys = [("_target_", str, field(default=target))]
+    keys += [("_partial_", bool, field(default=True))] if partial else []
+    keys += [_schema_field(parameter, hint) for parameter, hint in settings]
+    extra_class = get_object(extra) if extra is not None else None
+    keys += _copied_fields(extra_class) if extra_class is not None else []
+    # Not fields: what validate checks a node with (the component's check_settings, the extra's __post_init__).
+    namespace = {"builds": component, "extra": extra_class}
+    return make_dataclass(name or f"{component.__name__}Schema", keys, namespace=namespace)
+
+
+def _copied_fields(settings: type) -> list[tuple[str, Any, Any]]:
+    """The fields of the dataclass ``settings``, typed for OmegaConf, with its defaults."""
+    hints = get_type_hints(settings)
+    return [
+        (key.name, config_type(hints[key.name]), field(default=key.default, default_factory=key.default_factory))
+        for key in fields(settings)
+    ]
 
 
 @dataclass
-class FinetuneSettings:
-    epochs: int = 1
-    max_steps: int = -1
-    lr: float = 5e-5
-    batch_size: int = 32
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
+class CommandSchema:
+    """The root keys of every command: its groups (chosen in its YAML), its run folder's name and its seed."""
+
+    paths: Any = MISSING
+    data: Any = MISSING
+    task_name: str = MISSING
     seed: int = 0
-    val_checks_per_epoch: int = 1
-    dropout: float | None = None
-
-
-@dataclass
-class TeacherSchema:
-    _target_: str = "distill.models.teacher.prepare_teacher"
-    name_or_path: str = MISSING
-    finetune: bool = False
-    cache_dir: str = MISSING
-    finetune_settings: FinetuneSettings = field(default_factory=FinetuneSettings)
-
-
-@dataclass
-class FromTeacherSchema:
-    _target_: str = "distill.models.student.from_teacher"
-    layers: list[int] = MISSING
-
-
-@dataclass
-class FromConfigSchema:
-    _target_: str = "distill.models.student.from_config"
-    num_hidden_layers: int = MISSING
-    hidden_size: int = MISSING
-    num_attention_heads: int = MISSING
-    intermediate_size: int = MISSING
-
-
-@dataclass
-class PretrainedSchema:
-    _target_: str = "distill.models.student.from_pretrained"
-    name_or_path: str = MISSING
-
-
-@dataclass
-class PrunedShapeSchema:
-    """An explicit student shape; unset fields keep the teacher's."""
-
-    num_layers: int | None = None
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-
-
-@dataclass
-class PrunedSchema:
-    """A smaller dense student cut from the teacher by measured importance (distill/pruning/structured.py)."""
-
-    _target_: str = "distill.models.student.pruned"
-    # A parameter count to reach by shrinking `axes`, or an explicit (partial) shape; one of the two.
-    target_params: int | None = None
-    shape: PrunedShapeSchema = field(default_factory=PrunedShapeSchema)
-    axes: list[str] = field(default_factory=lambda: ["depth"])
-    layer_score: str = "nll"
-    calibration_batches: int = 8
-    report_path: str | None = None
-    # Where cut students are kept for reuse (distill/stores/pruned_students.py); null prunes every run.
-    cache_dir: str | None = None
-
-
-@dataclass
-class ClassificationTaskSchema:
-    _target_: str = "distill.tasks.ClassificationTask"
-    num_labels: int = MISSING
-
-
-@dataclass
-class TokenClassificationTaskSchema:
-    _target_: str = "distill.tasks.token_classification.TokenClassificationTask"
-    label_names: list[str] = MISSING
-
-
-@dataclass
-class CausalLMTaskSchema:
-    _target_: str = "distill.tasks.CausalLMTask"
-    fused_kd: bool = True
-    samples: int = 4
-    prompt_tokens: int = 32
-    new_tokens: int = 48
-
-
-@dataclass
-class OnPolicySchema:
-    """GKD's on-policy steps (distill/modules/on_policy.py); probability (λ) 0 turns them off."""
-
-    probability: float = 0.0
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-
-@dataclass
-class DistillSchema:
-    temperature: float = 2.0
-    alpha: float = 0.5
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    warmup_ratio: float = 0.06
-    hidden_weight: float = 0.0
-    hidden_layers: list[int] | None = None
-    teacher_cache: str = "none"
-    # With teacher_cache=precompute: store only the teacher's K largest logits per example (distill.losses.topk).
-    teacher_cache_topk: int | None = None
-    # float16: top-K values stored in half precision (token-level stores: 260 bytes per token at K=64).
-    teacher_cache_dtype: str = "float32"
-    optimizer: Any = MISSING
-    on_policy: OnPolicySchema = field(default_factory=OnPolicySchema)
-
-
-@dataclass
-class AugmentSchema:
-    """Perturbed, unlabelled copies of each training example (distill.data.augment); 0 copies = off."""
-
-    copies: int = 0
-    mask_prob: float = 0.1
-    replace_prob: float = 0.1
-    span_prob: float = 0.25
-    max_span: int = 5
-
-
-@dataclass
-class DataSchema:
-    _target_: str = "distill.data.glue.GlueDataModule"
-    task: str = MISSING
-    text_fields: list[str] = MISSING
-    label_field: str = "label"
-    num_labels: int = MISSING
-    label_names: list[str] | None = None
-    data_dir: str = MISSING
-    cache_dir: str = MISSING
-    tokenizer: str = MISSING
-    max_length: int = 128
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    num_workers: int = 0
-    train_limit: int | None = None
-    val_limit: int | None = None
-    seed: int = 0
-    group_by_length: bool = False
-    augment: AugmentSchema = field(default_factory=AugmentSchema)
-
-
-@dataclass
-class TaggedDataSchema:
-    """Tagged sentences for token classification (distill/data/tagged.py)."""
-
-    _target_: str = "distill.data.tagged.TaggedDataModule"
-    name: str = MISSING
-    label_names: list[str] = MISSING
-    data_dir: str = MISSING
-    tokenizer: str = MISSING
-    max_length: int = 64
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    num_workers: int = 0
-    seed: int = 0
-
-
-@dataclass
-class TextDataSchema:
-    """Plain-text documents packed into blocks for causal LMs (distill/data/text.py)."""
-
-    _target_: str = "distill.data.text.TextDataModule"
-    data_dir: str = MISSING
-    pattern: str = "*.txt"
-    hub_dataset: str | None = None
-    hub_config: str | None = None
-    text_field: str = "text"
-    add_bos: bool = False
-    val_files: list[str] = MISSING
-    test_files: list[str] = MISSING
-    cache_dir: str = MISSING
-    tokenizer: str = MISSING
-    block_size: int = 512
-    batch_size: int = 8
-    eval_batch_size: int = 8
-    num_workers: int = 0
-    seed: int = 0
-    slice_seed: int = 0
-    train_limit_blocks: int | None = None
-    val_limit_blocks: int | None = None
-    test_limit_blocks: int | None = None
-
-
-@dataclass
-class PromptDataSchema:
-    """Prompts cut from a corpus and the teacher's responses (distill/data/prompts.py)."""
-
-    _target_: str = "distill.data.prompts.PromptResponseDataModule"
-    corpus: TextDataSchema = field(default_factory=TextDataSchema)
-    cache_dir: str = MISSING
-    instruction: str = "{passage}"
-    prompts: dict[str, int] = field(default_factory=lambda: {"train": 1024, "validation": 64, "test": 128})
-    passage_tokens: int = 48
-    max_prompt_tokens: int = 128
-    chat_template: bool = True
-    generation: SamplingSettings = field(default_factory=SamplingSettings)
-    shard_size: int = 256
-    generation_batch_size: int = 16
-    train_on: str = "responses"
-    train_tokens: int | None = None
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    seed: int = 0
-    pool_seed: int = 0
-
-
-ENCODER_LINEARS = ["student.*encoder.layer.*"]
-
-
-@dataclass
-class TargetsSchema:
-    """Which Linear layers a compression callback touches (module-name globs)."""
-
-    include: list[str] = field(default_factory=lambda: list(ENCODER_LINEARS))
-    exclude: list[str] = field(default_factory=list)
-
-
-@dataclass
-class MaskingSchema(TargetsSchema):
-    zero_optimizer_state: bool = True
-    allow_overlap: bool = False
-
-
-@dataclass
-class MagnitudePruningSchema(MaskingSchema):
-    _target_: str = "distill.callbacks.magnitude_pruning.MagnitudePruning"
-    final_sparsity: float = MISSING
-    start_step: int = MISSING
-    end_step: int = MISSING
-    frequency: int = 100
-    initial_sparsity: float = 0.0
-    scope: str = "layer"
-
-
-@dataclass
-class NMSparsitySchema(MaskingSchema):
-    _target_: str = "distill.callbacks.nm_sparsity.NMSparsity"
-    n: int = 2
-    m: int = 4
-    prune_step: int = 0
-    backend: str = "auto"
-
-
-@dataclass
-class HeldMasksSchema(MaskingSchema):
-    _target_: str = "distill.callbacks.held_masks.HeldMasks"
-    masks_file: str = MISSING
-    prefix: str = "student."
-
-
-@dataclass
-class QATSchema(TargetsSchema):
-    _target_: str = "distill.callbacks.qat.QuantizationAwareTraining"
-    start_step: int = 0
 
 
 @dataclass
@@ -294,28 +219,34 @@ class CalibrationSchema:
 @dataclass
 class SparseGPTSchema:
     block_size: int = 128
+    # Fraction of mean(diag H) added to H's diagonal before it is inverted.
     damp: float = 0.01
     hessian_dtype: str = "float32"
 
 
 @dataclass
-class PruneSchema:
+class PruneSchema(CommandSchema):
     """``python -m distill.prune`` (conf/prune.yaml): one-shot pruning of one model."""
 
-    paths: Any = MISSING
-    data: Any = MISSING
     task: Any = MISSING
     task_name: str = "prune"
-    seed: int = 0
+    # A hub id, a save_pretrained folder or a GGUF file (distill/utils/references.py).
     model: str = MISSING
+    # sparsegpt, wanda or magnitude.
     method: str = "sparsegpt"
+    # Exactly one: unstructured sparsity in [0, 1), or N:M along the input dimension ("2:4", "4:8").
     sparsity: float | None = None
-    pattern: str | None = None
+    pattern: str | None = "2:4"
+    # Module-name globs of the Linear layers to prune; None = every Linear of the model's blocks
+    # (decoder or encoder layers), never the embeddings, the LM head or a classifier.
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
     sparsegpt: SparseGPTSchema = field(default_factory=SparseGPTSchema)
+    # Score the model before and after pruning (held-out perplexity / dev accuracy).
     evaluate: bool = True
+    # Where pruning and scoring run: auto = the first CUDA GPU if there is one, else the CPU; or cpu, cuda,
+    # cuda:1. The saved model and masks are the same either way (up to float rounding in the SparseGPT updates).
     device: str = "auto"
 
 
@@ -326,17 +257,20 @@ class GenerationBenchSchema:
 
 
 @dataclass
-class ServeBenchSchema:
+class ServeBenchSchema(CommandSchema):
     """``python -m distill.serve_bench`` (conf/serve_bench.yaml): serving latency and energy of a run."""
 
-    paths: Any = MISSING
-    data: Any = MISSING
     task_name: str = "serve_bench"
-    seed: int = 0
+    # A run folder with student/ (and student_int8/ after QAT).
     run_dir: str = MISSING
+    # The run's task (conf/task/); None = the one in run_dir/.hydra/config.yaml.
     task: Any = None
+    # The teacher to compare against: a save_pretrained folder, hub id or (causal LMs) GGUF file; None = none.
     teacher_path: str | None = None
+    # An int8 export to serve as student_int8 (a folder with model.onnx, e.g. distill.quantize's model_int8/);
+    # None = the run's own student_int8/ (QAT runs), if it has one.
     int8_path: str | None = None
+    # Each thread count is measured separately (torch and ONNX Runtime both use that many).
     threads: list[int] = field(default_factory=lambda: [1, 2])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     warmup: int = 3
@@ -345,68 +279,81 @@ class ServeBenchSchema:
 
 
 @dataclass
-class QuantizeSchema:
+class QuantizeSchema(CommandSchema):
     """``python -m distill.quantize`` (conf/quantize.yaml): post-training int8 export for ONNX Runtime."""
 
-    paths: Any = MISSING
-    data: Any = MISSING
     task: Any = MISSING
     task_name: str = "quantize"
-    seed: int = 0
+    # A save_pretrained folder, hub id or GGUF file (distill/utils/references.py).
     model: str = MISSING
+    # Module-name globs of the Linear layers to quantize; None = every Linear of the model's blocks (decoder or
+    # encoder layers), never the embeddings, the LM head or a classifier: what compression=qat8 targets.
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     evaluate: bool = True
 
 
 @dataclass
-class GenerateSchema:
+class GenerateSchema(CommandSchema):
     """``python -m distill.generate`` (conf/generate.yaml): the teacher's responses to a prompt pool."""
 
-    paths: Any = MISSING
-    data: Any = MISSING
     task_name: str = "generate"
-    seed: int = 0
+    # Sampled responses draw from it (greedy ones do not depend on it): train.yaml's, as the runs that read them.
+    seed: int = 42
+    # The model that answers (the teacher): a hub id, a save_pretrained folder or a GGUF file.
     model: str = MISSING
 
 
-_SCHEMAS = {
-    ("teacher", "teacher_schema"): TeacherSchema,
-    ("student", "from_teacher_schema"): FromTeacherSchema,
-    ("student", "from_config_schema"): FromConfigSchema,
-    ("student", "pretrained_schema"): PretrainedSchema,
-    ("student", "pruned_schema"): PrunedSchema,
-    ("task", "classification_schema"): ClassificationTaskSchema,
-    ("task", "causal_lm_schema"): CausalLMTaskSchema,
-    ("task", "token_classification_schema"): TokenClassificationTaskSchema,
-    ("data", "tagged_data_schema"): TaggedDataSchema,
-    ("data", "text_data_schema"): TextDataSchema,
-    ("data", "prompt_data_schema"): PromptDataSchema,
-    ("distill", "distill_schema"): DistillSchema,
-    ("data", "data_schema"): DataSchema,
-    ("compression_schema", "magnitude_pruning"): MagnitudePruningSchema,
-    ("compression_schema", "nm_sparsity"): NMSparsitySchema,
-    ("compression_schema", "qat"): QATSchema,
-    ("compression_schema", "held_masks"): HeldMasksSchema,
-    (None, "prune_schema"): PruneSchema,
-    (None, "serve_bench_schema"): ServeBenchSchema,
-    (None, "quantize_schema"): QuantizeSchema,
-    (None, "generate_schema"): GenerateSchema,
+@dataclass
+class LatencySchema:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 3
+    repeats: int = 20
+    # CPU threads torch uses; None = its default.
+    threads: int | None = None
+
+
+@dataclass
+class EvalSchema(CommandSchema):
+    """``python -m distill.eval`` (conf/eval.yaml): dev accuracy, parameter counts and CPU latency of a student."""
+
+    task: Any = MISSING
+    task_name: str = "eval"
+    # A save_pretrained folder (the run folder's student/) or any HF model id of the task's class.
+    student_path: str = MISSING
+    latency: LatencySchema = field(default_factory=LatencySchema)
+
+
+COMMANDS = {
+    "prune_schema": PruneSchema,
+    "serve_bench_schema": ServeBenchSchema,
+    "quantize_schema": QuantizeSchema,
+    "generate_schema": GenerateSchema,
+    "eval_schema": EvalSchema,
 }
+
+
+def _class_name(name: str) -> str:
+    words = "".join(word.title() for word in name.split("_"))
+    return words if words.endswith("Schema") else f"{words}Schema"
+
+
+@functools.cache
+def derived_schemas() -> dict[tuple[str, str], type]:
+    """The schemas of :data:`DERIVED`, read off their targets' signatures (imports them)."""
+    return {
+        (group, name): schema_of(target, runtime, name=_class_name(name), **options)
+        for (group, name), (target, runtime, options) in DERIVED.items()
+    }
 
 
 def register_schemas() -> None:
     """Make the schemas available to Hydra's defaults lists (idempotent)."""
     store = ConfigStore.instance()
-    for (group, name), schema in _SCHEMAS.items():
+    for (group, name), schema in derived_schemas().items():
         store.store(group=group, name=name, node=schema)
-
-
-def _check_range(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
-    too_low = value <= low if open_low else value < low
-    if too_low or value > high:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name}={value!r} is outside {bracket}{low}, {high}]")
+    for name, schema in COMMANDS.items():
+        store.store(name=name, node=schema)
 
 
 def unset_keys(node: Any, prefix: str = "") -> list[str]:
@@ -419,28 +366,53 @@ def unset_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Reject out-of-range values that types alone cannot catch, naming the bad value."""
+    """Reject, before any stage runs, unset keys and the values each component's own checks refuse."""
     missing = unset_keys(OmegaConf.to_container(cfg, resolve=False))
     if missing:  # before any stage runs: a `???` found at instantiation would come after the teacher's
         raise ValueError(f"{', '.join(missing)} must be set (the config leaves it `???`), e.g. {missing[0]}=<value>")
-    if cfg.distill.temperature <= 0:
-        raise ValueError(f"distill.temperature={cfg.distill.temperature!r} must be > 0")
-    _check_range("distill.alpha", cfg.distill.alpha, 0.0, 1.0)
-    if cfg.distill.teacher_cache not in ("none", "precompute"):
-        raise ValueError(f"distill.teacher_cache={cfg.distill.teacher_cache!r} must be 'none' or 'precompute'")
+    check_components(cfg)
     _check_teacher_cache_topk(cfg)
-    if cfg.distill.hidden_weight < 0:
-        raise ValueError(f"distill.hidden_weight={cfg.distill.hidden_weight!r} must be >= 0")
-    _check_range("distill.warmup_ratio", cfg.distill.warmup_ratio, 0.0, 1.0)
-    _check_range("teacher.finetune_settings.warmup_ratio", cfg.teacher.finetune_settings.warmup_ratio, 0.0, 1.0)
-    check_divergence_args(cfg.distill.divergence, cfg.distill.beta)
-    for length_key in ("max_length", "block_size", "max_prompt_tokens"):
-        if length_key in cfg.data and cfg.data[length_key] < 2:
-            raise ValueError(f"data.{length_key}={cfg.data[length_key]!r} must be >= 2")
-    for key in ("batch_size", "eval_batch_size"):
-        if cfg.data[key] < 1:
-            raise ValueError(f"data.{key}={cfg.data[key]!r} must be >= 1")
     _check_sharded_compression(cfg)
+
+
+def check_components(node: DictConfig, key: str = "") -> None:
+    """Run on every structured node under ``node`` the checks of what it configures: the ``check_settings``
+    of the component a derived schema builds (its constructor's range checks, without building it), and the
+    ``__post_init__`` of a settings dataclass (by building it from the node), nested nodes included."""
+    for name, child in node.items_ex(resolve=False):
+        if not isinstance(child, DictConfig) or child._is_none() or child._is_missing():
+            continue
+        path = f"{key}.{name}" if key else str(name)
+        for check in _checks_of(child):
+            arguments = [argument for argument in inspect.signature(check).parameters if argument in child]
+            with _named(path):
+                check(**{argument: child[argument] for argument in arguments})
+        check_components(child, path)
+
+
+def _checks_of(node: DictConfig) -> list[Callable[..., Any]]:
+    kind = OmegaConf.get_type(node)
+    checks = []
+    if hasattr(kind, "builds") and node.get("_target_") == kind._target_:  # a node that builds its schema's target
+        checks += [getattr(kind.builds, "check_settings", None), kind.extra]
+    if is_dataclass(kind) and hasattr(kind, "__post_init__"):  # a settings dataclass
+        checks.append(kind)
+    return [check for check in checks if check is not None]
+
+
+_BARE_ARGUMENT = re.compile(r"\w+=")
+
+
+@contextmanager
+def _named(key: str) -> Iterator[None]:
+    """A check's message that names a bare argument (``alpha=1.5 is ...``) gets the node's dotted key in front
+    (``distill.alpha=1.5 is ...``); one that names its config key already (``data.block_size=...``) is kept."""
+    try:
+        yield
+    except ValueError as error:
+        if not _BARE_ARGUMENT.match(str(error)):
+            raise
+        raise ValueError(f"{key}.{error}") from error
 
 
 FSDP_TARGET = "distill.utils.strategies.fsdp"
@@ -457,15 +429,8 @@ def _check_sharded_compression(cfg: DictConfig) -> None:
 
 
 def _check_teacher_cache_topk(cfg: DictConfig) -> None:
+    # The store's own checks (distill.pipeline.stages.StageSettings) ran on `distill`; this one needs `data`.
     topk = cfg.distill.teacher_cache_topk
-    if cfg.distill.teacher_cache_dtype != "float32" and topk is None:
-        raise ValueError(
-            f"distill.teacher_cache_dtype={cfg.distill.teacher_cache_dtype!r} needs distill.teacher_cache_topk"
-        )
-    if topk is None:
-        return
-    if cfg.distill.teacher_cache != "precompute":
-        raise ValueError(f"distill.teacher_cache_topk={topk!r} needs distill.teacher_cache=precompute")
     classes = cfg.data.get("num_labels")  # a vocabulary is only known once the tokenizer loads
-    if topk < 1 or (classes is not None and topk > classes):
+    if topk is not None and (topk < 1 or (classes is not None and topk > classes)):
         raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, data.num_labels={classes}]")

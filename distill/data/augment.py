@@ -20,7 +20,7 @@ the teacher's soft targets are trusted on them (see :class:`distill.modules.dist
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -44,12 +44,11 @@ def sequence_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 @dataclass
-class TokenAugmenter:
-    """Perturbs token-id sequences; special tokens (CLS, SEP, ...) are never touched."""
+class AugmentSettings:
+    """``data.augment`` of :class:`~distill.data.glue.GlueDataModule`: ``copies`` perturbed, unlabelled copies
+    of each training example for the teacher to label (0 turns them off), perturbed as the module docstring says."""
 
-    mask_token_id: int
-    special_ids: frozenset[int]
-    copies: int = 1
+    copies: int = 0
     mask_prob: float = 0.1
     replace_prob: float = 0.1
     span_prob: float = 0.25
@@ -64,10 +63,23 @@ class TokenAugmenter:
             raise ValueError(
                 f"data.augment.mask_prob + replace_prob = {self.mask_prob + self.replace_prob!r} must be <= 1"
             )
-        if self.copies < 1:
-            raise ValueError(f"data.augment.copies={self.copies!r} must be >= 1 to build copies")
+        if self.copies < 0:
+            raise ValueError(f"data.augment.copies={self.copies!r} must be >= 0 (0: no copies)")
         if self.max_span < 1:
             raise ValueError(f"data.augment.max_span={self.max_span!r} must be >= 1")
+
+
+@dataclass
+class TokenAugmenter(AugmentSettings):
+    """Perturbs token-id sequences; special tokens (CLS, SEP, ...) are never touched."""
+
+    mask_token_id: int = field(kw_only=True)
+    special_ids: frozenset[int] = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.copies < 1:
+            raise ValueError(f"data.augment.copies={self.copies!r} must be >= 1 to build copies")
 
     def __call__(self, sequences: list[list[int]], rng: random.Random) -> list[list[int]]:
         """``copies`` perturbed versions of the batch, copy after copy."""
@@ -131,13 +143,17 @@ class AugmentingCollator:
         return batch
 
 
-def build_augmenter(tokenizer: PreTrainedTokenizerBase, pair_task: bool, **settings: Any) -> TokenAugmenter | None:
+def build_augmenter(
+    tokenizer: PreTrainedTokenizerBase, pair_task: bool, settings: AugmentSettings
+) -> TokenAugmenter | None:
     """A :class:`TokenAugmenter` for ``tokenizer`` (``None`` if ``copies=0``); refuses what the task cannot use."""
-    if settings.get("copies", 1) == 0:
+    if settings.copies == 0:
         return None
     if tokenizer.mask_token_id is None:
         raise ValueError(f"data.augment needs a tokenizer with a mask token; {tokenizer.name_or_path!r} has none")
-    augmenter = TokenAugmenter(tokenizer.mask_token_id, frozenset(tokenizer.all_special_ids), **settings)
+    augmenter = TokenAugmenter(
+        **asdict(settings), mask_token_id=tokenizer.mask_token_id, special_ids=frozenset(tokenizer.all_special_ids)
+    )
     if pair_task and augmenter.span_prob > 0:
         raise ValueError(
             f"data.augment.span_prob={augmenter.span_prob!r} crops one sentence of a pair; use 0 for pair tasks"

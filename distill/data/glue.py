@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from distill.data.augment import AugmentingCollator, build_augmenter
+from distill.data.augment import AugmentingCollator, AugmentSettings, build_augmenter
 from distill.data.base import DataModule
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
+from distill.data.split_loaders import check_batch_sizes
 from distill.data.tsv import check_labels, check_tsv_layout
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
+from distill.utils.settings import settings_of
 
 HUB_DATASET = "nyu-mll/glue"
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
@@ -43,7 +46,7 @@ class GlueDataModule(DataModule):
         tokenizer: tokenizer name or path (the teacher's).
         train_limit / val_limit: keep a random slice of train / the first rows of dev.
         group_by_length: draw training batches of similar lengths (far less padding, same epoch).
-        augment: settings of :class:`distill.data.augment.TokenAugmenter`; with ``copies >= 1``
+        augment: :class:`~distill.data.augment.AugmentSettings` (or their mapping); with ``copies >= 1``
             training batches also carry unlabelled, perturbed copies of their examples for the teacher.
     """
 
@@ -65,11 +68,10 @@ class GlueDataModule(DataModule):
         val_limit: int | None = None,
         seed: int = 0,
         group_by_length: bool = False,
-        augment: dict[str, Any] | None = None,
+        augment: AugmentSettings | None = None,
     ) -> None:
         super().__init__()
-        if not 1 <= len(text_fields) <= 2:
-            raise ValueError(f"text_fields={list(text_fields)!r} must name one or two columns")
+        self.check_settings(text_fields, max_length, batch_size, eval_batch_size)
         self.task = task
         self.text_fields = list(text_fields)
         self.label_field = label_field
@@ -88,11 +90,21 @@ class GlueDataModule(DataModule):
         self.group_by_length = group_by_length
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer_key = tokenizer_fingerprint(self.tokenizer)
-        self.augmenter = build_augmenter(self.tokenizer, len(self.text_fields) == 2, **(augment or {"copies": 0}))
+        pair_task = len(self.text_fields) == 2
+        self.augmenter = build_augmenter(self.tokenizer, pair_task, settings_of(AugmentSettings, augment))
         self.splits: dict[str, datasets.Dataset] = {}
         # Lightning calls prepare_data/setup for every fit, validate and test; load and check once.
         self._tokenized: dict[str, datasets.Dataset] | None = None
         self._lengths: dict[str, list[int]] = {}
+
+    @staticmethod
+    def check_settings(text_fields: Sequence[str], max_length: int, batch_size: int, eval_batch_size: int) -> None:
+        """The constructor's range checks, which :func:`distill.config.schemas.validate` also runs on ``data``."""
+        if not 1 <= len(text_fields) <= 2:
+            raise ValueError(f"text_fields={list(text_fields)!r} must name one or two columns")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length!r} must be >= 2")
+        check_batch_sizes(batch_size, eval_batch_size)
 
     def local_files(self) -> dict[str, Path]:
         return {split: self.data_dir / self.task / name for split, name in SPLIT_FILES.items()}

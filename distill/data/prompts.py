@@ -31,13 +31,17 @@ from torch.utils.data import DataLoader
 
 from distill.data.base import DataModule
 from distill.data.documents import HELD_OUT, SPLITS
+from distill.data.split_loaders import check_batch_sizes
 from distill.data.text import BLOCK_FEATURES, IGNORE_INDEX, TextDataModule
 from distill.serve.generation import Generator, SamplingSettings, end_token_ids
 from distill.stores.generations import GenerationStore, settings_key
 from distill.utils.keys import EXAMPLE_INDEX, digest, weights_fingerprint
+from distill.utils.settings import settings_of
 
 log = logging.getLogger(__name__)
 TRAIN_SOURCES = ("responses", "corpus")
+# Prompts drawn per split unless `prompts` says otherwise.
+PROMPT_COUNTS = {"train": 1024, "validation": 64, "test": 128}
 
 
 def passages(text: str, tokenizer: Any, min_tokens: int) -> list[str]:
@@ -110,7 +114,7 @@ class PromptResponseDataModule(DataModule):
         passage_tokens: int = 48,
         max_prompt_tokens: int = 128,
         chat_template: bool = True,
-        generation: dict[str, Any] | None = None,
+        generation: SamplingSettings | None = None,
         shard_size: int = 256,
         generation_batch_size: int = 16,
         train_on: str = "responses",
@@ -121,12 +125,14 @@ class PromptResponseDataModule(DataModule):
         pool_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.counts = dict(prompts or {"train": 1024, "validation": 64, "test": 128})
-        self._check(train_on, train_tokens, instruction)
+        self.check_settings(
+            train_on, train_tokens, instruction, prompts, max_prompt_tokens, batch_size, eval_batch_size
+        )
+        self.counts = dict(prompts or PROMPT_COUNTS)
         self.corpus, self.cache_dir, self.instruction = corpus, cache_dir, instruction
         self.passage_tokens, self.max_prompt_tokens = passage_tokens, max_prompt_tokens
         self.chat_template = chat_template
-        self.settings = SamplingSettings(**(generation or {}))
+        self.settings = settings_of(SamplingSettings, generation)
         self.shard_size, self.generation_batch_size = shard_size, generation_batch_size
         self.train_on, self.train_tokens = train_on, train_tokens
         self.batch_size, self.eval_batch_size, self.seed, self.pool_seed = batch_size, eval_batch_size, seed, pool_seed
@@ -147,18 +153,32 @@ class PromptResponseDataModule(DataModule):
         """Positions per training row (a token store's row): the corpus's blocks, or prompt + response."""
         return self.corpus.block_size if self.train_on == "corpus" else self.max_length
 
-    def _check(self, train_on: str, train_tokens: int | None, instruction: str) -> None:
+    @staticmethod
+    def check_settings(
+        train_on: str,
+        train_tokens: int | None,
+        instruction: str,
+        prompts: dict[str, int] | None,
+        max_prompt_tokens: int,
+        batch_size: int,
+        eval_batch_size: int,
+    ) -> None:
+        """The constructor's range checks, which :func:`distill.config.schemas.validate` also runs on ``data``."""
         if train_on not in TRAIN_SOURCES:
             raise ValueError(f"data.train_on={train_on!r} must be one of {TRAIN_SOURCES}")
         if train_tokens is not None and train_tokens < 1:
             raise ValueError(f"data.train_tokens={train_tokens!r} must be a positive number of tokens or null")
         if "{passage}" not in instruction:
             raise ValueError(f"data.instruction={instruction!r} must contain {{passage}}, where the passage goes")
+        counts = prompts or PROMPT_COUNTS
         for split in SPLITS:
-            if self.counts.get(split, 0) < 1:
+            if counts.get(split, 0) < 1:
                 raise ValueError(
-                    f"data.prompts.{split}={self.counts.get(split)!r}: the prompt pool needs >= 1 prompt per split"
+                    f"data.prompts.{split}={counts.get(split)!r}: the prompt pool needs >= 1 prompt per split"
                 )
+        if max_prompt_tokens < 2:
+            raise ValueError(f"data.max_prompt_tokens={max_prompt_tokens!r} must be >= 2")
+        check_batch_sizes(batch_size, eval_batch_size)
 
     # The prompt pool.
 

@@ -39,6 +39,13 @@ class SplitLoaders:
         return self.dataloader("test", self.eval_batch_size, shuffle=False)
 
 
+def check_batch_sizes(batch_size: int, eval_batch_size: int) -> None:
+    """Every data module's batch sizes are at least 1 (part of each one's ``check_settings``)."""
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value!r} must be >= 1")
+
+
 def split_loader(
     datamodule: pl.LightningDataModule,
     dataset: datasets.Dataset,

@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.data.base import DataModule
 from distill.data.documents import HELD_OUT, DocumentSource, SplitDocuments
+from distill.data.split_loaders import check_batch_sizes
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 from distill.utils.references import load_tokenizer
 
@@ -75,7 +76,7 @@ def pack_blocks(stream: np.ndarray, block_size: int, pad_id: int, keep_tail: boo
 
 def check_limit(option: str, value: int | None) -> None:
     if value is not None and value < 1:
-        raise ValueError(f"data.{option}={value!r} must be a positive number of blocks or null (all)")
+        raise ValueError(f"{option}={value!r} must be a positive number of blocks or null (all)")
 
 
 class TextDataModule(DataModule):
@@ -124,11 +125,8 @@ class TextDataModule(DataModule):
         test_limit_blocks: int | None = None,
     ) -> None:
         super().__init__()
-        if block_size < 2:
-            raise ValueError(f"data.block_size={block_size!r} must be at least 2 (a block predicts all but its first)")
-        check_limit("train_limit_blocks", train_limit_blocks)
-        check_limit("val_limit_blocks", val_limit_blocks)
-        check_limit("test_limit_blocks", test_limit_blocks)
+        limits = (train_limit_blocks, val_limit_blocks, test_limit_blocks)
+        self.check_settings(block_size, batch_size, eval_batch_size, *limits)
         self.limits = {"train": train_limit_blocks, "validation": val_limit_blocks, "test": test_limit_blocks}
         self.cache_dir = Path(cache_dir).expanduser()
         self.source = DocumentSource(
@@ -151,6 +149,23 @@ class TextDataModule(DataModule):
         self._documents: dict[str, SplitDocuments] | None = None
         self._tokenized: dict[str, datasets.Dataset] | None = None
         self._cache_keys: dict[str, str] = {}
+
+    @staticmethod
+    def check_settings(
+        block_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        train_limit_blocks: int | None,
+        val_limit_blocks: int | None,
+        test_limit_blocks: int | None,
+    ) -> None:
+        """The constructor's range checks, which :func:`distill.config.schemas.validate` also runs on ``data``."""
+        if block_size < 2:
+            raise ValueError(f"block_size={block_size!r} must be at least 2 (a block predicts all but its first)")
+        check_limit("train_limit_blocks", train_limit_blocks)
+        check_limit("val_limit_blocks", val_limit_blocks)
+        check_limit("test_limit_blocks", test_limit_blocks)
+        check_batch_sizes(batch_size, eval_batch_size)
 
     def _load_tokenizer(self, name: str, add_bos: bool) -> None:
         self.tokenizer_name = name

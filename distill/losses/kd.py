@@ -60,7 +60,7 @@ def check_kd_args(temperature: float, alpha: float, divergence: str = "forward_k
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha!r} must be in [0, 1]")
+        raise ValueError(f"alpha={alpha!r} is outside [0.0, 1.0]")
     divergences.check_divergence_args(divergence, beta)
 
 

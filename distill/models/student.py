@@ -18,7 +18,9 @@ from transformers import (
 
 from distill.data.base import DataModule
 from distill.models.teacher import Teacher
+from distill.pruning.shape import PartialShape
 from distill.utils.references import load_tokenizer, resolve
+from distill.utils.settings import settings_of
 
 
 def encoder_layers(model: PreTrainedModel) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -144,7 +146,7 @@ def pruned(
     teacher: Teacher,
     datamodule: DataModule,
     calibration_batches: int = 8,
-    shape: dict | None = None,
+    shape: PartialShape | None = None,
     report_path: str | None = None,
     cache_dir: str | None = None,
     **settings: Any,
@@ -159,7 +161,7 @@ def pruned(
     if calibration_batches < 1:
         raise ValueError(f"student.calibration_batches={calibration_batches!r} must be >= 1")
     batches = draw_calibration_batches(datamodule, calibration_batches)
-    settings["shape"] = {name: value for name, value in (shape or {}).items() if value is not None} or None
+    settings["shape"] = settings_of(PartialShape, shape).given()
 
     def prune(report: str | None) -> PreTrainedModel:
         return pruned_student(teacher.model, batches, report_path=report, **settings)

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from distill.data.base import DataModule
 from distill.tasks.base import Task
 from distill.utils.references import resolve
+from distill.utils.settings import settings_of
 
 log = logging.getLogger(__name__)
 INFO_FILE = "teacher_info.json"
@@ -53,6 +54,27 @@ class Teacher:
     def metric(self) -> str:
         """The task's monitored metric, e.g. ``val/acc`` or ``val/ppl``."""
         return self.task.monitor
+
+
+@dataclass
+class FinetuneSettings:
+    """``teacher.finetune_settings``: the cross-entropy stage of a teacher with ``finetune=true`` (see
+    :func:`finetune_model`). The dev set is checked ``val_checks_per_epoch`` times per epoch and the best
+    weights become the teacher; ``dropout`` None keeps the model's own, a number replaces every dropout."""
+
+    epochs: int = 1
+    max_steps: int = -1
+    lr: float = 5e-5
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    seed: int = 0
+    val_checks_per_epoch: int = 1
+    dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} is outside [0.0, 1.0]")
 
 
 def teacher_cache_key(name_or_path: str, datamodule: DataModule, settings: dict[str, Any]) -> str:
@@ -75,7 +97,7 @@ def prepare_teacher(
     task: Task,
     finetune: bool = False,
     cache_dir: str = "",
-    finetune_settings: dict[str, Any] | None = None,
+    finetune_settings: FinetuneSettings | None = None,
 ) -> Teacher:
     """Load the teacher (hub id, folder or GGUF file), fine-tuning it on the task (or reusing the cached result)."""
     if not finetune:
@@ -88,7 +110,7 @@ def prepare_teacher(
                 f"{datamodule.task!r} has {labels}; set teacher.finetune=true to fine-tune it"
             )
         return Teacher(model=model.eval(), path=path, task=task)
-    settings = dict(finetune_settings or {})
+    settings = asdict(settings_of(FinetuneSettings, finetune_settings))
     target = Path(cache_dir).expanduser() / teacher_cache_key(name_or_path, datamodule, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):

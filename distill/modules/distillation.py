@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import PreTrainedModel
 
 from distill.losses.hidden import HiddenStateLoss
-from distill.losses.kd import KDLoss, KDLossTerms
+from distill.losses.kd import KDLoss, KDLossTerms, check_kd_args
 from distill.losses.topk import TopKTargets
 from distill.modules.copy_targets import CopyTargets
 from distill.modules.frozen_teacher import FrozenTeacher
@@ -77,6 +77,7 @@ class DistillationModule(pl.LightningModule):
         on_policy: OnPolicy | None = None,
     ) -> None:
         super().__init__()
+        self.check_settings(temperature, alpha, divergence, beta, warmup_ratio, hidden_weight)
         if teacher is None and alpha != 1:
             raise ValueError(f"alpha={alpha!r} needs a teacher; without one only alpha=1 (fine-tuning) works")
         ignored = ["student", "teacher", "optimizer", "teacher_logits", "task", "teacher_memo", "on_policy"]
@@ -98,6 +99,18 @@ class DistillationModule(pl.LightningModule):
         self._trained_targets: Tensor | int = 0
         self.optimizer_factory = optimizer
         self.metrics = self.task.make_metrics()
+
+    @staticmethod
+    def check_settings(
+        temperature: float, alpha: float, divergence: str, beta: float, warmup_ratio: float, hidden_weight: float
+    ) -> None:
+        """The range checks of the module's settings, which :func:`distill.config.schemas.validate` also runs on
+        ``distill`` before any stage."""
+        check_kd_args(temperature, alpha, divergence, beta)
+        if not 0.0 <= warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio={warmup_ratio!r} is outside [0.0, 1.0]")
+        if hidden_weight < 0:
+            raise ValueError(f"hidden_weight={hidden_weight!r} must be >= 0")
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy hands over a device mesh): shard the

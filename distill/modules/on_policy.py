@@ -23,41 +23,50 @@ from distill.serve.generation import Generator, SamplingSettings
 
 
 @dataclass
-class OnPolicy:
-    probability: float
-    pad_id: int
-    end_ids: set[int]
+class OnPolicySettings:
+    """``distill.on_policy``: with probability ``probability`` (λ; 0 = off) a step trains on the student's own
+    samples of its prompts (prompt/response data only), at ``temperature`` and nucleus ``top_p``, at most
+    ``max_new_tokens`` each, graded token by token by the live teacher."""
+
+    probability: float = 0.0
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.probability <= 1:
+            raise ValueError(f"distill.on_policy.probability={self.probability!r} must be in [0, 1] (λ)")
+        self.sampling = SamplingSettings(
+            max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature, top_p=self.top_p
+        )
+
+
+@dataclass
+class OnPolicy:
+    """The sampler a run with ``settings.probability > 0`` hands the module: ``pad_id`` and ``end_ids`` are its
+    tokenizer's and teacher's, ``seed`` the run's."""
+
+    settings: OnPolicySettings
+    pad_id: int
+    end_ids: set[int]
     seed: int = 0
     batches: int = field(default=0, init=False)
     tokens: int = field(default=0, init=False)
     seconds: float = field(default=0.0, init=False)
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.probability <= 1:
-            raise ValueError(f"distill.on_policy.probability={self.probability!r} must be in [0, 1] (λ)")
-        self.settings = SamplingSettings(
-            max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature, top_p=self.top_p
-        )
-
     def draws(self, step: int) -> bool:
         """Whether optimizer step ``step`` trains on the student's samples."""
-        return self.probability > 0 and random.Random(self.seed * 1_000_003 + step).random() < self.probability
+        probability = self.settings.probability
+        return probability > 0 and random.Random(self.seed * 1_000_003 + step).random() < probability
 
     def resample(self, student: nn.Module, batch: dict[str, Tensor], labels: Tensor) -> tuple[dict, Tensor]:
         """The batch with each row's response replaced by a sample of ``student``, and its labels."""
         started = time.perf_counter()
         starts = prompt_lengths(labels, batch["attention_mask"])
         prompts = [ids[:start].tolist() for ids, start in zip(batch["input_ids"], starts, strict=True)]
-        responses = [
-            response
-            for response, _ in Generator(student, self.settings, self.pad_id, self.end_ids, batch_size=len(prompts))(
-                prompts
-            )
-        ]
-        width = max(map(len, prompts)) + self.max_new_tokens
+        generate = Generator(student, self.settings.sampling, self.pad_id, self.end_ids, batch_size=len(prompts))
+        responses = [response for response, _ in generate(prompts)]
+        width = max(map(len, prompts)) + self.settings.max_new_tokens
         rows = pack_responses(prompts, responses, width, self.pad_id)
         device = labels.device
         self.batches += 1

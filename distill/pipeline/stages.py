@@ -9,20 +9,23 @@ Each stage is cached on disk, so a rerun or a sweep's later jobs skip it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distill.data.base import DataModule
 from distill.models.teacher import Teacher
 from distill.modules.distillation import DistillationModule
-from distill.modules.on_policy import OnPolicy
+from distill.modules.on_policy import OnPolicy, OnPolicySettings
 from distill.serve.generation import end_token_ids
 from distill.stores.teacher_logits import TeacherLogitStore, precompute_teacher_logits
 from distill.tasks.base import Task
 from distill.utils.keys import weights_fingerprint
+from distill.utils.settings import settings_of
 
 log = logging.getLogger("distill.train")
 
@@ -54,6 +57,40 @@ def generation_stage(datamodule: DataModule, teacher: Teacher) -> dict[str, floa
     return {f"generation/{key}": value for key, value in datamodule.attach_teacher(teacher.model).items()}
 
 
+@dataclass
+class StageSettings:
+    """The keys of ``distill`` that configure the stages around the module, not the module: the teacher-logit
+    store (:func:`teacher_logit_store`) and the on-policy sampler (:func:`on_policy_sampler`).
+
+    ``teacher_cache``: ``precompute`` runs the frozen teacher once over the training set and reads its logits
+    from a cached store (:mod:`distill.stores.teacher_logits`) in every epoch and every later run; ``none``
+    asks the live teacher. With ``precompute``, ``teacher_cache_topk`` keeps only the teacher's K largest
+    logits per example and the mass they leave out at the module's temperature (:mod:`distill.losses.topk`),
+    for output spaces too large to store (``None``: all logits); ``teacher_cache_dtype`` ``float16`` halves
+    the stored top-K logits (offsets from each position's largest), for token-level stores.
+    """
+
+    teacher_cache: str = "none"
+    teacher_cache_topk: int | None = None
+    teacher_cache_dtype: str = "float32"
+    on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
+
+    def __post_init__(self) -> None:
+        if self.teacher_cache not in ("none", "precompute"):
+            raise ValueError(f"distill.teacher_cache={self.teacher_cache!r} must be 'none' or 'precompute'")
+        if self.teacher_cache_dtype != "float32" and self.teacher_cache_topk is None:
+            raise ValueError(
+                f"distill.teacher_cache_dtype={self.teacher_cache_dtype!r} needs distill.teacher_cache_topk"
+            )
+        if self.teacher_cache_topk is not None and self.teacher_cache != "precompute":
+            raise ValueError(
+                f"distill.teacher_cache_topk={self.teacher_cache_topk!r} needs distill.teacher_cache=precompute"
+            )
+
+
+STAGE_KEYS = tuple(setting.name for setting in fields(StageSettings))
+
+
 def build_module(
     cfg: DictConfig,
     task: Task,
@@ -62,28 +99,31 @@ def build_module(
     datamodule: DataModule,
     teacher_logits: TeacherLogitStore | None,
 ) -> DistillationModule:
-    return DistillationModule(
+    """The module built from ``distill``'s settings and the run's objects."""
+    log.info("Instantiating module <%s>", cfg.distill._target_)
+    return module_partial(cfg.distill)(
         student=student,
         teacher=teacher.model,
         num_labels=datamodule.num_labels,
         task=task,
-        temperature=cfg.distill.temperature,
-        alpha=cfg.distill.alpha,
-        divergence=cfg.distill.divergence,
-        beta=cfg.distill.beta,
-        optimizer=instantiate(cfg.distill.optimizer),
-        warmup_ratio=cfg.distill.warmup_ratio,
-        hidden_weight=cfg.distill.hidden_weight,
-        hidden_layers=cfg.distill.hidden_layers,
         teacher_logits=teacher_logits,
         teacher_memo=teacher_memo_file(cfg, teacher, task),
         on_policy=on_policy_sampler(cfg, datamodule, teacher),
     )
 
 
+def module_partial(settings: DictConfig) -> Callable[..., DistillationModule]:
+    """``distill`` instantiated from its ``_target_`` with ``_partial_: true``: the module's own settings bound,
+    its objects (student, teacher, task, store, sampler) to come. The stages' keys (:class:`StageSettings`)
+    are left out rather than made module arguments: the module takes what the stages build from them (the
+    store, the sampler), and a second, config-shaped description of the same things would be one too many."""
+    values = OmegaConf.to_container(settings, resolve=True)
+    return instantiate({key: value for key, value in values.items() if key not in STAGE_KEYS})
+
+
 def on_policy_sampler(cfg: DictConfig, datamodule: DataModule, teacher: Teacher) -> OnPolicy | None:
     """GKD's student sampling when ``distill.on_policy.probability`` (λ) > 0; it needs prompts to sample from."""
-    settings = cfg.distill.on_policy
+    settings = settings_of(OnPolicySettings, cfg.distill.on_policy)
     if settings.probability == 0:
         return None
     if not datamodule.prompt_pool:
@@ -92,7 +132,7 @@ def on_policy_sampler(cfg: DictConfig, datamodule: DataModule, teacher: Teacher)
             f"prompt/response data (e.g. data=shakespeare_prompts), not {type(datamodule).__name__}"
         )
     end_ids = end_token_ids(teacher.model, datamodule.tokenizer)
-    return OnPolicy(**settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
+    return OnPolicy(settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
 
 
 def teacher_memo_file(cfg: DictConfig, teacher: Teacher, task: Task) -> Path:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -53,6 +53,23 @@ class PrunedShape:
     @property
     def queries_per_group(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+
+@dataclass
+class PartialShape:
+    """``student.shape`` of the ``pruned`` student: an explicit shape whose unset (None) fields keep the
+    teacher's; a shape with none set is no shape (``target_params`` decides)."""
+
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+
+    def given(self) -> dict[str, int] | None:
+        """The fields set, as :func:`choose_shape` takes them, or None when none is."""
+        sizes = {name: value for name, value in asdict(self).items() if value is not None}
+        return sizes or None
 
 
 def head_dim_of(config: PretrainedConfig) -> int:

@@ -20,8 +20,8 @@ from distill.utils.sharding import is_sharded
 @dataclass
 class SamplingSettings:
     """How responses are drawn: greedy (``do_sample=False``) or sampled at ``temperature``/``top_p``,
-    ``num_return_sequences`` per prompt, at most ``max_new_tokens`` each. Also the config schema of
-    ``data.generation`` (distill/config/schemas.py)."""
+    ``num_return_sequences`` per prompt, at most ``max_new_tokens`` each. The prompt pool's ``data.generation``
+    (:class:`~distill.data.prompts.PromptResponseDataModule`) and the source of its defaults."""
 
     max_new_tokens: int = 64
     do_sample: bool = False
