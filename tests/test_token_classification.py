@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForTokenClassification, BertForTokenClassification
 
+from distill.config.schemas import validate
 from distill.data.tagged import TaggedDataModule, read_tagged
 from distill.tasks.token_classification import TokenClassificationTask, word_accuracy
 from distill.train import train
@@ -64,6 +65,18 @@ def test_tags_go_to_first_subwords_and_bad_lines_are_named(tagged_dir: Path, tag
         read_tagged(bad, TAGS)
     with pytest.raises(ValueError, match=r"data.max_length=16 exceeds the model's 8 positions"):
         data.check_context(8)
+
+
+def test_bad_tagged_settings_fail_when_the_config_is_checked(compose_train) -> None:
+    cfg = compose_train("task=token_classification", "data=tagged", "data.name=tags", "data.label_names=[O,O]")
+    with pytest.raises(ValueError, match=r"^data.label_names=\['O', 'O'\] must be distinct tags"):
+        validate(cfg)
+    with pytest.raises(ValueError, match=r"^data.max_length=1 must be >= 2"):
+        validate(
+            compose_train(
+                "task=token_classification", "data=tagged", "data.name=t", "data.label_names=[O]", "data.max_length=1"
+            )
+        )
 
 
 def test_a_third_task_trains_tests_and_exports_through_train(

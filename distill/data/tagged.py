@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import datasets
 from transformers import AutoTokenizer
 
 from distill.data.base import DataModule
+from distill.data.split_loaders import check_batch_sizes
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 
 IGNORE_INDEX = -100
@@ -68,8 +70,7 @@ class TaggedDataModule(DataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if max_length < 2:
-            raise ValueError(f"data.max_length={max_length!r} must be >= 2")
+        self.check_settings(label_names, max_length, batch_size, eval_batch_size)
         self.task, self.label_names, self.num_labels = name, list(label_names), len(label_names)
         self.folder = Path(data_dir).expanduser() / name
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
@@ -78,6 +79,15 @@ class TaggedDataModule(DataModule):
         self.num_workers, self.seed = num_workers, seed
         self.positions_per_example = max_length
         self.splits: dict[str, datasets.Dataset] = {}
+
+    @staticmethod
+    def check_settings(label_names: Sequence[str], max_length: int, batch_size: int, eval_batch_size: int) -> None:
+        """The constructor's range checks, which :func:`distill.config.schemas.validate` also runs on ``data``."""
+        if len(set(label_names)) != len(label_names) or not label_names:
+            raise ValueError(f"label_names={list(label_names)!r} must be distinct tags, at least one")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length!r} must be >= 2")
+        check_batch_sizes(batch_size, eval_batch_size)
 
     def prepare_data(self) -> None:
         missing = [str(self.folder / file) for file in FILES.values() if not (self.folder / file).is_file()]
