@@ -40,6 +40,7 @@ def eval_config(student_path: Path, data_dir: Path, cache_dir: Path, **data) -> 
                 "tokenizer": str(student_path),
                 **data,
             },
+            "task": {"_target_": "distill.tasks.ClassificationTask", "num_labels": 2},
             "latency": {"batch_sizes": [1, 4], "warmup": 1, "repeats": 2, "threads": None},
         }
     )
