@@ -13,8 +13,10 @@ install:  ## editable install with dev tools
 test:  ## the full suite, as CI runs it
 	$(OFFLINE) python -m pytest
 
-test-fast:  ## skip the slow end-to-end runs
-	$(OFFLINE) python -m pytest -m "not slow"
+FAST = not slow and not slurm and not sweep and not concurrency and not distributed
+
+test-fast:  ## the fast tier: no slow, slurm, sweep, concurrency or distributed tests (under 5 min on 2 cores)
+	$(OFFLINE) python -m pytest -m "$(FAST)"
 
 lint:  ## ruff checks
 	ruff check . && ruff format --check .

@@ -172,6 +172,7 @@ def test_teacher_nll_memo_tells_labellings_of_the_same_inputs_apart() -> None:
     assert teacher_nll[1].item() == pytest.approx(fresh.item(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_token_store_is_compact_and_gives_the_live_targets(lm_teacher_dir: Path, corpus: Path, tmp_path: Path) -> None:
     data = text_module(corpus, str(lm_teacher_dir), tmp_path / "cache")
     teacher = AutoModelForCausalLM.from_pretrained(lm_teacher_dir).eval()
@@ -190,6 +191,7 @@ def test_token_store_is_compact_and_gives_the_live_targets(lm_teacher_dir: Path,
     torch.testing.assert_close(cached.rest_log_mass, live.rest_log_mass)
 
 
+@pytest.mark.slow
 def test_teacher_correction_is_cached(lm_teacher_dir: Path, corpus: Path, tmp_path: Path) -> None:
     data = text_module(corpus, str(lm_teacher_dir), tmp_path / "cache")
     settings = dict(epochs=1, max_steps=2, lr=1e-3, batch_size=2, weight_decay=0.0, warmup_ratio=0.0, seed=0)
@@ -240,6 +242,7 @@ def tiny_run(teacher: Path, corpus: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_pruned_student_run_end_to_end(
     compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -271,6 +274,7 @@ def test_pruned_student_run_end_to_end(
     assert isinstance(restored, LlamaForCausalLM) and restored.config.num_hidden_layers == 2
 
 
+@pytest.mark.slow
 def test_decoder_compression_nm24_qat8(
     compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -329,6 +333,7 @@ def student_after_one_step(
     return torch.load(folder / "rank0.pt")
 
 
+@pytest.mark.distributed
 def test_token_mean_is_over_the_whole_step_across_ranks_and_accumulated_batches(tmp_path: Path) -> None:
     """Micro-batches and ranks with very different token counts take the step one process takes on
     the whole batch: two ranks, two accumulated micro-batches, and both at once."""

@@ -83,6 +83,7 @@ def test_no_complete_validation_leaves_no_best(tmp_path: Path) -> None:
     assert Path(saver.last_model_path).exists()  # resuming still works
 
 
+@pytest.mark.slow
 def test_pruning_run_ranks_only_validations_at_final_sparsity(tmp_path: Path) -> None:
     pruning = MagnitudePruning(final_sparsity=0.5, start_step=0, end_step=4, frequency=2, include=[ENCODER])
     saver = checkpoint(tmp_path, save_top_k=-1)

@@ -12,6 +12,8 @@ from transformers import AutoModelForSequenceClassification
 from distill.kernels.sparsity import is_nm_sparse
 from distill.train import train
 
+pytestmark = pytest.mark.slow
+
 GMP_FAST = [
     "compression.magnitude_pruning.start_step=0",
     "compression.magnitude_pruning.end_step=4",

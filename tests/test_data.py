@@ -90,6 +90,7 @@ def test_tokenisation_is_cached_and_keyed_by_max_length(tmp_path: Path, glue_mod
     assert len(tokenized_files(cache_dir)) == 4
 
 
+@pytest.mark.slow
 def test_real_sst2_sizes_and_slices(tmp_path: Path, data_dir: Path, glue_module) -> None:
     module = glue_module(data_dir, tmp_path / "cache", train_limit=100, val_limit=10)
     module.setup("fit")

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from distill.callbacks.magnitude_pruning import MagnitudePruning
 from distill.callbacks.nm_sparsity import NMSparsity
 from tests.callback_helpers import batches, make_trainer, tiny_module
+
+pytestmark = pytest.mark.distributed
 
 
 class DumpMasks(pl.Callback):

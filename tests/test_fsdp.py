@@ -70,6 +70,7 @@ def sharded_checks(rank: int, folder: Path) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_sharded_models_answer_as_the_whole_ones(tmp_path: Path) -> None:
     mp.spawn(sharded_checks, args=(tmp_path,), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
@@ -106,7 +107,7 @@ def run_cli(folder: Path, trainer: str, overrides: list[str]) -> dict:
     return json.loads((folder / "metrics.json").read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_run_matches_ddp(lm_teacher_dir: Path, corpus: Path, tmp_path: Path) -> None:
     """experiment=smollm2_to_small's pipeline (pruned student, top-K store, distil, test the best
     checkpoint, export) sharded over two ranks reaches the data-parallel run's figures."""
@@ -126,7 +127,7 @@ def test_fsdp_run_matches_ddp(lm_teacher_dir: Path, corpus: Path, tmp_path: Path
     assert all(torch.equal(value, exported_state[key]) for key, value in from_checkpoint.state_dict().items())
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_on_policy_run_matches_ddp(chat_teacher_dir: Path, poems: Path, tmp_path: Path) -> None:
     """The live sharded teacher grades the sharded student's own samples, every step (λ = 1)."""
     overrides = [

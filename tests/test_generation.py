@@ -50,6 +50,7 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time() -> None:
     assert batched(PROMPTS) == single(PROMPTS)
 
 
+@pytest.mark.slow
 def test_store_resumes_without_redoing_finished_shards(tmp_path: Path) -> None:
     settings = SamplingSettings(max_new_tokens=4, do_sample=True, temperature=0.9, num_return_sequences=2, seed=3)
     key = {"model": "tiny", "prompts": "six"}

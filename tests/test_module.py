@@ -93,6 +93,7 @@ def test_teacher_is_frozen_through_fit(tmp_path: Path) -> None:
     assert all(torch.equal(teacher_before[key], after[key]) for key in after)
 
 
+@pytest.mark.slow
 def test_checkpoint_has_no_teacher_and_loads_without_it(tmp_path: Path) -> None:
     module = make_module()
     trainer = fit(module, tmp_path)

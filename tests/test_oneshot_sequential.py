@@ -142,6 +142,7 @@ def prune_overrides(tmp_path: Path, lm_teacher_dir: Path, corpus: Path) -> list[
     ]
 
 
+@pytest.mark.slow
 def test_prune_cli_saves_a_reloadable_model_with_its_masks(compose_train, prune_overrides, tmp_path: Path) -> None:
     report = prune(compose_train(*prune_overrides, config_name="prune"))
     folder = tmp_path / "run" / "model"
@@ -160,7 +161,9 @@ def test_prune_cli_saves_a_reloadable_model_with_its_masks(compose_train, prune_
     ("override", "message"),
     [
         ("calibration.samples=500", "calibration.samples=500 is more than the"),
-        ("pattern=5:12", "pattern 5:12 needs model.layers.0.self_attn.q_proj's input width"),
+        pytest.param(
+            "pattern=5:12", "pattern 5:12 needs model.layers.0.self_attn.q_proj's input width", marks=pytest.mark.slow
+        ),
         ("sparsity=1.5", "give exactly one of sparsity=1.5 and pattern='2:4'"),
         ("method=obs", "method='obs' must be one of"),
     ],
@@ -171,6 +174,7 @@ def test_prune_cli_names_bad_input_and_writes_nothing(compose_train, prune_overr
     assert not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.slow
 def test_distilling_the_pruned_model_holds_the_pruners_masks(
     compose_train, prune_overrides, lm_teacher_dir: Path, corpus: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -220,6 +224,7 @@ def test_held_masks_name_a_missing_file(compose_train, tmp_path: Path) -> None:
         read_masks(tmp_path / "nothing" / MASKS_FILE)
 
 
+@pytest.mark.slow
 def test_prune_cli_on_a_sequence_classifier(compose_train, tiny_teacher_dir: Path, data_dir: Path, tmp_path: Path):
     """task=classification data=sst2: calibration from SST-2's training sentences (padded), dev accuracy."""
     from transformers import AutoModelForSequenceClassification

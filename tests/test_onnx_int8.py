@@ -46,7 +46,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "model_factory", [lambda: tiny_bert(0, hidden=32), lambda: tiny_llama(50)], ids=["bert", "llama"]
+    "model_factory",
+    [lambda: tiny_bert(0, hidden=32), pytest.param(lambda: tiny_llama(50), marks=pytest.mark.slow)],
+    ids=["bert", "llama"],
 )
 def test_fp32_graph_equals_the_model_at_other_shapes(model_factory, tmp_path: Path) -> None:
     model = model_factory().eval()
@@ -58,6 +60,7 @@ def test_fp32_graph_equals_the_model_at_other_shapes(model_factory, tmp_path: Pa
         assert relative_error(session(**batch).logits, expected) < 1e-5
 
 
+@pytest.mark.slow
 def test_first_token_graph_runs_the_last_layer_for_the_head_only(tmp_path: Path) -> None:
     """A BERT classifier's last layer computes position 0 alone: the same logits as the model and as the plain
     graph, padding included, and the last layer's feed-forward sees one position whatever the length."""

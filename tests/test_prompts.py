@@ -44,6 +44,7 @@ def test_passages_are_runs_of_whole_lines(lm_teacher_dir: Path) -> None:
     assert found == ["a b c\nd e", "f g h i"]  # the short tail "j" is not a passage
 
 
+@pytest.mark.slow
 def test_rows_mask_the_prompt_and_hold_the_teachers_response(poems: Path, chat_teacher_dir: Path, tmp_path: Path):
     data = prompt_module(poems, chat_teacher_dir, tmp_path / "cache")
     teacher = AutoModelForCausalLM.from_pretrained(chat_teacher_dir)
@@ -94,6 +95,7 @@ def test_prompt_tokens_count_in_no_loss_or_metric(poems: Path, chat_teacher_dir:
     torch.testing.assert_close(garbage_nll, nll)
 
 
+@pytest.mark.slow
 def test_train_tokens_caps_the_training_rows(poems: Path, chat_teacher_dir: Path, tmp_path: Path) -> None:
     data = prompt_module(poems, chat_teacher_dir, tmp_path / "cache", train_tokens=20)
     data.attach_teacher(AutoModelForCausalLM.from_pretrained(chat_teacher_dir))
@@ -165,6 +167,7 @@ def tiny_recipe_run(teacher: Path, poems: Path, tmp_path: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["seqkd", "seqkd_soft", "corpus_ce", "corpus_kd", "onpolicy"])
 def test_recipe_runs_end_to_end(
     recipe: str, compose_train, chat_teacher_dir: Path, poems: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from distill.report import report
@@ -59,6 +60,7 @@ def test_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_shared_wandb_group_gets_the_table_and_plot(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))

@@ -47,6 +47,7 @@ def run(tmp_path: Path, make_callbacks, stop_at: int | None = None, ckpt_path: P
     return trainer, module, callbacks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_callbacks", [gmp, nm_with_qat], ids=["gmp", "nm24+qat"])
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path, make_callbacks) -> None:
     _, straight, straight_callbacks = run(tmp_path / "straight", make_callbacks)

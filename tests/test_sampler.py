@@ -63,6 +63,7 @@ def test_rejects_bad_sizes() -> None:
         LengthGroupedBatchSampler([1, 2], batch_size=0)
 
 
+@pytest.mark.slow
 def test_grouped_batches_pad_much_less_on_sst2(tmp_path: Path, data_dir: Path, glue_module) -> None:
     settings = dict(train_limit=4096, batch_size=32)
     grouped = glue_module(data_dir, tmp_path, **settings, group_by_length=True)

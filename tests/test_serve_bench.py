@@ -90,6 +90,7 @@ def run_dir(tmp_path: Path, tiny_teacher_dir: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_bench_serves_every_artifact_on_the_same_dev_batch(
     compose_train, run_dir, tiny_teacher_dir, data_dir, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,6 +133,7 @@ def test_a_run_without_a_student_is_named(compose_train, tmp_path: Path) -> None
         serve_bench(cfg)
 
 
+@pytest.mark.slow
 def test_eval_serves_the_int8_export_with_onnx_runtime(compose_train, run_dir, data_dir) -> None:
     results = {}
     for artifact in ("student", "student_int8"):
@@ -162,6 +164,7 @@ def corpus_overrides(corpus: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_post_training_int8_of_a_causal_lm_then_its_decode_bench(
     compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path
 ) -> None:

@@ -21,6 +21,8 @@ import torch
 
 from tests.conftest import require
 
+pytestmark = pytest.mark.slurm
+
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED"}
 
@@ -144,6 +146,8 @@ def test_usr1_requeues_and_resumes_at_the_saved_step(
     assert last_logged_step(run) >= 399  # logging went on after the restart
 
 
+@pytest.mark.sweep
+@pytest.mark.concurrency
 def test_submitit_multirun_and_frontier_report(slurm, tmp_path: Path, tiny_teacher_dir: Path, data_dir) -> None:
     sweep = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(tmp_path, tiny_teacher_dir, steps=6, val_every=3) if "log_dir" not in o]

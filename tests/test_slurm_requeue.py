@@ -16,6 +16,8 @@ import torch
 from distill.callbacks.slurm_requeue import SlurmRequeue, SlurmRequeued, next_hpc_checkpoint
 from tests.callback_helpers import batches, make_trainer, tiny_module
 
+pytestmark = pytest.mark.slurm
+
 SIGNAL_AT_STEP = 3
 
 

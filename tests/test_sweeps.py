@@ -30,6 +30,7 @@ def test_objective_scores_over_budget_runs(metrics: dict, expected: float) -> No
     assert objective(cfg, metrics) == expected
 
 
+@pytest.mark.sweep
 def test_optuna_budget_sweep_runs_trials(tmp_path: Path, tiny_run_overrides: list[str]) -> None:
     overrides = [o for o in tiny_run_overrides if not o.startswith("paths.output_dir")]
     command = [

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from distill.data.glue import GlueDataModule
 from distill.models.teacher import teacher_cache_key
 
@@ -26,6 +28,7 @@ print("RESULT " + json.dumps({"path": teacher.path, "val_acc": teacher.val_score
 """
 
 
+@pytest.mark.concurrency
 def test_concurrent_jobs_fine_tune_once(tiny_teacher_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     args = [sys.executable, "-c", PREPARE, str(tiny_teacher_dir), str(data_dir), str(tmp_path)]
     jobs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]

@@ -53,6 +53,7 @@ def data_with_copies(glue_module, data_dir: Path, tmp_path: Path, tiny_teacher_d
     )
 
 
+@pytest.mark.slow
 def test_store_equals_the_live_teacher_and_is_reused(data_and_teacher, tmp_path: Path) -> None:
     datamodule, teacher = data_and_teacher
     store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
@@ -73,6 +74,7 @@ def test_store_equals_the_live_teacher_and_is_reused(data_and_teacher, tmp_path:
     assert len(list((tmp_path / "cache" / "teacher_logits").glob("*.safetensors"))) == 2
 
 
+@pytest.mark.slow
 def test_a_store_built_for_other_data_is_refused(data_and_teacher, tmp_path: Path) -> None:
     datamodule, teacher = data_and_teacher
     precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
@@ -85,6 +87,7 @@ def test_a_store_built_for_other_data_is_refused(data_and_teacher, tmp_path: Pat
         precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_top_k_store_holds_the_live_teachers_top_k_and_has_its_own_key(data_and_teacher, tmp_path: Path) -> None:
     datamodule, teacher = data_and_teacher
     precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
@@ -105,6 +108,7 @@ def test_top_k_store_holds_the_live_teachers_top_k_and_has_its_own_key(data_and_
         precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), topk=3, temperature=2.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topk", [None, 1])
 def test_cached_targets_give_the_live_losses(data_and_teacher, tmp_path: Path, topk: int | None) -> None:
     # Two classes: the top-1 logit plus the rest bucket is the whole distribution, so K=1 is exact too.
@@ -122,6 +126,7 @@ def test_cached_targets_give_the_live_losses(data_and_teacher, tmp_path: Path, t
     assert losses["cached"] == pytest.approx(losses["live"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_hidden_states_need_the_live_teacher(data_and_teacher) -> None:
     _, teacher = data_and_teacher
     store = TeacherLogitStore({"logits": torch.zeros(4, 2)}, {})
@@ -129,6 +134,7 @@ def test_hidden_states_need_the_live_teacher(data_and_teacher) -> None:
         DistillationModule(teacher, teacher, 2, 2.0, 0.5, torch.optim.AdamW, hidden_weight=1.0, teacher_logits=store)
 
 
+@pytest.mark.slow
 def test_training_with_precomputed_logits(compose_train, tiny_run_overrides, tmp_path: Path) -> None:
     metrics = train(compose_train(*tiny_run_overrides, "distill.teacher_cache=precompute"))
     assert list((tmp_path / "cache" / "teacher_logits").glob("sst2-*.safetensors"))
@@ -152,6 +158,7 @@ def assert_store_serves_every_copy(store, teacher, loader, epochs: int) -> None:
             assert cached is not None and torch.allclose(cached, live, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_copy_store_holds_the_copies_each_epoch_of_training_draws(data_with_copies, tmp_path: Path) -> None:
     datamodule, teacher = data_with_copies
     store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2).copies
@@ -171,6 +178,7 @@ def rank_loader(datamodule, rank: int):
     return datamodule.dataloader("train", datamodule.batch_size, True, augment=True, shard=(rank, 2))
 
 
+@pytest.mark.slow
 def test_copy_store_for_two_ranks_holds_the_copies_each_rank_draws(data_with_copies, tmp_path: Path) -> None:
     datamodule, teacher = data_with_copies
     single = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2).copies
@@ -182,6 +190,7 @@ def test_copy_store_for_two_ranks_holds_the_copies_each_rank_draws(data_with_cop
     assert single.lookup(0, batch[EXAMPLE_INDEX], batch[COPY_FINGERPRINT]) is None
 
 
+@pytest.mark.slow
 def test_the_copies_replay_runs_the_teacher_where_the_main_pass_does(
     data_with_copies, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -211,6 +220,7 @@ def test_the_copies_replay_runs_the_teacher_where_the_main_pass_does(
     assert store.copies is not None and misplaced == []
 
 
+@pytest.mark.slow
 def test_copy_store_is_keyed_by_the_augmentation(data_with_copies, tmp_path: Path) -> None:
     datamodule, teacher = data_with_copies
     precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
@@ -246,6 +256,7 @@ def fit_two_epochs(datamodule, teacher, store, tmp_path: Path) -> tuple[Distilla
     return module, counter
 
 
+@pytest.mark.slow
 def test_training_with_the_copy_store_runs_no_teacher_and_gives_the_live_losses(data_with_copies, tmp_path) -> None:
     datamodule, teacher = data_with_copies
     store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2)
@@ -256,6 +267,7 @@ def test_training_with_the_copy_store_runs_no_teacher_and_gives_the_live_losses(
     assert cached_calls.losses == pytest.approx(live_calls.losses, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_copies_the_store_lacks_are_labelled_live(data_with_copies, tmp_path: Path) -> None:
     datamodule, teacher = data_with_copies
     store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"))
@@ -287,6 +299,7 @@ class DumpLiveLabels(pl.Callback):
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(counts))
 
 
+@pytest.mark.distributed
 def test_two_rank_training_reads_every_copy_from_the_store(data_with_copies, tmp_path: Path) -> None:
     datamodule, teacher = data_with_copies
     store = precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), epochs=2, replicas=2)

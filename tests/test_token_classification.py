@@ -79,6 +79,7 @@ def test_bad_tagged_settings_fail_when_the_config_is_checked(compose_train) -> N
         )
 
 
+@pytest.mark.slow
 def test_a_third_task_trains_tests_and_exports_through_train(
     compose_train, tagged_dir: Path, tagger_dir: Path, tmp_path: Path
 ) -> None:
