@@ -131,7 +131,7 @@ def tiny_run_overrides(tmp_path: Path, tiny_teacher_dir: Path, data_dir: Path) -
     return [
         f"paths.output_dir={tmp_path / 'run'}",
         f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.data_dir={data_dir}",
+        f"paths.data_dir={data_dir.resolve()}",  # absolute: some tests run from other folders
         f"teacher.name_or_path={tiny_teacher_dir}",
         "teacher.finetune_settings.max_steps=6",
         "teacher.finetune_settings.lr=1e-3",

@@ -103,6 +103,9 @@ def wheel_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run_outside(python: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    for name in ("HF_HOME", "DISTILL_DATA_DIR"):  # the README's are relative to the checkout, which cwd is not
+        if name in env:
+            env[name] = str(Path(env[name]).resolve())
     return subprocess.run([python, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
