@@ -17,7 +17,8 @@ from transformers import AutoModelForTokenClassification, BertForTokenClassifica
 
 from distill.config.schemas import validate
 from distill.data.tagged import TaggedDataModule, read_tagged
-from distill.tasks.token_classification import TokenClassificationTask, word_accuracy
+from distill.tasks.classification import accuracy
+from distill.tasks.token_classification import TokenClassificationTask
 from distill.train import train
 from tests.conftest import save_tiny_bert
 
@@ -114,5 +115,5 @@ def test_a_third_task_trains_tests_and_exports_through_train(
     assert exported.config.num_hidden_layers == 1 and exported.config.id2label == dict(enumerate(TAGS))
     data = TaggedDataModule("tags", TAGS, str(tagged_dir), str(run / "student"), max_length=24)
     data.setup("validate")
-    assert word_accuracy(exported.eval(), data) == pytest.approx(metrics["student/val_acc"], abs=1e-6)
-    assert TokenClassificationTask(TAGS).score(exported, data)["val_acc"] == word_accuracy(exported, data)
+    assert accuracy(exported.eval(), data) == pytest.approx(metrics["student/val_acc"], abs=1e-6)
+    assert TokenClassificationTask(TAGS).score(exported, data)["val_acc"] == accuracy(exported, data)

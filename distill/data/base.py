@@ -71,6 +71,15 @@ class DataModule(SplitLoaders, pl.LightningDataModule, ABC):
         return {}
 
 
+def check_max_length(max_length: int, max_positions: int) -> None:
+    """Rows of at most ``data.max_length`` tokens must fit a model's ``max_positions``."""
+    if max_length > max_positions:
+        raise ValueError(
+            f"data.max_length={max_length} exceeds the model's {max_positions} positions "
+            f"(max_position_embeddings): set data.max_length<={max_positions}"
+        )
+
+
 class LanguageModelData(Protocol):
     """What the causal-LM task asks of its data beyond :class:`DataModule`, for the export's held-out samples."""
 

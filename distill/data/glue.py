@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from distill.data.augment import AugmentingCollator, AugmentSettings, build_augmenter
-from distill.data.base import DataModule
+from distill.data.base import DataModule, check_max_length
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
 from distill.data.split_loaders import check_batch_sizes
 from distill.data.tsv import check_labels, check_tsv_layout
@@ -213,11 +213,7 @@ class GlueDataModule(DataModule):
 
     def check_context(self, max_positions: int) -> None:
         """Sentences are truncated to ``max_length`` tokens, which must fit the model's positions."""
-        if self.max_length > max_positions:
-            raise ValueError(
-                f"data.max_length={self.max_length} exceeds the model's {max_positions} positions "
-                f"(max_position_embeddings): set data.max_length<={max_positions}"
-            )
+        check_max_length(self.max_length, max_positions)
 
     def train_fingerprint(self) -> str:
         """Identity of the training examples as batches see them: source, tokenisation and slice."""

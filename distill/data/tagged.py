@@ -22,7 +22,7 @@ from typing import Any
 import datasets
 from transformers import AutoTokenizer
 
-from distill.data.base import DataModule
+from distill.data.base import DataModule, check_max_length
 from distill.data.split_loaders import check_batch_sizes
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 
@@ -136,8 +136,4 @@ class TaggedDataModule(DataModule):
         return {"train": self.train_fingerprint(), "validation": self._file_key("validation")}
 
     def check_context(self, max_positions: int) -> None:
-        if self.max_length > max_positions:
-            raise ValueError(
-                f"data.max_length={self.max_length} exceeds the model's {max_positions} positions: "
-                f"set data.max_length<={max_positions}"
-            )
+        check_max_length(self.max_length, max_positions)

@@ -1,4 +1,9 @@
-"""Sequence classification: one prediction per example, scored by accuracy."""
+"""Sequence classification: one prediction per example, scored by accuracy.
+
+Labels of -100 are not scored (neither in the loss nor in the metrics), so the same task serves classifiers
+with one label per position (:mod:`distill.tasks.token_classification`), whose padding and later sub-words
+carry -100.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +21,20 @@ from distill.tasks.base import EvaluatedModule, FusedStep
 from distill.utils.devices import model_device, to_device
 from distill.utils.keys import EXAMPLE_INDEX
 
+IGNORE_INDEX = -100
+
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, datamodule: DataModule) -> float:
-    """Dev-set accuracy of a standalone classifier."""
+    """Dev-set accuracy of a standalone classifier, over the labels that are not -100."""
     correct = total = 0
     device = model_device(model)
     for batch in datamodule.val_dataloader():
         labels = batch.pop("labels").to(device)
-        correct += int((model(**to_device(batch, device)).logits.argmax(dim=-1) == labels).sum())
-        total += labels.numel()
+        scored = labels != IGNORE_INDEX
+        predictions = model(**to_device(batch, device)).logits.argmax(dim=-1)
+        correct += int(((predictions == labels) & scored).sum())
+        total += int(scored.sum())
     return correct / total
 
 
@@ -53,7 +62,7 @@ class ClassificationTask:
 
     def count_targets(self, labels: Tensor) -> Tensor:
         """Examples that count in a training batch (0-dim, on the labels' device: no host read)."""
-        return (labels != -100).sum()
+        return (labels != IGNORE_INDEX).sum()
 
     def fused_terms(self, step: FusedStep, batch: dict[str, Tensor], labels: Tensor) -> None:
         return None  # a classifier's logits are small: nothing to fuse
@@ -61,7 +70,9 @@ class ClassificationTask:
     def make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict(
             {
-                f"{stage}_{name}": MulticlassAccuracy(num_classes=self.num_labels, average="micro")
+                f"{stage}_{name}": MulticlassAccuracy(
+                    num_classes=self.num_labels, average="micro", ignore_index=IGNORE_INDEX
+                )
                 for stage in ("val", "test")
                 for name in ("acc", "teacher_acc", "agreement")
             }
@@ -74,7 +85,9 @@ class ClassificationTask:
         if module.teacher is not None:
             teacher_predictions = module.teacher.predictions(batch)
             module.update_metric(f"{stage}/teacher_acc", labels.shape[0], teacher_predictions, labels)
-            module.update_metric(f"{stage}/agreement", labels.shape[0], predictions, teacher_predictions)
+            # Agreement where the labels are scored: the teacher's predictions stand in as labels there.
+            agreed = teacher_predictions.masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
+            module.update_metric(f"{stage}/agreement", labels.shape[0], predictions, agreed)
 
     def score(self, model: nn.Module, datamodule: DataModule) -> dict[str, float]:
         """Dev accuracy of a standalone model (e.g. the exported int8 student)."""
@@ -88,9 +101,9 @@ class ClassificationTask:
         )
 
     def export_extras(
-        self, student: nn.Module, teacher: nn.Module | None, datamodule: DataModule, output_dir: Any
-    ) -> dict:
-        return {}
+        self, student: nn.Module, teacher: nn.Module | None, datamodule: DataModule, output_dir: Path
+    ) -> dict[str, float]:
+        return {}  # the run folder's student, int8 export and metrics say all a classifier needs
 
     def summary(self, results: dict[str, float]) -> dict[str, Any]:
         return {
