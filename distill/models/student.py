@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from distill.architectures.layouts import layer_stack
 from distill.data.base import DataModule
 from distill.models.teacher import Teacher
 from distill.pruning.shape import PartialShape
@@ -23,19 +24,9 @@ from distill.utils.references import load_tokenizer, resolve
 from distill.utils.settings import settings_of
 
 
-def encoder_layers(model: PreTrainedModel) -> tuple[nn.Module, str, nn.ModuleList]:
-    """Find the stack of transformer layers: (parent module, attribute name, the ModuleList)."""
-    depth = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == depth and name.split(".")[-1] in {"layer", "layers"}:
-            parent_name, _, attribute = name.rpartition(".")
-            return model.get_submodule(parent_name), attribute, module
-    raise ValueError(f"{type(model).__name__} has no ModuleList of {depth} transformer layers named layer/layers")
-
-
 def transformer_layer_params(model: PreTrainedModel) -> int:
     """Parameters inside the transformer layers (embeddings and heads excluded)."""
-    return sum(param.numel() for param in encoder_layers(model)[2].parameters())
+    return sum(param.numel() for param in layer_stack(model)[1].parameters())
 
 
 def _trainable(model: PreTrainedModel) -> PreTrainedModel:
@@ -50,14 +41,15 @@ def from_teacher(teacher: Teacher, layers: list[int], datamodule: DataModule | N
     if not layers or bad or len(set(layers)) != len(layers):
         raise ValueError(f"student.layers={list(layers)!r} must be distinct indices in [0, {depth - 1}]")
     student = copy.deepcopy(teacher.model)
-    parent, attribute, stack = encoder_layers(student)
+    path, stack = layer_stack(student)
+    parent_path, _, attribute = path.rpartition(".")
     kept = nn.ModuleList([stack[index] for index in layers])
     for new_index, layer in enumerate(kept):
         # Attention modules that know their index use it to address caches.
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    setattr(parent, attribute, kept)
+    setattr(student.get_submodule(parent_path), attribute, kept)
     student.config.num_hidden_layers = len(layers)
     return _trainable(student)
 

@@ -1,18 +1,20 @@
-"""Calibration importance scores for structured pruning of Llama-family causal LMs.
+"""Calibration importance scores for structured pruning of causal LMs of any family.
 
-Contract: :func:`calibration_scores` runs a ``*ForCausalLM`` with the Llama layout
-(``model.model.layers[i].self_attn.{q,k,v,o}_proj``, ``.mlp.{gate,up,down}_proj``, RMSNorms) on
-calibration batches (dicts with ``input_ids`` and optionally ``attention_mask``) in eval mode under
-``torch.no_grad`` and returns :class:`ImportanceScores`, all measured with forward hooks and
-averaged over real (unpadded) tokens. Higher always means more important.
+Contract: :func:`calibration_scores` runs a ``*ForCausalLM`` on calibration batches (dicts with
+``input_ids`` and optionally ``attention_mask``) in eval mode under ``torch.no_grad`` and returns
+:class:`ImportanceScores`, all measured with forward hooks and averaged over real (unpadded) tokens.
+Higher always means more important. Depth scores need only the decoder-layer list; width scores read
+the family's :class:`~distill.architectures.layouts.Layout` (which projection maps heads and FFN
+channels back to the hidden width, which norms run on it).
 
 - Depth: Block Influence (ShortGPT), ``1 - cos(h_in, h_out)`` of each decoder layer, and, unless
   ``measure_nll=False``, the increase of the mean next-token NLL when that single layer is replaced
   by the identity. :meth:`ImportanceScores.depth` ranks by the NLL increase when it was measured
   (it is what a layer costs the loss when skipped), else by Block Influence.
-- Width (Minitron, activation-based): FFN channel = mean ``|act(gate(x)) * up(x)|``; attention head =
-  mean L2 norm of the head's slice of ``o_proj``'s input; hidden channel = mean ``|x|`` of the output
-  of every RMSNorm (both norms of each layer and the final norm), averaged over the norms.
+- Width (Minitron, activation-based; only with ``measure_width``): FFN channel = mean ``|x|`` of the
+  MLP output projection's input (``act(gate(x)) * up(x)`` in gated MLPs); attention head = mean L2
+  norm of the head's slice of the attention output projection's input; hidden channel = mean ``|x|``
+  of the output of every hidden-width norm (those of each layer and the final norm), averaged.
 
 The model's training mode is restored afterwards; its weights are never changed.
 """
@@ -30,6 +32,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
+from distill.architectures.layouts import Sizes, layer_stack, layout_of
+
 LAYER_SCORES = ("auto", "nll", "block_influence", "bi")  # "bi" is short for "block_influence"
 
 
@@ -40,9 +44,9 @@ class ImportanceScores:
     block_influence: Tensor  # [layers]
     nll_increase: Tensor | None  # [layers]; None when not measured
     baseline_nll: float  # mean next-token NLL of the unpruned model
-    ffn: Tensor  # [layers, intermediate_size]
-    heads: Tensor  # [layers, num_attention_heads]
-    hidden: Tensor  # [hidden_size]
+    ffn: Tensor | None  # [layers, intermediate_size]; None when width was not measured
+    heads: Tensor | None  # [layers, num_attention_heads]
+    hidden: Tensor | None  # [hidden_size]
 
     def depth(self, kind: str = "auto") -> Tensor:
         """Per-layer scores: ``nll`` (NLL rise when skipped), ``block_influence``/``bi``, ``auto`` (nll if measured)."""
@@ -102,14 +106,6 @@ class _TokenMeans:
         return lambda module, args, output: self.add(key, output.abs())
 
 
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The decoder-layer stack ``model.model.layers`` of a Llama-layout causal LM."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no model.layers ModuleList (not a Llama-layout causal LM)")
-    return layers
-
-
 def _layer_input(args: tuple, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -128,17 +124,26 @@ def _hooks(handles: list[RemovableHandle]) -> Iterator[None]:
             handle.remove()
 
 
-def _width_and_influence_hooks(model: PreTrainedModel, means: _TokenMeans) -> list[RemovableHandle]:
-    handles = [model.model.norm.register_forward_hook(means.output_magnitude(("hidden", "final")))]
-    for index, layer in enumerate(decoder_layers(model)):
-        attention = layer.self_attn
+def _influence_hooks(layers: nn.ModuleList, means: _TokenMeans) -> list[RemovableHandle]:
+    return [
+        layer.register_forward_hook(means.block_influence(("block_influence", index)), with_kwargs=True)
+        for index, layer in enumerate(layers)
+    ]
+
+
+def _width_hooks(model: PreTrainedModel, means: _TokenMeans) -> list[RemovableHandle]:
+    layout, head_dim = layout_of(model), Sizes.of(model.config).head_dim
+    final_norm = model.get_submodule(layout.final_norm)
+    handles = [final_norm.register_forward_hook(means.output_magnitude(("hidden", "final")))]
+    attention_out, mlp_out = layout.projection("query").path, layout.projection("ffn").path
+    for index, layer in enumerate(layer_stack(model)[1]):
         handles += [
-            layer.register_forward_hook(means.block_influence(("block_influence", index)), with_kwargs=True),
-            attention.o_proj.register_forward_pre_hook(means.head_norms(("heads", index), attention.head_dim)),
-            layer.mlp.down_proj.register_forward_pre_hook(means.input_magnitude(("ffn", index))),
-            layer.input_layernorm.register_forward_hook(means.output_magnitude(("hidden", index, "input"))),
-            layer.post_attention_layernorm.register_forward_hook(means.output_magnitude(("hidden", index, "post"))),
+            layer.get_submodule(attention_out).register_forward_pre_hook(means.head_norms(("heads", index), head_dim)),
+            layer.get_submodule(mlp_out).register_forward_pre_hook(means.input_magnitude(("ffn", index))),
         ]
+        for norm in layout.hidden_norms:
+            hook = means.output_magnitude(("hidden", index, norm))
+            handles.append(layer.get_submodule(norm).register_forward_hook(hook))
     return handles
 
 
@@ -167,25 +172,30 @@ def _skip_as_identity(module: nn.Module, args: tuple, kwargs: dict, output: Tens
 
 def _nll_increase(model: PreTrainedModel, batches: list[dict[str, Tensor]], baseline: float) -> Tensor:
     increases = []
-    for layer in decoder_layers(model):
+    for layer in layer_stack(model)[1]:
         with _hooks([layer.register_forward_hook(_skip_as_identity, with_kwargs=True)]):
             increases.append(_mean_nll(model, batches) - baseline)
     return torch.tensor(increases)
 
 
-def _collect(means: _TokenMeans, depth: int) -> dict[str, Tensor]:
-    hidden_keys = [key for key in means.sums if key[0] == "hidden"]
-    return {
-        "block_influence": torch.stack([means.mean(("block_influence", index)) for index in range(depth)]),
-        "ffn": torch.stack([means.mean(("ffn", index)) for index in range(depth)]),
-        "heads": torch.stack([means.mean(("heads", index)) for index in range(depth)]),
-        "hidden": torch.stack([means.mean(key) for key in hidden_keys]).mean(0),
+def _collect(means: _TokenMeans, depth: int, width: bool) -> dict[str, Tensor | None]:
+    per_layer = {
+        kind: torch.stack([means.mean((kind, index)) for index in range(depth)])
+        if width or kind == "block_influence"
+        else None
+        for kind in ("block_influence", "ffn", "heads")
     }
+    hidden_keys = [key for key in means.sums if key[0] == "hidden"]
+    return {**per_layer, "hidden": torch.stack([means.mean(key) for key in hidden_keys]).mean(0) if width else None}
 
 
 @torch.no_grad()
 def calibration_scores(
-    model: PreTrainedModel, batches: Iterable[dict[str, Tensor]], *, measure_nll: bool = True
+    model: PreTrainedModel,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    measure_nll: bool = True,
+    measure_width: bool = True,
 ) -> ImportanceScores:
     """Measure depth and width importance on ``batches`` (see the module docstring)."""
     batches = list(batches)
@@ -194,11 +204,12 @@ def calibration_scores(
     was_training = model.training
     model.eval()
     try:
-        means = _TokenMeans()
-        with _hooks(_width_and_influence_hooks(model, means)):
+        means, layers = _TokenMeans(), layer_stack(model)[1]
+        handles = _influence_hooks(layers, means) + (_width_hooks(model, means) if measure_width else [])
+        with _hooks(handles):
             baseline = _mean_nll(model, batches, means)
         nll_increase = _nll_increase(model, batches, baseline) if measure_nll else None
     finally:
         model.train(was_training)
-    collected = _collect(means, len(decoder_layers(model)))
+    collected = _collect(means, len(layer_stack(model)[1]), measure_width)
     return ImportanceScores(nll_increase=nll_increase, baseline_nll=baseline, **collected)

@@ -17,6 +17,7 @@ so no listed axis can grow by one step without passing ``target_params``.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -24,6 +25,9 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from distill.architectures.layouts import Sizes, head_dim_is_free, intermediate_key
+
+log = logging.getLogger(__name__)
 AXES = ("depth", "ffn", "hidden", "heads")
 AXIS_ALIASES = {"width": ("ffn", "hidden")}
 FFN_MULTIPLE = 64
@@ -46,13 +50,16 @@ class PrunedShape:
 
     @classmethod
     def of(cls, config: PretrainedConfig) -> PrunedShape:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size, heads, kv_heads)
+        sizes = Sizes.of(config)
+        return cls(config.num_hidden_layers, sizes.hidden, sizes.intermediate, sizes.heads, sizes.kv_heads)
 
     @property
     def queries_per_group(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    def cuts_width(self, teacher: PrunedShape) -> bool:
+        """Whether any width (hidden, FFN, heads) is smaller than the teacher's."""
+        return replace(self, num_layers=teacher.num_layers) != teacher
 
 
 @dataclass
@@ -72,20 +79,19 @@ class PartialShape:
         return sizes or None
 
 
-def head_dim_of(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def apply_shape(config: PretrainedConfig, shape: PrunedShape, kept_layers: Sequence[int], head_dim: int) -> None:
+def apply_shape(config: PretrainedConfig, shape: PrunedShape, kept_layers: Sequence[int]) -> None:
+    """Write ``shape`` into ``config`` under the family's own keys; per-layer lists keep the kept layers'."""
     updates = {
         "num_hidden_layers": shape.num_layers,
         "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
+        intermediate_key(config): shape.intermediate_size,
         "num_attention_heads": shape.num_attention_heads,
-        "num_key_value_heads": shape.num_key_value_heads,
-        # hidden_size / num_attention_heads no longer gives the head size once either is pruned.
-        "head_dim": head_dim,
     }
+    if hasattr(config, "num_key_value_heads"):
+        updates["num_key_value_heads"] = shape.num_key_value_heads
+    if head_dim_is_free(config):
+        # hidden_size / num_attention_heads no longer gives the head size once either is pruned.
+        updates["head_dim"] = Sizes.of(config).head_dim
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         updates["layer_types"] = [layer_types[index] for index in kept_layers]
@@ -95,7 +101,7 @@ def apply_shape(config: PretrainedConfig, shape: PrunedShape, kept_layers: Seque
 def shape_params(config: PretrainedConfig, shape: PrunedShape) -> int:
     """Exact parameter count of ``config``'s causal-LM class at ``shape`` (built on the meta device)."""
     student_config = copy.deepcopy(config)
-    apply_shape(student_config, shape, range(shape.num_layers), head_dim_of(config))
+    apply_shape(student_config, shape, range(shape.num_layers))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(student_config).num_parameters()
 
@@ -250,5 +256,35 @@ def choose_shape(
     if (target_params is None) == (shape is None):
         raise ValueError(f"give exactly one of student.target_params={target_params!r} and student.shape={shape!r}")
     if shape is not None:
-        return _explicit_shape(PrunedShape.of(config), shape)
-    return _shape_for_target(config, target_params, _expand_axes(axes))
+        return _expressible(config, _explicit_shape(PrunedShape.of(config), shape))
+    return _shape_for_target(config, target_params, _expressible_axes(config, _expand_axes(axes)))
+
+
+COUPLED = frozenset({"hidden", "heads"})
+
+
+def _coupling(config: PretrainedConfig) -> str:
+    return (
+        f"{type(config).__name__} derives head_dim from hidden_size / num_attention_heads, so the hidden "
+        "width and the heads stay the teacher's"
+    )
+
+
+def _expressible_axes(config: PretrainedConfig, axes: frozenset[str]) -> frozenset[str]:
+    """The axes the family's config can express; the others are dropped, and the log says so."""
+    if head_dim_is_free(config) or not axes & COUPLED:
+        return axes
+    kept = axes - COUPLED
+    if not kept:
+        raise ValueError(f"student.axes={sorted(axes)}: {_coupling(config)}; shrink depth or ffn")
+    log.warning("student.axes=%s: %s; shrinking %s only", sorted(axes), _coupling(config), sorted(kept))
+    return kept
+
+
+def _expressible(config: PretrainedConfig, shape: PrunedShape) -> PrunedShape:
+    teacher = PrunedShape.of(config)
+    if not head_dim_is_free(config):
+        for name in ("hidden_size", "num_attention_heads", "num_key_value_heads"):
+            if getattr(shape, name) != getattr(teacher, name):
+                raise ValueError(f"student.shape.{name}={getattr(shape, name)}: {_coupling(config)}")
+    return shape

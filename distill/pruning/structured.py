@@ -1,14 +1,17 @@
-"""Structured pruning of a Llama-family causal LM into a smaller dense student (Minitron / Sheared-LLaMA).
+"""Structured pruning of a causal LM of any family into a smaller dense student (Minitron / Sheared-LLaMA).
 
 Contract:
 
 - The student's shape comes from :mod:`distill.pruning.shape` (explicit, or a parameter target).
-- :func:`prune` returns a NEW model of the teacher's class (the teacher is deep-copied, never changed)
-  that keeps, by the :class:`~distill.pruning.scores.ImportanceScores`, the top layers (in their
-  original order), per kept layer the top FFN channels and whole KV groups with their query heads, and
-  the top hidden channels, sliced out of the embeddings, every norm, every projection and ``lm_head``
-  (tied embeddings stay tied). ``head_dim`` is kept and written to ``config.head_dim``. The result
-  round-trips through ``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained``.
+- :func:`prune` returns a NEW model of the teacher's class, built from the teacher's config with the
+  new sizes (the teacher is never changed), that keeps, by the
+  :class:`~distill.pruning.scores.ImportanceScores`, the top layers (in their original order), per kept
+  layer the top FFN channels and whole KV groups with their query heads, and the top hidden channels.
+  Depth alone works for any model whose decoder layers form a list; a width cut reads the family's
+  :class:`~distill.architectures.layouts.Layout` (fused and transposed projections, biases, every norm,
+  q/k norms, learned positions, ``lm_head``) and refuses families without one. ``head_dim`` is kept.
+  Because the student is built from its config, it equals what ``save_pretrained`` /
+  ``AutoModelForCausalLM.from_pretrained`` gives back.
 - :func:`pruned_student` measures, chooses, prunes and optionally writes a JSON report.
 """
 
@@ -22,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from distill.pruning.scores import LAYER_SCORES, ImportanceScores, calibration_scores, decoder_layers
-from distill.pruning.shape import PrunedShape, apply_shape, choose_shape, head_dim_of, validated
+from distill.architectures.layouts import Layout, Projection, Sizes, has_layout, layer_stack, layout_of
+from distill.pruning.scores import LAYER_SCORES, ImportanceScores, calibration_scores
+from distill.pruning.shape import PrunedShape, apply_shape, choose_shape, validated
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class KeptIndices:
 
 def decoder_layer_params(model: PreTrainedModel) -> int:
     """Parameters inside the decoder layers (embeddings, final norm and ``lm_head`` excluded)."""
-    return sum(param.numel() for param in decoder_layers(model).parameters())
+    return sum(param.numel() for param in layer_stack(model)[1].parameters())
 
 
 def _top(values: Tensor, count: int) -> Tensor:
@@ -52,13 +56,23 @@ def _top(values: Tensor, count: int) -> Tensor:
 def kept_indices(
     config: PretrainedConfig, shape: PrunedShape, scores: ImportanceScores, layer_score: str = "auto"
 ) -> KeptIndices:
-    """Pick the top-scored layers, then per kept layer its top FFN channels and KV groups, and hidden channels."""
+    """Pick the top-scored layers, then per kept layer its top FFN channels and KV groups, and hidden channels
+    (every channel, when the scores hold no width measure: a depth-only cut)."""
     teacher = PrunedShape.of(config)
-    measured = (len(scores.block_influence), len(scores.hidden), scores.ffn.shape[1], scores.heads.shape[1])
-    expected = (teacher.num_layers, teacher.hidden_size, teacher.intermediate_size, teacher.num_attention_heads)
-    if measured != expected:
-        raise ValueError(f"scores of (layers, hidden, ffn, heads)={measured} do not fit the model's {expected}")
+    if len(scores.block_influence) != teacher.num_layers:
+        raise ValueError(f"scores of {len(scores.block_influence)} layers do not fit the model's {teacher.num_layers}")
     layers = _top(scores.depth(layer_score), shape.num_layers).tolist()
+    if scores.ffn is None:
+        return KeptIndices(
+            layers=layers,
+            ffn=[torch.arange(teacher.intermediate_size)] * len(layers),
+            kv_groups=[torch.arange(teacher.num_key_value_heads)] * len(layers),
+            hidden=torch.arange(teacher.hidden_size),
+        )
+    measured = (len(scores.hidden), scores.ffn.shape[1], scores.heads.shape[1])
+    expected = (teacher.hidden_size, teacher.intermediate_size, teacher.num_attention_heads)
+    if measured != expected:
+        raise ValueError(f"scores of (hidden, ffn, heads)={measured} do not fit the model's {expected}")
     groups = scores.kv_groups(teacher.num_key_value_heads)
     return KeptIndices(
         layers=layers,
@@ -68,90 +82,97 @@ def kept_indices(
     )
 
 
-def _slice_linear(linear: nn.Linear, rows: Tensor | None = None, columns: Tensor | None = None) -> None:
-    """Keep output features ``rows`` and input features ``columns`` of ``linear``, in place."""
-    weight = linear.weight.detach()
-    if rows is not None:
-        weight = weight.index_select(0, rows.to(weight.device))
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.detach().index_select(0, rows.to(weight.device)))
-    if columns is not None:
-        weight = weight.index_select(1, columns.to(weight.device))
-    linear.weight = nn.Parameter(weight)
-    linear.out_features, linear.in_features = weight.shape
-
-
-def _slice_norm(norm: nn.Module, hidden: Tensor) -> None:
-    for name in ("weight", "bias"):
-        param = getattr(norm, name, None)
-        if isinstance(param, nn.Parameter):
-            setattr(norm, name, nn.Parameter(param.detach().index_select(0, hidden.to(param.device))))
-
-
 def _unit_rows(units: Tensor, unit_size: int) -> Tensor:
     """Indices of all members of whole units (heads, groups) laid out as consecutive blocks of ``unit_size``."""
     return (units[:, None] * unit_size + torch.arange(unit_size)).flatten()
 
 
-def _set_existing(module: nn.Module, **values: int) -> None:
-    # Some transformers versions cache sizes on modules; keep those that exist consistent.
-    for name, value in values.items():
-        if hasattr(module, name):
-            setattr(module, name, value)
+@dataclass(frozen=True)
+class _LayerCut:
+    """The kept indices of each kind of block in one kept layer."""
+
+    sizes: Sizes
+    hidden: Tensor
+    ffn: Tensor
+    kv_groups: Tensor
+    queries_per_group: int
+
+    def block(self, kind: str) -> Tensor:
+        if kind == "hidden":
+            return self.hidden
+        if kind == "ffn":
+            return self.ffn
+        heads = self.kv_groups if kind == "kv" else _unit_rows(self.kv_groups, self.queries_per_group)
+        return _unit_rows(heads, self.sizes.head_dim)
+
+    def rows(self, projection: Projection) -> Tensor:
+        if projection.interleaved:  # [q, k, v] per head: whole heads (one query per KV head) stay
+            return _unit_rows(self.kv_groups, len(projection.rows) * self.sizes.head_dim)
+        offsets = torch.tensor([0, *(self.sizes.block(kind) for kind in projection.rows)]).cumsum(0)
+        return torch.cat([self.block(kind) + offset for kind, offset in zip(projection.rows, offsets, strict=False)])
 
 
-def _slice_attention(attention: nn.Module, groups: Tensor, hidden: Tensor, shape: PrunedShape, head_dim: int) -> None:
-    query_rows = _unit_rows(_unit_rows(groups, shape.queries_per_group), head_dim)
-    kv_rows = _unit_rows(groups, head_dim)
-    _slice_linear(attention.q_proj, query_rows, hidden)
-    _slice_linear(attention.k_proj, kv_rows, hidden)
-    _slice_linear(attention.v_proj, kv_rows, hidden)
-    _slice_linear(attention.o_proj, hidden, query_rows)
-    _set_existing(
-        attention,
-        num_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        hidden_size=shape.hidden_size,
-    )
+def _take(tensor: Tensor, dim: int, index: Tensor) -> Tensor:
+    return tensor.index_select(dim, index.to(tensor.device))
 
 
-def _slice_layer(layer: nn.Module, index: int, kept: KeptIndices, shape: PrunedShape, head_dim: int) -> None:
-    for module in layer.modules():
-        if hasattr(module, "layer_idx"):
-            module.layer_idx = index  # caches are addressed by it
-    _slice_attention(layer.self_attn, kept.kv_groups[index], kept.hidden, shape, head_dim)
-    _slice_linear(layer.mlp.gate_proj, kept.ffn[index], kept.hidden)
-    _slice_linear(layer.mlp.up_proj, kept.ffn[index], kept.hidden)
-    _slice_linear(layer.mlp.down_proj, kept.hidden, kept.ffn[index])
-    _set_existing(layer.mlp, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size)
-    _set_existing(layer, hidden_size=shape.hidden_size)
-    _slice_norm(layer.input_layernorm, kept.hidden)
-    _slice_norm(layer.post_attention_layernorm, kept.hidden)
+def _cut_projection(name: str, tensor: Tensor, projection: Projection, cut: _LayerCut) -> Tensor:
+    out_dim = 1 if projection.transposed else 0
+    tensor = _take(tensor, out_dim if name == "weight" else 0, cut.rows(projection))
+    return _take(tensor, 1 - out_dim, cut.block(projection.columns)) if name == "weight" else tensor
 
 
-def _slice_embeddings(model: PreTrainedModel, hidden: Tensor) -> None:
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head.weight is embed.weight
-    embed.weight = nn.Parameter(embed.weight.detach().index_select(1, hidden.to(embed.weight.device)))
-    embed.embedding_dim = len(hidden)
-    if tied:
-        head.weight = embed.weight
-    else:
-        _slice_linear(head, columns=hidden)
+def _cut_layer_tensor(path: str, tensor: Tensor, layout: Layout, cut: _LayerCut) -> Tensor:
+    module, _, name = path.rpartition(".")
+    projection = next((p for p in layout.projections if p.path == module), None)
+    if projection is not None:
+        return _cut_projection(name, tensor, projection, cut)
+    if module in layout.hidden_norms:
+        return _take(tensor, 0, cut.hidden)
+    width = dict(layout.head_norms).get(module, "per_head")
+    return tensor if width == "per_head" else _take(tensor, 0, cut.block(width))
+
+
+def _cut_outer_tensor(key: str, tensor: Tensor, layout: Layout, hidden: Tensor) -> Tensor:
+    """Embedding tables and the LM head keep hidden columns; the final norm keeps hidden channels."""
+    module, _, name = key.rpartition(".")
+    if name == "weight" and (module in layout.embeddings or module == layout.lm_head):
+        return _take(tensor, 1, hidden)
+    return _take(tensor, 0, hidden) if module == layout.final_norm else tensor
+
+
+def _cut_state(model: PreTrainedModel, shape: PrunedShape, kept: KeptIndices) -> dict[str, Tensor]:
+    """The teacher's tensors for the student: kept layers renumbered, every width cut (when one shrinks)."""
+    stack, _ = layer_stack(model)
+    new_index = {old: new for new, old in enumerate(kept.layers)}
+    layout = layout_of(model) if shape.cuts_width(PrunedShape.of(model.config)) else None
+    sizes, qpg = Sizes.of(model.config), PrunedShape.of(model.config).queries_per_group
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if not key.startswith(f"{stack}."):
+            state[key] = tensor if layout is None else _cut_outer_tensor(key, tensor, layout, kept.hidden)
+            continue
+        index, _, path = key.removeprefix(f"{stack}.").partition(".")
+        if int(index) not in new_index:
+            continue
+        new = new_index[int(index)]
+        if layout is not None:
+            cut = _LayerCut(sizes, kept.hidden, kept.ffn[new], kept.kv_groups[new], qpg)
+            tensor = _cut_layer_tensor(path, tensor, layout, cut)
+        state[f"{stack}.{new}.{path}"] = tensor
+    return state
 
 
 def _cut(model: PreTrainedModel, shape: PrunedShape, kept: KeptIndices) -> PreTrainedModel:
-    student = copy.deepcopy(model)
-    head_dim = head_dim_of(student.config)
-    layers = decoder_layers(student)
-    student.model.layers = nn.ModuleList([layers[index] for index in kept.layers])
-    for index, layer in enumerate(student.model.layers):
-        _slice_layer(layer, index, kept, shape, head_dim)
-    _slice_embeddings(student, kept.hidden)
-    _slice_norm(student.model.norm, kept.hidden)
-    # Modules share the model's config object, so this updates what they read at run time too.
-    apply_shape(student.config, shape, kept.layers, head_dim)
-    return student
+    """A model of the teacher's own class and config at ``shape``, holding the kept weights: built from the
+    config, so it is exactly what ``AutoModelForCausalLM.from_pretrained`` gives back after saving."""
+    config = copy.deepcopy(model.config)
+    apply_shape(config, shape, kept.layers)
+    state = _cut_state(model, shape, kept)
+    reference = next(iter(state.values()))
+    student = type(model)(config)
+    student.load_state_dict(state, strict=True)
+    return student.to(device=reference.device, dtype=model.dtype)
 
 
 def prune(
@@ -174,7 +195,6 @@ def _kept_summary(scores: Tensor, layers: list[int], kept: list[Tensor]) -> dict
 
 
 def _report(teacher: PreTrainedModel, student: PreTrainedModel, scores: ImportanceScores, kept: KeptIndices) -> dict:
-    nll, groups = scores.nll_increase, scores.kv_groups(PrunedShape.of(teacher.config).num_key_value_heads)
     return {
         "teacher_shape": asdict(PrunedShape.of(teacher.config)),
         "student_shape": asdict(PrunedShape.of(student.config)),
@@ -186,15 +206,20 @@ def _report(teacher: PreTrainedModel, student: PreTrainedModel, scores: Importan
         },
         "baseline_nll": scores.baseline_nll,
         "depth_scores": {
-            "nll_increase": None if nll is None else nll.tolist(),
+            "nll_increase": None if scores.nll_increase is None else scores.nll_increase.tolist(),
             "block_influence": scores.block_influence.tolist(),
         },
         "kept_layers": kept.layers,
-        "width": {
-            "ffn": _kept_summary(scores.ffn, kept.layers, kept.ffn),
-            "kv_groups": _kept_summary(groups, kept.layers, kept.kv_groups),
-            "hidden": {**_stats(scores.hidden), "kept": len(kept.hidden)},
-        },
+        "width": None if scores.ffn is None else _width_report(teacher.config, scores, kept),
+    }
+
+
+def _width_report(config: PretrainedConfig, scores: ImportanceScores, kept: KeptIndices) -> dict[str, Any]:
+    groups = scores.kv_groups(PrunedShape.of(config).num_key_value_heads)
+    return {
+        "ffn": _kept_summary(scores.ffn, kept.layers, kept.ffn),
+        "kv_groups": _kept_summary(groups, kept.layers, kept.kv_groups),
+        "hidden": {**_stats(scores.hidden), "kept": len(kept.hidden)},
     }
 
 
@@ -212,9 +237,16 @@ def pruned_student(
     if layer_score not in LAYER_SCORES:
         raise ValueError(f"student.layer_score={layer_score!r} must be one of {LAYER_SCORES}")
     chosen = choose_shape(teacher_model.config, target_params, shape, axes)
+    teacher_shape = PrunedShape.of(teacher_model.config)
+    # A width cut needs the family's layout (refused here, before any calibration pass, without one);
+    # a depth cut reports the width scores where a layout exists.
+    measure_width = chosen.cuts_width(teacher_shape) or has_layout(teacher_model)
+    if measure_width:
+        layout_of(teacher_model)
     # Skipping each layer in turn costs one forward pass per layer: measured only when it ranks layers to drop.
-    drops_layers = chosen.num_layers < teacher_model.config.num_hidden_layers
-    scores = calibration_scores(teacher_model, calibration, measure_nll=drops_layers and layer_score == "nll")
+    drops_layers = chosen.num_layers < teacher_shape.num_layers
+    measure_nll = drops_layers and layer_score == "nll"
+    scores = calibration_scores(teacher_model, calibration, measure_nll=measure_nll, measure_width=measure_width)
     # Every layer stays when none is dropped: any ranking keeps them all.
     ranking = layer_score if drops_layers else "bi"
     kept = kept_indices(teacher_model.config, chosen, scores, ranking)
