@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from safetensors.torch import load_file
 from torch import Tensor
 
-from distill.callbacks.masking import DEFAULT_INCLUDE, MaskingCallback, check_masks_fit
+from distill.callbacks.masking import MaskingCallback, check_masks_fit
 
 
 def read_masks(path: str | Path, prefix: str = "") -> dict[str, Tensor]:
@@ -34,7 +34,7 @@ def read_masks(path: str | Path, prefix: str = "") -> dict[str, Tensor]:
 
 class HeldMasks(MaskingCallback):
     def __init__(
-        self, masks_file: str, prefix: str = "student.", include: Sequence[str] = DEFAULT_INCLUDE, **settings: Any
+        self, masks_file: str, prefix: str = "student.", include: Sequence[str] | None = None, **settings: Any
     ) -> None:
         super().__init__(include=include, **settings)
         self.masks_file, self.prefix = masks_file, prefix
@@ -46,7 +46,10 @@ class HeldMasks(MaskingCallback):
         check_masks_fit(pl_module, self.saved_masks, str(self.masks_file))
         chosen = [name for name in names if name in self.saved_masks]
         if not chosen:
-            raise ValueError(f"none of the {len(self.saved_masks)} masks in {self.masks_file} is among {self.include}")
+            raise ValueError(
+                f"none of the {len(self.saved_masks)} masks in {self.masks_file} is for a targeted layer "
+                f"(include={self.include}, e.g. {names[:3]})"
+            )
         return chosen
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

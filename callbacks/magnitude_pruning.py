@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from distill.callbacks.masking import DEFAULT_INCLUDE, MaskingCallback
+from distill.callbacks.masking import MaskingCallback
 
 
 def gmp_sparsity(step: int, *, start_step: int, end_step: int, frequency: int, initial: float, final: float) -> float:
@@ -38,7 +38,7 @@ def prune_smallest(scores: Tensor, count: int) -> Tensor:
 
 
 class MagnitudePruning(MaskingCallback):
-    """Prune the targeted Linear weights gradually to ``final_sparsity`` during fit."""
+    """Prune the targeted Linear-like weights gradually to ``final_sparsity`` during fit."""
 
     def __init__(
         self,
@@ -48,7 +48,7 @@ class MagnitudePruning(MaskingCallback):
         frequency: int = 100,
         initial_sparsity: float = 0.0,
         scope: str = "layer",
-        include: Sequence[str] = DEFAULT_INCLUDE,
+        include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         zero_optimizer_state: bool = True,
         allow_overlap: bool = False,

@@ -21,29 +21,42 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from distill.architectures.linears import block_stack, linear_names
 from distill.callbacks.compression import CompressionCallback
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INCLUDE = ("student.*encoder.layer.*",)
+# The LightningModule's attribute holding the student: default targets are found inside it, not in the teacher.
+STUDENT = "student"
 # Optimizer state kept per element (Adam's moments, SGD's momentum) is zeroed where weights are pruned.
 _ELEMENTWISE_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
 
-def resolve_targets(module: nn.Module, include: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
-    """Names of the ``weight`` of every Linear whose module name matches ``include`` and not ``exclude``.
+def default_include(module: nn.Module) -> list[str]:
+    """The glob naming every layer of the student's block stack (its decoder or encoder layers), whatever
+    the family calls them: the heads, embeddings and classifier stay out."""
+    if not isinstance(getattr(module, STUDENT, None), nn.Module):
+        raise ValueError(f"{type(module).__name__} has no {STUDENT!r} module to find default targets in: give include")
+    stack_name, _ = block_stack(module.get_submodule(STUDENT))
+    return [f"{STUDENT}.{stack_name}.*"]
+
+
+def resolve_targets(module: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[str]:
+    """Names of the ``weight`` of every Linear-like layer whose module name matches ``include`` and not ``exclude``.
 
     Patterns are shell-style globs over names in ``module.named_modules()`` (``*`` crosses dots);
-    a pattern that matches no Linear is an error naming it.
+    a pattern that matches no Linear-like layer is an error naming it. ``include=None``: the layers
+    of the student's block stack (:func:`default_include`).
     """
-    linears = [name for name, child in module.named_modules() if isinstance(child, nn.Linear)]
+    linears = linear_names(module)
+    include = default_include(module) if include is None else list(include)
     for pattern in include:
         if not fnmatch.filter(linears, pattern):
             raise ValueError(f"target pattern {pattern!r} matches no Linear layer (e.g. {linears[:3]})")
     chosen = [name for name in linears if any(fnmatch.fnmatchcase(name, pattern) for pattern in include)]
     chosen = [name for name in chosen if not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)]
     if not chosen:
-        raise ValueError(f"include={list(include)} minus exclude={list(exclude)} leaves no layer to compress")
+        raise ValueError(f"include={include} minus exclude={list(exclude)} leaves no layer to compress")
     return [f"{name}.weight" for name in chosen]
 
 
@@ -63,12 +76,14 @@ class MaskingCallback(CompressionCallback):
 
     def __init__(
         self,
-        include: Sequence[str] = DEFAULT_INCLUDE,
+        include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         zero_optimizer_state: bool = True,
         allow_overlap: bool = False,
     ) -> None:
-        self.include, self.exclude = list(include), list(exclude)
+        # include=None: the Linear-like layers of the student's block stack, found at setup.
+        self.include = None if include is None else list(include)
+        self.exclude = list(exclude)
         self.zero_optimizer_state = zero_optimizer_state
         self.allow_overlap = allow_overlap
         self.targets: list[str] = []

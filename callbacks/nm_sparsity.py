@@ -7,6 +7,11 @@ Optional dense steps, then masks computed once at ``prune_step`` and held while 
 * ``apex``: ``apex.contrib.sparsity.ASP`` itself, when it imports and CUDA is present (``auto``
   picks it then). Permutation stays off. Gradients are still masked here, because ASP's
   pre-step hook sees stale gradients under Lightning's closure-based ``optimizer.step``.
+  ASP reads every weight as ``[out, in]``, so it would group a transposed ``Conv1D`` weight (GPT-2)
+  along its outputs: with such a layer among the targets ``auto`` picks ``native`` and ``apex`` is an error.
+
+Groups run along the input dimension of each layer's ``[out, in]`` view (``linear_weight``); masks are
+stored and applied in the parameter's own layout, like every masking callback's.
 
 Either way the masks live in this callback's checkpoint state; ASP's ``__weight_mma_mask``
 buffers found in a checkpoint are read too (see ``DistillationModule.on_load_checkpoint``),
@@ -24,7 +29,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from distill.callbacks.masking import DEFAULT_INCLUDE, MaskingCallback
+from distill.architectures.linears import is_transposed, linear_weight, to_weight_layout
+from distill.callbacks.masking import MaskingCallback
 from distill.kernels.sparsity import check_nm, nm_mask
 from distill.modules.student_checkpoint import ASP_MASK_KEY
 
@@ -44,8 +50,13 @@ def cuda_available() -> bool:
 
 
 def nm_eligible(weight: Tensor, m: int) -> bool:
-    """ASP's shape rule (out % 8, in % 16), applied to every dtype, plus whole groups of ``m``."""
+    """ASP's shape rule (out % 8, in % 16) on an ``[out, in]`` weight, applied to every dtype, plus whole
+    groups of ``m``."""
     return weight.dim() == 2 and weight.shape[0] % 8 == 0 and weight.shape[1] % 16 == 0 and weight.shape[1] % m == 0
+
+
+def _layer(pl_module: nn.Module, weight_name: str) -> nn.Module:
+    return pl_module.get_submodule(weight_name.removesuffix(".weight"))
 
 
 class NMSparsity(MaskingCallback):
@@ -57,7 +68,7 @@ class NMSparsity(MaskingCallback):
         m: int = 4,
         prune_step: int = 0,
         backend: str = "auto",
-        include: Sequence[str] = DEFAULT_INCLUDE,
+        include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         zero_optimizer_state: bool = True,
         allow_overlap: bool = False,
@@ -74,11 +85,11 @@ class NMSparsity(MaskingCallback):
         self._asp = None
 
     def select_targets(self, pl_module: pl.LightningModule, names: list[str]) -> list[str]:
-        eligible = [name for name in names if nm_eligible(pl_module.get_parameter(name), self.m)]
+        eligible = [name for name in names if nm_eligible(linear_weight(_layer(pl_module, name)), self.m)]
         skipped = sorted(set(names) - set(eligible))
-        explicit = [name for name in skipped if name.removesuffix(".weight") in self.include]
+        explicit = [name for name in skipped if name.removesuffix(".weight") in (self.include or ())]
         if explicit:
-            shapes = {name: tuple(pl_module.get_parameter(name).shape) for name in explicit}
+            shapes = {name: tuple(linear_weight(_layer(pl_module, name)).shape) for name in explicit}
             raise ValueError(f"layers named for {self.n}:{self.m} sparsity have ineligible shapes: {shapes}")
         if skipped:
             log.warning(
@@ -88,12 +99,22 @@ class NMSparsity(MaskingCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self.backend = self._pick_backend()
+        transposed = [name for name in self.targets if is_transposed(_layer(pl_module, name))]
+        self.backend = self._pick_backend(transposed)
 
-    def _pick_backend(self) -> str:
+    def _pick_backend(self, transposed: list[str]) -> str:
+        """``transposed``: targets whose weight is stored ``[in, out]`` (Conv1D), which ASP would group wrongly."""
         asp_usable = load_asp() is not None and cuda_available()
         if self.requested_backend == "apex" and not asp_usable:
             raise RuntimeError("backend='apex' needs apex.contrib.sparsity importable and CUDA; use backend='native'")
+        if self.requested_backend == "apex" and transposed:
+            raise ValueError(
+                f"backend='apex' cannot mask {transposed[:3]}: their weights are stored [in, out] (Conv1D) and "
+                "ASP groups along the stored rows; use backend='native'"
+            )
+        if self.requested_backend == "auto" and asp_usable and transposed:
+            log.info("%d:%d masks: native, not apex (%d Conv1D targets)", self.n, self.m, len(transposed))
+            return "native"
         if self.requested_backend == "apex" or (self.requested_backend == "auto" and asp_usable):
             if (self.n, self.m) != (2, 4):
                 raise ValueError(f"the apex backend only does 2:4, not {self.n}:{self.m}; use backend='native'")
@@ -122,7 +143,11 @@ class NMSparsity(MaskingCallback):
 
     @torch.no_grad()
     def _native_masks(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        return {name: nm_mask(pl_module.get_parameter(name), self.n, self.m) for name in self.targets}
+        return {name: self.layer_mask(_layer(pl_module, name)) for name in self.targets}
+
+    def layer_mask(self, layer: nn.Module) -> Tensor:
+        """The layer's N:M mask, grouped along its input dimension, in the layout of its weight parameter."""
+        return to_weight_layout(layer, nm_mask(linear_weight(layer), self.n, self.m)).contiguous()
 
     # -- APEX ASP ---------------------------------------------------------------------------
     def _init_asp(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

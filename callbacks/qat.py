@@ -1,8 +1,9 @@
 """Quantization-aware training (int8) of the student's Linear layers, in the arithmetic the deployed model runs.
 
 In ``setup`` (before any checkpoint restore or optimizer exists) the targeted ``nn.Linear`` layers become
-torchao ``FakeQuantizedLinear`` containers (same parameter objects, same state-dict keys, so optimizers, masks
-and checkpoints carry over) holding the two quantizers below. They simulate ONNX Runtime's dynamic int8 MatMul,
+torchao ``FakeQuantizedLinear`` containers, and GPT-2's ``Conv1D`` layers :class:`FakeQuantizedConv1D` ones
+(same parameter objects, same state-dict keys, so optimizers, masks and checkpoints carry over), holding the
+two quantizers below. They simulate ONNX Runtime's dynamic int8 MatMul,
 which is what ``distill.serve.onnx_int8`` exports and serves: weights int8 symmetric per output channel in
 [-127, 127] with scale max|w|/127 (zero stays zero, so pruning masks survive); activations uint8 per tensor, at
 every call, over a range that always contains 0 (``DynamicQuantizeLinear``). Both round half to even, as ORT
@@ -20,9 +21,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torchao.quantization.qat import FakeQuantizedLinear
+from transformers.pytorch_utils import Conv1D
 
+from distill.architectures.linears import is_transposed
 from distill.callbacks.compression import CompressionCallback
-from distill.callbacks.masking import DEFAULT_INCLUDE, resolve_targets
+from distill.callbacks.masking import resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +72,56 @@ class ActivationFakeQuantizer(nn.Module):
         return _straight_through(inputs, (quantized - zero_point) * scale)
 
 
-def fake_quantized_layers(model: nn.Module) -> dict[str, FakeQuantizedLinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, FakeQuantizedLinear)}
+class FakeQuantizedConv1D(Conv1D):
+    """A ``Conv1D`` (weight stored ``[in, out]``) with the quantizers a ``FakeQuantizedLinear`` holds, applied to
+    the same ``[out, in]`` matrix, so both simulate the same int8 layer. Quantizers off, it is ``Conv1D``."""
+
+    def __init__(self, layer: Conv1D) -> None:
+        with torch.device("meta"):  # the parameters are the plain layer's own, not new ones
+            super().__init__(layer.nf, layer.nx)
+        self.weight, self.bias = layer.weight, layer.bias
+        self.weight_fake_quantizer = WeightFakeQuantizer()
+        self.activation_fake_quantizer = ActivationFakeQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_fake_quantizer(self.weight.T).T  # per output channel: rows of the [out, in] view
+        x = self.activation_fake_quantizer(x)
+        output = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), weight)
+        return output.view(*x.shape[:-1], self.nf)
+
+    def to_plain(self) -> Conv1D:
+        with torch.device("meta"):
+            plain = Conv1D(self.nf, self.nx)
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain
+
+
+FAKE_QUANTIZED = (FakeQuantizedLinear, FakeQuantizedConv1D)
+
+
+def fake_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, FAKE_QUANTIZED)}
+
+
+def plain_layer(layer: nn.Module) -> nn.Module:
+    """A fake-quantized layer turned back into the model's own ``nn.Linear`` or ``Conv1D``, same parameters."""
+    return layer.to_plain() if isinstance(layer, FakeQuantizedConv1D) else layer.to_linear()
+
+
+def _fake_quantized(layer: nn.Module) -> nn.Module:
+    if is_transposed(layer):
+        return FakeQuantizedConv1D(layer)
+    fake = FakeQuantizedLinear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+    fake.weight, fake.bias = layer.weight, layer.bias
+    fake.weight_fake_quantizer, fake.activation_fake_quantizer = WeightFakeQuantizer(), ActivationFakeQuantizer()
+    return fake
 
 
 def fake_quantize(model: nn.Module, names: Sequence[str]) -> None:
-    """Swap the named ``nn.Linear`` layers for fake-quantized ones sharing their parameters."""
+    """Swap the named Linear-like layers for fake-quantized ones sharing their parameters."""
     for name in names:
-        linear = model.get_submodule(name)
-        layer = FakeQuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        layer.weight, layer.bias = linear.weight, linear.bias
-        layer.weight_fake_quantizer, layer.activation_fake_quantizer = WeightFakeQuantizer(), ActivationFakeQuantizer()
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        setattr(model.get_submodule(parent), child, _fake_quantized(model.get_submodule(name)))
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
@@ -94,19 +134,19 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
 class QuantizationAwareTraining(CompressionCallback):
     """Fake-quantize the targeted Linear layers from ``start_step`` to the end of fit."""
 
-    def __init__(
-        self, start_step: int = 0, include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, start_step: int = 0, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> None:
         if start_step < 0:
             raise ValueError(f"start_step={start_step!r} must be >= 0")
         self.start_step = start_step
-        self.include, self.exclude = list(include), list(exclude)
+        # include=None: the Linear-like layers of the student's block stack (masking.default_include).
+        self.include = None if include is None else list(include)
+        self.exclude = list(exclude)
         self.active = False
         self.layers: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         names = {name.removesuffix(".weight") for name in resolve_targets(pl_module, self.include, self.exclude)}
-        fresh = sorted(name for name in names if not isinstance(pl_module.get_submodule(name), FakeQuantizedLinear))
+        fresh = sorted(name for name in names if not isinstance(pl_module.get_submodule(name), FAKE_QUANTIZED))
         if fresh:
             fake_quantize(pl_module, fresh)
             log.info("QAT: %d Linear layers fake-quantized (int8 weights, uint8 dynamic activations)", len(fresh))

@@ -7,8 +7,10 @@ first pattern in ASP's candidate order, ``list(set(permutations([1] * n + [0] * 
 which for 2:4 is ``(0,1,0,1), (1,1,0,0), (0,1,1,0), (1,0,1,0), (1,0,0,1), (0,0,1,1)``; so an
 all-zero group keeps positions 1 and 3, not the 0 and 1 that ``topk`` would.
 
-Layouts follow ASP: a Linear ``(out, in)`` weight is used as is; Conv1d ``(K, C, R)`` and Conv2d
-``(K, C, R, S)`` weights are grouped along ``C`` at every kernel position and output channel.
+Layouts follow ASP: a 2-D weight is read as a Linear's ``(out, in)``; Conv1d ``(K, C, R)`` and Conv2d
+``(K, C, R, S)`` weights are grouped along ``C`` at every kernel position and output channel. GPT-2's
+``transformers`` ``Conv1D`` stores its matrix as ``(in, out)``: callers pass its ``(out, in)`` view
+(``distill.architectures.linears.linear_weight``) and transpose the mask back.
 """
 
 from __future__ import annotations

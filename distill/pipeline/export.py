@@ -1,7 +1,7 @@
 """Export a trained student: a plain Hugging Face folder, a compression manifest, an int8 copy.
 
 ``student/`` is ``save_pretrained`` of the float student with pruned entries as exact zeros
-(QAT's fake-quantized layers are turned back into ``nn.Linear``), so it loads with plain
+(QAT's fake-quantized layers are turned back into ``nn.Linear`` or ``Conv1D``), so it loads with plain
 ``AutoModelForSequenceClassification.from_pretrained``. ``student/compression.json`` says what
 was compressed. A student trained with QAT is also exported as the int8 model QAT simulated
 (``student_int8/``, ONNX Runtime; ``distill.serve.onnx_int8``), whose score, size and latency are
@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from distill.callbacks.compression import CompressionCallback
-from distill.callbacks.qat import fake_quantized_layers
+from distill.callbacks.qat import fake_quantized_layers, plain_layer
 from distill.pruning.compression_report import LayerReport, compression_report
 from distill.serve.latency import latency_ms
 from distill.serve.onnx_decoder import load_onnx
@@ -32,11 +32,11 @@ log = logging.getLogger(__name__)
 
 
 def float_student(student: nn.Module) -> nn.Module:
-    """A copy with fake-quantized layers swapped back to ``nn.Linear`` (same weights)."""
+    """A copy with fake-quantized layers swapped back to ``nn.Linear`` or ``Conv1D`` (same weights)."""
     plain = copy.deepcopy(student).cpu().eval()
     for name, layer in fake_quantized_layers(plain).items():
         parent, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent), child, layer.to_linear())
+        setattr(plain.get_submodule(parent), child, plain_layer(layer))
     return plain
 
 

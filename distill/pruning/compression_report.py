@@ -9,7 +9,8 @@ Sizes are the bytes a deployed copy would take, tensor by tensor:
 * other sparse weights: a bitmap (1 bit per entry) plus the non-zero values.
 
 ``size_bytes`` takes the smallest layout each weight qualifies for. Everything that is not a
-Linear weight (embeddings, LayerNorms, biases) counts dense at its own dtype.
+Linear-like weight (embeddings, LayerNorms, biases) counts dense at its own dtype. Weights are read as
+``[out, in]`` (``linear_weight``), so GPT-2's transposed ``Conv1D`` is grouped along its inputs too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from distill.architectures.linears import is_linear, linear_weight
 from distill.kernels.sparsity import is_nm_sparse
 
 
@@ -44,8 +46,8 @@ def weight_bits(module: nn.Module) -> int:
     return module.weight.element_size() * 8
 
 
-def layer_report(name: str, module: nn.Linear) -> LayerReport:
-    weight = module.weight.detach()
+def layer_report(name: str, module: nn.Module) -> LayerReport:
+    weight = linear_weight(module).detach()
     params, nonzero = weight.numel(), int(torch.count_nonzero(weight))
     bits = weight_bits(module)
     scale_bytes = weight.shape[0] * 4 if bits < 16 else 0
@@ -72,8 +74,8 @@ def other_bytes(model: nn.Module, linear_weights: set[int]) -> int:
 
 
 def compression_report(student: nn.Module, teacher: nn.Module | None = None) -> tuple[list[LayerReport], dict]:
-    """Per-layer rows for every Linear of the student, and totals (with teacher ratios when given)."""
-    linears = {name: module for name, module in student.named_modules() if isinstance(module, nn.Linear)}
+    """Per-layer rows for every Linear-like layer of the student, and totals (with teacher ratios when given)."""
+    linears = {name: module for name, module in student.named_modules() if is_linear(module)}
     layers = [layer_report(name, module) for name, module in linears.items()]
     rest = other_bytes(student, {id(module.weight) for module in linears.values()})
     params = sum(p.numel() for p in student.parameters())

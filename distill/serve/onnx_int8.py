@@ -28,6 +28,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
+from distill.architectures.linears import linear_weight
 from distill.serve.first_token import FirstTokenClassifier, reads_first_token
 from distill.serve.int8_arithmetic import servable_graph
 from distill.utils.run_record import write_json
@@ -160,7 +161,7 @@ def save_int8(
     output_dir.mkdir(parents=True, exist_ok=True)
     fp32_path = output_dir / "fp32.onnx"
     export(fp32_path)
-    weights = [model.get_submodule(name).weight for name in layers]
+    weights = [linear_weight(model.get_submodule(name)) for name in layers]  # [out, in], Conv1D's too
     nodes = quantize_int8(fp32_path, output_dir / ONNX_FILE, weights)
     fp32_bytes = fp32_path.stat().st_size
     fp32_path.unlink()

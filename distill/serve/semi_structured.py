@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from distill.architectures.linears import is_linear, is_transposed
 from distill.kernels.sparsity import is_nm_sparse
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,10 @@ TIMINGS = ("eager", "graph", "none")
 
 
 @torch.inference_mode()
-def convert_layer(name: str, layer: nn.Linear, tokens: int, timer=cuda_time_ms) -> LayerDecision:
+def convert_layer(name: str, layer: nn.Module, tokens: int, timer=cuda_time_ms) -> LayerDecision:
     """Convert one layer in place if it is eligible, exact enough and faster on ``tokens`` inputs."""
-    reason = ineligibility(layer.weight)
+    # The semi-structured tensor dispatches through F.linear, which a Conv1D (x @ W, W stored [in, out]) never calls.
+    reason = "Conv1D: the 2:4 kernels run only under nn.Linear" if is_transposed(layer) else ineligibility(layer.weight)
     if reason is not None:
         return LayerDecision(name, False, reason)
     sample = torch.randn(tokens, layer.in_features, device=layer.weight.device, dtype=layer.weight.dtype)
@@ -120,9 +122,7 @@ def to_semi_structured(model: nn.Module, tokens: int = 2048, timing: str = "eage
         raise ValueError(f"timing={timing!r}; expected one of {', '.join(map(repr, TIMINGS))}")
     timer = {"eager": cuda_time_ms, "graph": graph_time_ms, "none": None}[timing]
     decisions = [
-        convert_layer(name, module, tokens, timer)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
+        convert_layer(name, module, tokens, timer) for name, module in model.named_modules() if is_linear(module)
     ]
     converted = sum(decision.converted for decision in decisions)
     log.info("semi-structured 2:4: %d of %d Linear layers converted", converted, len(decisions))

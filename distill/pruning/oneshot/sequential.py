@@ -1,7 +1,7 @@
 """Layer-sequential one-shot pruning of a Hugging Face model's stack of blocks (decoder or encoder).
 
 The calibration batches' inputs to the first block are captured (the model runs up to it and is
-stopped there); then block by block: the targeted Linear layers' input statistics are gathered
+stopped there); then block by block: the targeted Linear-like layers' input statistics are gathered
 from a forward pass of the still-dense block, each layer is pruned by its solver
 (:mod:`distill.pruning.oneshot.solvers`), and the pruned block is run again to give the next block its
 inputs. Only one block's statistics exist at a time; pruned errors propagate as in SparseGPT and
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from distill.architectures.linears import block_stack, in_features, linear_names, linear_weight, to_weight_layout
 from distill.pruning.oneshot import solvers
 from distill.pruning.oneshot.solvers import SparsityTarget
 
@@ -29,18 +30,10 @@ log = logging.getLogger(__name__)
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
-def block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's repeated blocks: the ModuleList holding the most parameters."""
-    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no ModuleList of blocks to prune layer by layer")
-    return max(lists, key=lambda item: sum(param.numel() for param in item[1].parameters()))
-
-
 def target_linears(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] = ()) -> list[str]:
-    """Module names of the stack's Linear layers matching ``include`` (default: all) and not ``exclude``."""
+    """Module names of the stack's Linear-like layers matching ``include`` (default: all) and not ``exclude``."""
     stack_name, _ = block_stack(model)
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linears = linear_names(model)
     in_stack = [name for name in linears if name.startswith(f"{stack_name}.")]
     patterns = list(include) if include else [f"{stack_name}.*"]
     for pattern in patterns:
@@ -122,9 +115,9 @@ class InputStatistics:
         self.tokens += x.shape[0]
 
 
-def _gather(block: nn.Module, linears: dict[str, nn.Linear], inputs: BlockInputs, method: str, dtype) -> dict:
+def _gather(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs, method: str, dtype) -> dict:
     statistics = {
-        name: InputStatistics(method, linear.in_features, dtype, linear.weight.device)
+        name: InputStatistics(method, in_features(linear), dtype, linear.weight.device)
         for name, linear in linears.items()
     }
     current: dict[str, Tensor] = {}
@@ -196,7 +189,7 @@ def prune_oneshot(
     """Prune ``model`` in place block by block; returns the masks, ``{"<linear>.weight": keep}``."""
     names = target_linears(model, include, exclude)
     for name in names:
-        settings.target.check(model.get_submodule(name).weight, name)
+        settings.target.check(linear_weight(model.get_submodule(name)), name)
     stack_name, stack = block_stack(model)
     was_training = model.training
     model.eval()
@@ -209,9 +202,11 @@ def prune_oneshot(
         statistics = _gather(block, linears, inputs, settings.method, settings.hessian_dtype) if inputs else {}
         started = time.perf_counter()
         for name, linear in linears.items():
-            weight, keep = settings.solve(name, linear.weight, statistics.get(name))
-            linear.weight.copy_(weight)
-            masks[f"{name}.weight"] = keep.cpu()
+            # Solvers work on [out, in]; the view writes the result into the parameter whatever its layout,
+            # and the mask is saved in the parameter's layout, as the masking callbacks apply it.
+            weight, keep = settings.solve(name, linear_weight(linear), statistics.get(name))
+            linear_weight(linear).copy_(weight)
+            masks[f"{name}.weight"] = to_weight_layout(linear, keep).contiguous().cpu()
         if linears:
             log.info("block %d: %d layers pruned in %.1f s", index, len(linears), time.perf_counter() - started)
         if inputs is not None and index < last:  # the blocks after the last pruned one need no inputs

@@ -1,5 +1,8 @@
 """One-shot pruning of one Linear weight ``W`` (out x in) from statistics of its inputs.
 
+A layer that stores its weight transposed (GPT-2's ``Conv1D``) is passed as its ``[out, in]`` view
+(:func:`distill.architectures.linears.linear_weight`); the caller writes the result back through it.
+
 Contract shared by the three methods: each returns ``(weight, keep)``, a new weight (same dtype)
 whose pruned entries are exact zeros and the boolean mask (True = kept), and never modifies its
 arguments.
