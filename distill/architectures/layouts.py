@@ -7,7 +7,7 @@ are (hidden channels, query heads, KV heads, FFN channels) plus every norm and t
 Most of it comes from transformers itself (:func:`layout_of`):
 
 - ``config.base_model_pp_plan`` lists the base model's stages in order: embeddings first, the layer
-  stack, the final norm last.
+  stack (:func:`~distill.architectures.linears.block_stack`), the final norm last.
 - ``config.base_model_tp_plan`` marks each projection ``colwise`` (split by output channel: its rows
   are heads or FFN channels) or ``rowwise`` (split by input channel: it maps heads or FFN channels
   back to the hidden width). Whether a projection is attention or MLP is its parent module's; what its
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+
+from distill.architectures.linears import block_stack
 
 ADAPTER_FILE = "distill/architectures/layouts.py"
 # Families without transformers' plans: GPT-2's ``transformer.h`` blocks of Conv1D projections.
@@ -136,21 +138,6 @@ def plans(config: PretrainedConfig) -> tuple[dict[str, str], tuple[str, ...]] | 
     return (tp_plan, tuple(pp_plan)) if tp_plan and pp_plan else None
 
 
-def layer_stack(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
-    """(path, ModuleList) of the decoder layers: the pipeline plan's stage that is a list of layers, else
-    the ModuleList holding the most parameters."""
-    found = plans(model.config)
-    prefix = model.base_model_prefix
-    for stage in found[1] if found else ():
-        module = model.get_submodule(f"{prefix}.{stage}")
-        if isinstance(module, nn.ModuleList):
-            return f"{prefix}.{stage}", module
-    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
-    if not lists:
-        raise unsupported(model, "no ModuleList of decoder layers")
-    return max(lists, key=lambda item: sum(param.numel() for param in item[1].parameters()))
-
-
 def has_layout(model: PreTrainedModel) -> bool:
     try:
         layout_of(model)
@@ -219,7 +206,7 @@ def layout_of(model: PreTrainedModel) -> Layout:
     if found is None:
         raise unsupported(model, "no tensor-parallel plan (config.base_model_tp_plan) and no entry here")
     tp_plan, stages = found
-    stack_path, stack = layer_stack(model)
+    stack_path, stack = block_stack(model)
     layer, sizes, prefix = stack[0], Sizes.of(model.config), model.base_model_prefix
     layer_key = f"{stack_path.removeprefix(prefix + '.')}.*."
     splits = {key.removeprefix(layer_key): split for key, split in tp_plan.items() if key.startswith(layer_key)}

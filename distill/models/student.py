@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from distill.architectures.layouts import layer_stack
+from distill.architectures.linears import block_stack
 from distill.data.base import DataModule
 from distill.models.teacher import Teacher
 from distill.pruning.shape import PartialShape
@@ -26,7 +26,7 @@ from distill.utils.settings import settings_of
 
 def transformer_layer_params(model: PreTrainedModel) -> int:
     """Parameters inside the transformer layers (embeddings and heads excluded)."""
-    return sum(param.numel() for param in layer_stack(model)[1].parameters())
+    return sum(param.numel() for param in block_stack(model)[1].parameters())
 
 
 def _trainable(model: PreTrainedModel) -> PreTrainedModel:
@@ -41,7 +41,7 @@ def from_teacher(teacher: Teacher, layers: list[int], datamodule: DataModule | N
     if not layers or bad or len(set(layers)) != len(layers):
         raise ValueError(f"student.layers={list(layers)!r} must be distinct indices in [0, {depth - 1}]")
     student = copy.deepcopy(teacher.model)
-    path, stack = layer_stack(student)
+    path, stack = block_stack(student)
     parent_path, _, attribute = path.rpartition(".")
     kept = nn.ModuleList([stack[index] for index in layers])
     for new_index, layer in enumerate(kept):

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
-from distill.architectures.layouts import Sizes, layer_stack, layout_of
+from distill.architectures.layouts import Sizes, layout_of
+from distill.architectures.linears import block_stack
 
 LAYER_SCORES = ("auto", "nll", "block_influence", "bi")  # "bi" is short for "block_influence"
 
@@ -136,7 +137,7 @@ def _width_hooks(model: PreTrainedModel, means: _TokenMeans) -> list[RemovableHa
     final_norm = model.get_submodule(layout.final_norm)
     handles = [final_norm.register_forward_hook(means.output_magnitude(("hidden", "final")))]
     attention_out, mlp_out = layout.projection("query").path, layout.projection("ffn").path
-    for index, layer in enumerate(layer_stack(model)[1]):
+    for index, layer in enumerate(block_stack(model)[1]):
         handles += [
             layer.get_submodule(attention_out).register_forward_pre_hook(means.head_norms(("heads", index), head_dim)),
             layer.get_submodule(mlp_out).register_forward_pre_hook(means.input_magnitude(("ffn", index))),
@@ -172,7 +173,7 @@ def _skip_as_identity(module: nn.Module, args: tuple, kwargs: dict, output: Tens
 
 def _nll_increase(model: PreTrainedModel, batches: list[dict[str, Tensor]], baseline: float) -> Tensor:
     increases = []
-    for layer in layer_stack(model)[1]:
+    for layer in block_stack(model)[1]:
         with _hooks([layer.register_forward_hook(_skip_as_identity, with_kwargs=True)]):
             increases.append(_mean_nll(model, batches) - baseline)
     return torch.tensor(increases)
@@ -204,12 +205,12 @@ def calibration_scores(
     was_training = model.training
     model.eval()
     try:
-        means, layers = _TokenMeans(), layer_stack(model)[1]
+        means, layers = _TokenMeans(), block_stack(model)[1]
         handles = _influence_hooks(layers, means) + (_width_hooks(model, means) if measure_width else [])
         with _hooks(handles):
             baseline = _mean_nll(model, batches, means)
         nll_increase = _nll_increase(model, batches, baseline) if measure_nll else None
     finally:
         model.train(was_training)
-    collected = _collect(means, len(layer_stack(model)[1]), measure_width)
+    collected = _collect(means, len(block_stack(model)[1]), measure_width)
     return ImportanceScores(nll_increase=nll_increase, baseline_nll=baseline, **collected)

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from distill.architectures.layouts import Layout, Projection, Sizes, has_layout, layer_stack, layout_of
+from distill.architectures.layouts import Layout, Projection, Sizes, has_layout, layout_of
+from distill.architectures.linears import block_stack
 from distill.pruning.scores import LAYER_SCORES, ImportanceScores, calibration_scores
 from distill.pruning.shape import PrunedShape, apply_shape, choose_shape, validated
 
@@ -45,7 +46,7 @@ class KeptIndices:
 
 def decoder_layer_params(model: PreTrainedModel) -> int:
     """Parameters inside the decoder layers (embeddings, final norm and ``lm_head`` excluded)."""
-    return sum(param.numel() for param in layer_stack(model)[1].parameters())
+    return sum(param.numel() for param in block_stack(model)[1].parameters())
 
 
 def _top(values: Tensor, count: int) -> Tensor:
@@ -143,7 +144,7 @@ def _cut_outer_tensor(key: str, tensor: Tensor, layout: Layout, hidden: Tensor) 
 
 def _cut_state(model: PreTrainedModel, shape: PrunedShape, kept: KeptIndices) -> dict[str, Tensor]:
     """The teacher's tensors for the student: kept layers renumbered, every width cut (when one shrinks)."""
-    stack, _ = layer_stack(model)
+    stack, _ = block_stack(model)
     new_index = {old: new for new, old in enumerate(kept.layers)}
     layout = layout_of(model) if shape.cuts_width(PrunedShape.of(model.config)) else None
     sizes, qpg = Sizes.of(model.config), PrunedShape.of(model.config).queries_per_group
