@@ -137,3 +137,10 @@ def test_every_family_decodes_greedily_as_generate_and_int8_as_fp32(family_decod
     produced = decoder.generate(prompt, max_new_tokens=12)
     assert torch.equal(produced, expected) and len(set(produced[0, 6:].tolist())) > 2
     assert torch.equal(int8.generate(prompt, max_new_tokens=12), produced)
+
+
+def test_layer_types_without_a_mask_in_the_graph_are_refused(tmp_path: Path) -> None:
+    model = tiny_causal_lm("qwen3", layers=2)
+    model.config.layer_types, model.config.attention_chunk_size = ["chunked_attention", "full_attention"], 4
+    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM: layer types \['chunked_attention'\] have no mask"):
+        export_decoder(model, tmp_path / "model.onnx")

@@ -23,13 +23,13 @@ def _names(layers: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kind}_{index}" for index in range(layers) for kind in ("key", "value")]
 
 
-def attention_windows(config) -> list[int | None]:
+def attention_windows(model: nn.Module) -> list[int | None]:
     """Each layer's sliding window, ``None`` for full attention, as transformers' own cache reads the config
     (``layer_types``, else ``sliding_window`` for every layer)."""
-    layer_types, settings = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    layer_types, settings = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unknown:
-        raise ValueError(f"{type(config).__name__}: layer types {unknown} have no mask in the decoder-step graph")
+        raise ValueError(f"{type(model).__name__}: layer types {unknown} have no mask in the decoder-step graph")
     return [kwargs.get("sliding_window") if kind == "sliding_attention" else None
             for kind, kwargs in zip(layer_types, settings, strict=True)]  # fmt: skip
 
@@ -47,7 +47,7 @@ class DecoderStep(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.windows = model, attention_windows(model.config)
+        self.model, self.windows = model, attention_windows(model)
         self.layer_types = getattr(model.config, "layer_types", None)
 
     def masks(self, new: int, attention_mask: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
