@@ -8,11 +8,13 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from transformers.pytorch_utils import Conv1D
 
-from distill.pruning.oneshot.sequential import target_linears
+from distill.pruning.oneshot.sequential import block_stack, target_linears
 from distill.serve.onnx_decoder import OnnxCausalLM, export_decoder, load_onnx
 from distill.serve.onnx_int8 import OnnxModel, save_int8
 from tests.conftest import tiny_llama
+from tests.model_families import FAMILIES, VOCAB, tiny_causal_lm
 from tests.test_onnx_int8 import NoTokenizer, relative_error, token_batch
 
 
@@ -87,3 +89,58 @@ def test_sampling_is_refused_and_a_plain_graph_is_not_a_decoder(decoder, tmp_pat
     assert type(load_onnx(path)) is OnnxModel
     with pytest.raises(ValueError, match="is not a decoder-step graph"):
         OnnxCausalLM(path)
+
+
+# Per family: the model's seed and the prompt's, picked for at least 3 distinct greedy tokens with the widest
+# top-1 margins found (tiny random models have flat logits, where int8 noise may flip a near tie).
+FAMILY_SEEDS = {
+    "llama": (0, 5), "mistral": (1, 5), "qwen2": (3, 1), "qwen3": (5, 5), "gemma2": (5, 5), "phi3": (4, 5),
+    "gpt_neox": (5, 5), "gpt2": (1, 5), "olmo2": (7, 5), "granite": (1, 5),
+}  # fmt: skip
+
+
+def block_layers(model: torch.nn.Module) -> list[str]:
+    """The blocks' Linear-like layers, GPT-2's Conv1D included (target_linears takes nn.Linear only)."""
+    stack, _ = block_stack(model)
+    kinds = (torch.nn.Linear, Conv1D)
+    return [
+        name for name, module in model.named_modules() if name.startswith(f"{stack}.") and isinstance(module, kinds)
+    ]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_decoders(request, tmp_path_factory: pytest.TempPathFactory):
+    """A 2-layer model of the family, its fp32 decoder-step graph and its int8 one (the blocks' layers)."""
+    model = tiny_causal_lm(request.param, layers=2, seed=FAMILY_SEEDS[request.param][0])
+    folder = tmp_path_factory.mktemp(request.param)
+    export_decoder(model, folder / "model.onnx")
+    int8 = save_int8(model, block_layers(model), NoTokenizer(), folder / "int8", partial(export_decoder, model))
+    return request.param, model, OnnxCausalLM(folder / "model.onnx"), load_onnx(int8)
+
+
+@pytest.mark.slow  # ~30 s for the ten families' exports on two cores
+def test_every_family_scores_padded_sequences_as_transformers(family_decoders) -> None:
+    _, model, decoder, _ = family_decoders
+    batch = token_batch(3, 9, seed=4, vocab=VOCAB)  # 9 positions: past Mistral's and Gemma 2's window of 6
+    with torch.no_grad():
+        expected = model(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert relative_error(decoder(**batch).logits[real], expected[real]) < 1e-5
+
+
+@pytest.mark.slow
+def test_every_family_decodes_greedily_as_generate_and_int8_as_fp32(family_decoders) -> None:
+    family, model, decoder, int8 = family_decoders
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(FAMILY_SEEDS[family][1]))
+    with torch.no_grad():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    produced = decoder.generate(prompt, max_new_tokens=12)
+    assert torch.equal(produced, expected) and len(set(produced[0, 6:].tolist())) > 2
+    assert torch.equal(int8.generate(prompt, max_new_tokens=12), produced)
+
+
+def test_layer_types_without_a_mask_in_the_graph_are_refused(tmp_path: Path) -> None:
+    model = tiny_causal_lm("qwen3", layers=2)
+    model.config.layer_types, model.config.attention_chunk_size = ["chunked_attention", "full_attention"], 4
+    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM: layer types \['chunked_attention'\] have no mask"):
+        export_decoder(model, tmp_path / "model.onnx")

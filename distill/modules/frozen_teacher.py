@@ -55,9 +55,6 @@ class FrozenTeacher:
         self._follow(inputs)
         return self.model.base_model(**inputs).last_hidden_state
 
-    def output_head(self) -> nn.Module:
-        return self.model.get_output_embeddings()
-
     def predictions(self, inputs: dict[str, Tensor]) -> Tensor:
         """Predicted classes (see :meth:`memoized`)."""
         return self.memoized(inputs, lambda out: out.logits.argmax(dim=-1), "predictions")

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from distill.serve.onnx_int8 import OnnxModel, OnnxOutput, cpu_session
 
@@ -22,23 +23,54 @@ def _names(layers: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kind}_{index}" for index in range(layers) for kind in ("key", "value")]
 
 
+def attention_windows(model: nn.Module) -> list[int | None]:
+    """Each layer's sliding window, ``None`` for full attention, as transformers' own cache reads the config
+    (``layer_types``, else ``sliding_window`` for every layer)."""
+    layer_types, settings = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(f"{type(model).__name__}: layer types {unknown} have no mask in the decoder-step graph")
+    return [kwargs.get("sliding_window") if kind == "sliding_attention" else None
+            for kind, kwargs in zip(layer_types, settings, strict=True)]  # fmt: skip
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+
+
 class DecoderStep(nn.Module):
-    """(input_ids, attention_mask, past keys/values) -> (logits, present keys/values), traceable."""
+    """(input_ids, attention_mask, past keys/values) -> (logits, present keys/values), traceable.
+
+    The cache holds every past position of every layer, sliding-window layers included: their window is
+    applied by the mask, so the presents of all layers grow alike and the graph has one ``past`` axis.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.layers = model, model.config.num_hidden_layers
+        self.model, self.windows = model, attention_windows(model)
+        self.layer_types = getattr(model.config, "layer_types", None)
+
+    def masks(self, new: int, attention_mask: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The additive mask of each attention type: one tensor where all layers share one, else a dict keyed
+        by ``config.layer_types``, the form transformers models with several attention types take."""
+        total = attention_mask.shape[1]
+        queries, keys = torch.arange(total - new, total)[:, None], torch.arange(total)[None, :]
+        allowed = (keys <= queries)[None, None] & attention_mask[:, None, None, :].bool()
+        by_window = {
+            window: _additive(allowed if window is None else allowed & (keys > queries - window)[None, None])
+            for window in set(self.windows)
+        }
+        if len(by_window) == 1:
+            return next(iter(by_window.values()))
+        return {kind: by_window[window] for kind, window in zip(self.layer_types, self.windows, strict=True)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         new, total = input_ids.shape[1], attention_mask.shape[1]
         positions = torch.arange(total - new, total)
-        visible = torch.arange(total)[None, :] <= positions[:, None]
-        allowed = visible[None, None] & attention_mask[:, None, None, :].bool()
-        mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)))
         output = self.model(
             input_ids=input_ids,
-            attention_mask=mask,
+            attention_mask=self.masks(new, attention_mask),
             position_ids=positions[None].expand(input_ids.shape[0], -1),
             past_key_values=cache,
             cache_position=positions,
@@ -49,25 +81,29 @@ class DecoderStep(nn.Module):
         ]
 
 
-def kv_shape(config) -> tuple[int, int]:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_key_value_heads, head_dim
+def kv_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(KV heads, head size) of each layer, read from the cache a one-token forward returns: configs name
+    these differently (or derive them), the cache does not."""
+    with torch.no_grad():
+        cache = model(input_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=DynamicCache(), use_cache=True)
+    return [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.past_key_values.layers]
 
 
 @torch.no_grad()
 def export_decoder(model: nn.Module, path) -> None:
     """The fp32 decoder-step graph, dynamic in batch, new tokens and past length."""
     model = model.float().cpu().eval()
-    layers, (kv_heads, head_dim) = model.config.num_hidden_layers, kv_shape(model.config)
-    past = [torch.randn(1, kv_heads, 3, head_dim) for _ in range(2 * layers)]
+    step, shapes = DecoderStep(model).eval(), kv_shapes(model)
+    past = [torch.randn(1, heads, 3, size) for heads, size in shapes for _ in ("key", "value")]
     example = (torch.ones(1, 2, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), *past)
+    layers = len(shapes)
     inputs, outputs = ["input_ids", "attention_mask", *_names(layers, "past")], ["logits", *_names(layers, "present")]
     axes = {"input_ids": {0: "batch", 1: "new"}, "attention_mask": {0: "batch", 1: "total"}}
     axes |= {"logits": {0: "batch", 1: "new"}} | {name: {0: "batch", 2: "past"} for name in inputs[2:]}
     axes |= {name: {0: "batch", 2: "total"} for name in outputs[1:]}
     torch.onnx.export(
         # eval: the exporter leaves the model in the wrapper's mode, and a new wrapper is training.
-        DecoderStep(model).eval(), example, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+        step, example, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
         opset_version=17, dynamo=False,
     )  # fmt: skip
 
@@ -81,7 +117,7 @@ class OnnxCausalLM(OnnxModel):
         if not past:
             raise ValueError(f"{path} is not a decoder-step graph (no past_* inputs)")
         self.past_names = [node.name for node in past]
-        self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+        self.past_shapes = [(node.shape[1], node.shape[3]) for node in past]
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask} | dict(
@@ -90,7 +126,7 @@ class OnnxCausalLM(OnnxModel):
         return self.session.run(None, feeds)
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)] * len(self.past_names)
+        return [np.zeros((batch, heads, 0, size), np.float32) for heads, size in self.past_shapes]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> OnnxOutput:
         ids = input_ids.cpu().numpy()

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from transformers import AutoModelForCausalLM
 
+from distill.architectures.head import head_scale
 from distill.data.base import DataModule, LanguageModelData
 from distill.kernels.kd_loss_linear import kd_loss_linear, kd_loss_linear_topk
 from distill.losses.kd import KDLossTerms
@@ -133,35 +134,46 @@ class CausalLMTask:
     def fused_terms(self, step: FusedStep, batch: dict[str, Tensor], labels: Tensor) -> KDLossTerms | None:
         """The step's loss through the fused head kernels, or ``None`` where they do not apply: the
         student's hidden states times its LM head, chunk by chunk, against the live teacher's head
-        (:func:`kd_loss_linear`) or the stored top-K targets (:func:`kd_loss_linear_topk`)."""
+        (:func:`kd_loss_linear`) or the stored top-K targets (:func:`kd_loss_linear_topk`).
+
+        A head that scales its logits (Granite, Cohere) has the scale folded into its weight and bias;
+        one that is not affine in the hidden state (Gemma 2's softcapping) takes the logits path.
+        """
         if not self.fused_kd or step.divergence != "forward_kl":
             return None
         if step.stored is not None and not isinstance(step.stored, TopKTargets):
             return None  # full-vocabulary stores take the logits path
+        student_head = self._head(step.student)
+        teacher_head = self._head(step.teacher.model) if step.stored is None else None
+        if student_head is None or (step.stored is None and teacher_head is None):
+            return None
         student_hidden = step.student.base_model(**batch).last_hidden_state[..., :-1, :]
-        student_weight, student_bias = self._head(step.student.get_output_embeddings())
+        (student_weight, student_bias), targets = student_head, labels[..., 1:]
         settings = dict(temperature=step.temperature, alpha=step.alpha, student_bias=student_bias)
         if step.stored is not None:
-            targets = drop_last_position(step.stored)
-            loss = kd_loss_linear_topk(student_hidden, student_weight, targets, labels[..., 1:], **settings)
+            loss = kd_loss_linear_topk(
+                student_hidden, student_weight, drop_last_position(step.stored), targets, **settings
+            )
         else:
             teacher_hidden = step.teacher.last_hidden_state(batch)[..., :-1, :]
-            teacher_weight, teacher_bias = self._head(step.teacher.output_head())
+            teacher_weight, teacher_bias = teacher_head
             loss = kd_loss_linear(
-                student_hidden,
-                student_weight,
-                teacher_hidden,
-                teacher_weight,
-                labels[..., 1:],
-                teacher_bias=teacher_bias,
+                student_hidden, student_weight, teacher_hidden, teacher_weight, targets, teacher_bias=teacher_bias,
                 **settings,
-            )
+            )  # fmt: skip
         return KDLossTerms(loss=loss, ce=None, kd=None)
 
-    def _head(self, head: nn.Linear) -> tuple[Tensor, Tensor | None]:
-        """An LM head's weight and bias, cut to the shared vocabulary."""
-        rows = slice(None, self.vocabulary)
-        return head.weight[rows], head.bias[rows] if head.bias is not None else None
+    def _head(self, model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+        """The weight and bias that give ``model``'s logits from its last hidden state (its LM head's, times
+        the head's scale), cut to the shared vocabulary; ``None`` if no affine map gives them."""
+        scale = head_scale(model.config)
+        if scale is None:
+            return None
+        head, rows = model.get_output_embeddings(), slice(None, self.vocabulary)
+        weight, bias = head.weight[rows], head.bias[rows] if head.bias is not None else None
+        if scale == 1.0:  # the common case keeps the parameters themselves (no scaled copy per step)
+            return weight, bias
+        return weight * scale, bias * scale if bias is not None else None
 
     def make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict(
