@@ -36,6 +36,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {**COMMON, "tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", COMMON),
     "gemma2": ("Gemma2Config", {**COMMON, "sliding_window": 6, "query_pre_attn_scalar": 8}),
+    "gemma3": ("Gemma3TextConfig", {**COMMON, "sliding_window": 6, "query_pre_attn_scalar": 8}),
     "phi3": ("Phi3Config", COMMON),
     "gpt_neox": ("GPTNeoXConfig", {**NO_GQA, "rotary_pct": 0.5}),
     "gpt2": (
@@ -44,6 +45,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
              eos_token_id=2),
     ),
     "olmo2": ("Olmo2Config", COMMON),
+    "cohere": ("CohereConfig", {**COMMON, "logit_scale": 0.5, "use_qk_norm": False}),
+    "starcoder2": ("Starcoder2Config", {**COMMON, "sliding_window": 6}),
     "granite": (
         "GraniteConfig",
         {**COMMON, "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,

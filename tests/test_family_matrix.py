@@ -41,8 +41,11 @@ from tests.callback_helpers import make_trainer
 from tests.model_families import FAMILIES, VOCAB, tiny_causal_lm
 from tests.test_onnx_int8 import NoTokenizer
 
-# Gemma 2 softcaps its logits: no affine head, so its KD steps take the logits path (tests/test_family_heads.py).
+# Gemma 2 and 3 softcap their logits where set (Gemma 2 by default): no affine head, so their KD steps take the
+# logits path (tests/test_family_heads.py).
 NOT_AFFINE = {"gemma2"}
+# torch.onnx's TorchScript exporter fails inside Cohere's interleaved rotary embedding: export refuses in one line.
+NO_ONNX_DECODER = {"cohere": "CohereForCausalLM: torch.onnx cannot trace its decoder step"}
 
 
 def calibration(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -206,6 +209,10 @@ def test_qat8_int8_decoder_greedy_equals_the_fp32_graph_which_equals_generate(fa
     plain = float_student(module.student)
     layers = block_linear_names(plain)
     export = functools.partial(export_decoder, plain)
+    if family in NO_ONNX_DECODER:
+        with pytest.raises(ValueError, match=NO_ONNX_DECODER[family]):
+            export(tmp_path / "fp32.onnx")
+        return
     int8 = load_onnx(save_int8(plain, layers, NoTokenizer(), tmp_path / "student_int8", export))
     export(tmp_path / "fp32.onnx")
     fp32 = OnnxCausalLM(tmp_path / "fp32.onnx")

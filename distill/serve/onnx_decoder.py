@@ -101,11 +101,14 @@ def export_decoder(model: nn.Module, path) -> None:
     axes = {"input_ids": {0: "batch", 1: "new"}, "attention_mask": {0: "batch", 1: "total"}}
     axes |= {"logits": {0: "batch", 1: "new"}} | {name: {0: "batch", 2: "past"} for name in inputs[2:]}
     axes |= {name: {0: "batch", 2: "total"} for name in outputs[1:]}
-    torch.onnx.export(
-        # eval: the exporter leaves the model in the wrapper's mode, and a new wrapper is training.
-        step, example, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-        opset_version=17, dynamo=False,
-    )  # fmt: skip
+    try:
+        torch.onnx.export(
+            # eval: the exporter leaves the model in the wrapper's mode, and a new wrapper is training.
+            step, example, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+            opset_version=17, dynamo=False,
+        )  # fmt: skip
+    except (AssertionError, RuntimeError) as error:  # the exporter's own failures, deep in its symbolic functions
+        raise ValueError(f"{type(model).__name__}: torch.onnx cannot trace its decoder step ({error})") from error
 
 
 class OnnxCausalLM(OnnxModel):
