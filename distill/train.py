@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas, validate
 from distill.data.base import DataModule
-from distill.models.student import check_context, check_same_tokenizer, shared_vocabulary
+from distill.models.student import check_context, check_same_tokenizer, check_student, shared_vocabulary
 from distill.modules.distillation import DistillationModule
 from distill.pipeline.export import export_student
 from distill.pipeline.metrics import finetune_key, log_final, store_facts, summarize
@@ -63,6 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with RunMeter(1, measure=rank_zero_only.rank == 0, stage="teacher_stage") as teacher_meter:
         teacher = instantiate(cfg.teacher, datamodule=datamodule, task=task)
     check_context(teacher.model, datamodule)
+    check_student(cfg.student, teacher.model)  # a student the teacher cannot give, before the stages after it
     with RunMeter(1, measure=rank_zero_only.rank == 0, stage="generation") as generation_meter:
         generation = generation_stage(datamodule, teacher)
     loggers = instantiate_named(cfg.get("logger"), "logger")

@@ -8,9 +8,11 @@ and returns a trainable Hugging Face model of the teacher's kind with the teache
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_object
 from torch import Tensor, nn
 from transformers import (
     PreTrainedModel,
@@ -121,6 +123,17 @@ def check_context(model: PreTrainedModel, datamodule: DataModule) -> None:
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None:
         datamodule.check_context(context)
+
+
+def check_student(student: Mapping[str, Any], teacher_model: PreTrainedModel) -> None:
+    """Refuse, right after the teacher stage and before the generation and teacher-logit stages, a ``student``
+    node its builder cannot make from this teacher: a ``pruned`` shape the family cannot express, or a width
+    cut of a family without a layout (the builder itself would refuse only after those stages)."""
+    from distill.pruning.structured import student_shape
+
+    if get_object(student["_target_"]) is pruned:
+        shape = settings_of(PartialShape, student.get("shape")).given()
+        student_shape(teacher_model, student.get("target_params"), shape, student.get("axes", ("depth",)))
 
 
 def draw_calibration_batches(datamodule: DataModule, count: int) -> list[dict[str, Tensor]]:

@@ -224,6 +224,21 @@ def _width_report(config: PretrainedConfig, scores: ImportanceScores, kept: Kept
     }
 
 
+def student_shape(
+    teacher_model: PreTrainedModel,
+    target_params: int | None = None,
+    shape: Mapping[str, int] | None = None,
+    axes: Iterable[str] = ("depth",),
+) -> PrunedShape:
+    """The shape :func:`pruned_student` cuts ``teacher_model`` to. Refuses in one line, before any calibration
+    pass, a shape the family cannot express and a width cut of a family without a layout
+    (:class:`~distill.architectures.layouts.UnsupportedArchitecture`)."""
+    chosen = choose_shape(teacher_model.config, target_params, shape, axes)
+    if chosen.cuts_width(PrunedShape.of(teacher_model.config)):
+        layout_of(teacher_model)
+    return chosen
+
+
 def pruned_student(
     teacher_model: PreTrainedModel,
     calibration: Iterable[dict[str, Tensor]],
@@ -237,13 +252,10 @@ def pruned_student(
     """Measure importance on ``calibration``, choose the shape, prune; the student is trainable."""
     if layer_score not in LAYER_SCORES:
         raise ValueError(f"student.layer_score={layer_score!r} must be one of {LAYER_SCORES}")
-    chosen = choose_shape(teacher_model.config, target_params, shape, axes)
+    chosen = student_shape(teacher_model, target_params, shape, axes)
     teacher_shape = PrunedShape.of(teacher_model.config)
-    # A width cut needs the family's layout (refused here, before any calibration pass, without one);
-    # a depth cut reports the width scores where a layout exists.
+    # A depth cut reports the width scores where a layout exists (a width cut has one: student_shape checked).
     measure_width = chosen.cuts_width(teacher_shape) or has_layout(teacher_model)
-    if measure_width:
-        layout_of(teacher_model)
     # Skipping each layer in turn costs one forward pass per layer: measured only when it ranks layers to drop.
     drops_layers = chosen.num_layers < teacher_shape.num_layers
     measure_nll = drops_layers and layer_score == "nll"
