@@ -16,10 +16,9 @@ Most of it comes from transformers itself (:func:`layout_of`):
 - Norms are found by place and size: directly in the layer on the hidden width; inside attention per
   head (Qwen3, Gemma 3: untouched by head pruning) or over all query / KV heads (OLMo 2).
 
-Hand-written here only what those plans do not say (:data:`PLANS`, :data:`INTERLEAVED`,
-:data:`HEAD_DIM_FROM_WIDTH`, :data:`INTERMEDIATE_KEYS`). A layout covers every parameter of a layer or
-:func:`layout_of` refuses, naming the parameter, the model class and this file: adding a family is
-one entry here.
+Hand-written here only what those plans do not say: one :class:`Entry` per family in :data:`ENTRIES`.
+A layout covers every parameter of a layer or :func:`layout_of` refuses, naming the parameter, the
+model class and this file: adding a family is at most one entry here.
 """
 
 from __future__ import annotations
@@ -33,21 +32,38 @@ from transformers.pytorch_utils import Conv1D
 from distill.architectures.linears import block_stack
 
 ADAPTER_FILE = "distill/architectures/layouts.py"
-# Families without transformers' plans: GPT-2's ``transformer.h`` blocks of Conv1D projections.
-PLANS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
-    "gpt2": (
-        {"h.*.attn.c_attn": "colwise", "h.*.attn.c_proj": "rowwise", "h.*.mlp.c_fc": "colwise",
-         "h.*.mlp.c_proj": "rowwise"},
-        ("wte", "wpe", "h", "ln_f"),
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What transformers' plans do not say about a family: one of these per family in :data:`ENTRIES`.
+
+    ``tp_plan``/``stages`` stand in for ``base_model_tp_plan``/``base_model_pp_plan`` where a family has
+    none; ``interleaved`` names fused query/key/value projections laid out head by head ([q, k, v] of
+    head 0, then head 1, ...) rather than as three blocks; ``head_dim_from_width``: the attention derives
+    head_dim as hidden_size / num_attention_heads (no head_dim key), so the hidden width and the heads
+    could only shrink together, which no cut here does; ``intermediate_key``: the config's FFN width.
+    """
+
+    tp_plan: dict[str, str] | None = None
+    stages: tuple[str, ...] | None = None
+    interleaved: tuple[str, ...] = ()
+    head_dim_from_width: bool = False
+    intermediate_key: str = "intermediate_size"
+
+
+ENTRIES: dict[str, Entry] = {
+    # Conv1D projections in transformer.h; n_inner None means 4 x hidden.
+    "gpt2": Entry(
+        tp_plan={"h.*.attn.c_attn": "colwise", "h.*.attn.c_proj": "rowwise", "h.*.mlp.c_fc": "colwise",
+                 "h.*.mlp.c_proj": "rowwise"},
+        stages=("wte", "wpe", "h", "ln_f"),
+        head_dim_from_width=True,
+        intermediate_key="n_inner",
     ),
+    "gpt_neox": Entry(interleaved=("attention.query_key_value",), head_dim_from_width=True),
 }  # fmt: skip
-# Fused query/key/value projections laid out head by head ([q, k, v] of head 0, then head 1, ...)
-# rather than as three blocks: their plan says colwise, not how the rows interleave.
-INTERLEAVED = {"gpt_neox": ("attention.query_key_value",)}
-# Families whose attention derives head_dim as hidden_size / num_attention_heads (no head_dim key):
-# the hidden width and the heads can only shrink together, which no cut here does.
-HEAD_DIM_FROM_WIDTH = frozenset({"gpt2", "gpt_neox"})
-INTERMEDIATE_KEYS = ("intermediate_size", "n_inner")  # GPT-2's n_inner; None there means 4 x hidden
+DEFAULT_ENTRY = Entry()
 
 
 class UnsupportedArchitecture(ValueError):
@@ -114,28 +130,30 @@ class Layout:
         return next(projection for projection in self.projections if projection.columns == columns)
 
 
+def entry(config: PretrainedConfig) -> Entry:
+    return ENTRIES.get(config.model_type, DEFAULT_ENTRY)
+
+
 def intermediate_size(config: PretrainedConfig) -> int:
-    for key in INTERMEDIATE_KEYS:
-        if getattr(config, key, None) is not None:
-            return getattr(config, key)
-    return 4 * config.hidden_size
+    width = getattr(config, intermediate_key(config), None)
+    return 4 * config.hidden_size if width is None else width
 
 
 def intermediate_key(config: PretrainedConfig) -> str:
-    return next((key for key in INTERMEDIATE_KEYS if hasattr(config, key)), INTERMEDIATE_KEYS[0])
+    return entry(config).intermediate_key
 
 
 def head_dim_is_free(config: PretrainedConfig) -> bool:
     """Whether the family reads ``head_dim`` from its config (else hidden and heads are cut together)."""
-    return config.model_type not in HEAD_DIM_FROM_WIDTH
+    return not entry(config).head_dim_from_width
 
 
 def plans(config: PretrainedConfig) -> tuple[dict[str, str], tuple[str, ...]] | None:
-    """(tensor-parallel plan, pipeline stages) of the base model: transformers' or this file's."""
-    if config.model_type in PLANS:
-        return PLANS[config.model_type]
-    tp_plan, pp_plan = getattr(config, "base_model_tp_plan", None), getattr(config, "base_model_pp_plan", None)
-    return (tp_plan, tuple(pp_plan)) if tp_plan and pp_plan else None
+    """(tensor-parallel plan, pipeline stages) of the base model: this file's entry, else transformers'."""
+    known = entry(config)
+    tp_plan = known.tp_plan or getattr(config, "base_model_tp_plan", None)
+    stages = known.stages or tuple(getattr(config, "base_model_pp_plan", None) or ())
+    return (tp_plan, stages) if tp_plan and stages else None
 
 
 def has_layout(model: PreTrainedModel) -> bool:
@@ -169,7 +187,7 @@ def _projection(model: PreTrainedModel, layer: nn.Module, path: str, split: str,
     parent = layer.get_submodule(path.rpartition(".")[0]) if "." in path else layer
     attention, transposed = _is_attention(parent), isinstance(module, Conv1D)
     out_features = module.weight.shape[1] if transposed else module.weight.shape[0]
-    interleaved = path in INTERLEAVED.get(model.config.model_type, ())
+    interleaved = path in entry(model.config).interleaved
     if split.startswith("rowwise"):
         return Projection(path, ("hidden",), "query" if attention else "ffn", interleaved, transposed)
     return Projection(path, _rows(model, path, out_features, attention, sizes), "hidden", interleaved, transposed)
