@@ -12,11 +12,8 @@ from distill.losses.topk import topk_targets
 from distill.tasks import CausalLMTask
 from distill.tasks.base import FusedStep
 from distill.utils.keys import EXAMPLE_INDEX
-from tests.model_families import FAMILIES, VOCAB, tiny_causal_lm
+from tests.model_families import FAMILIES, NOT_AFFINE, VOCAB, tiny_causal_lm
 from tests.test_causal_lm import module_for
-
-# Heads that are not an affine map of the hidden state: Gemma 2 softcaps its final logits.
-NOT_AFFINE = {"gemma2"}
 
 
 def batch_and_labels() -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The causal-LM pipeline over ten model families (docs/results/architectures.md names each cell's test).
+"""The causal-LM pipeline over every family of tests/model_families.py (docs/results/architectures.md).
 
 Per family, on a tiny random model built from the family's own config class (tests/model_families.py):
 depth and width cuts to a parameter target that reload with the Auto classes as the same function; a few
@@ -38,14 +38,8 @@ from distill.tasks import CausalLMTask
 from distill.tasks.base import FusedStep
 from distill.utils.keys import EXAMPLE_INDEX
 from tests.callback_helpers import make_trainer
-from tests.model_families import FAMILIES, VOCAB, tiny_causal_lm
+from tests.model_families import FAMILIES, NO_ONNX_DECODER, NOT_AFFINE, VOCAB, steady_prompt, tiny_causal_lm
 from tests.test_onnx_int8 import NoTokenizer
-
-# Gemma 2 and 3 softcap their logits where set (Gemma 2 by default): no affine head, so their KD steps take the
-# logits path (tests/test_family_heads.py).
-NOT_AFFINE = {"gemma2"}
-# torch.onnx's TorchScript exporter fails inside Cohere's interleaved rotary embedding: export refuses in one line.
-NO_ONNX_DECODER = {"cohere": "CohereForCausalLM: torch.onnx cannot trace its decoder step"}
 
 
 def calibration(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -146,7 +140,7 @@ def distil(
     return recorder.losses
 
 
-@pytest.mark.slow  # a Lightning fit per family (seconds each): the ten families together take minutes
+@pytest.mark.slow  # a Lightning fit per family (seconds each): all families together take minutes
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kd_steps_from_the_topk_store_through_the_fused_head_then_reload(family: str, tmp_path: Path) -> None:
     teacher, student, batch = tiny_causal_lm(family), width_cut(family), calibration(1, seed=4)[0]
@@ -166,7 +160,7 @@ def assert_two_of_four(model: torch.nn.Module, layers: list[str]) -> None:
         assert is_nm_sparse(linear_weight(model.get_submodule(name)), 2, 4), name
 
 
-@pytest.mark.slow  # a Lightning fit per family (seconds each): the ten families together take minutes
+@pytest.mark.slow  # a Lightning fit per family (seconds each): all families together take minutes
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_oneshot_two_of_four_masks_hold_through_kd(family: str, method: str, tmp_path: Path) -> None:
@@ -186,21 +180,7 @@ def test_oneshot_two_of_four_masks_hold_through_kd(family: str, method: str, tmp
         assert not module.student.get_submodule(name.removesuffix(".weight")).weight[~mask].any(), name
 
 
-def steady_prompt(graph: OnnxCausalLM, new_tokens: int) -> torch.Tensor:
-    """Of a few random prompts, the one whose fp32 greedy path has the widest smallest top-1 margin (tiny
-    random models have near ties, where int8 rounding may flip a token)."""
-    generator, best, best_margin = torch.Generator().manual_seed(5), None, -1.0
-    for _ in range(6):
-        prompt = torch.randint(3, VOCAB, (1, 6), generator=generator)
-        tokens = graph.generate(prompt, max_new_tokens=new_tokens)
-        top2 = graph(tokens[:, :-1]).logits[0, 5:].topk(2, dim=-1).values
-        margin = (top2[:, 0] - top2[:, 1]).min().item()
-        if margin > best_margin:
-            best, best_margin = prompt, margin
-    return best
-
-
-@pytest.mark.slow  # a Lightning fit per family (seconds each): the ten families together take minutes
+@pytest.mark.slow  # a Lightning fit per family (seconds each): all families together take minutes
 @pytest.mark.parametrize("family", FAMILIES)
 def test_qat8_int8_decoder_greedy_equals_the_fp32_graph_which_equals_generate(family: str, tmp_path: Path) -> None:
     teacher, batch = tiny_causal_lm(family), calibration(1, seed=4)[0]
@@ -216,7 +196,7 @@ def test_qat8_int8_decoder_greedy_equals_the_fp32_graph_which_equals_generate(fa
     int8 = load_onnx(save_int8(plain, layers, NoTokenizer(), tmp_path / "student_int8", export))
     export(tmp_path / "fp32.onnx")
     fp32 = OnnxCausalLM(tmp_path / "fp32.onnx")
-    prompt = steady_prompt(fp32, new_tokens=10)
+    prompt = steady_prompt(fp32, int8, new_tokens=10)
     produced = fp32.generate(prompt, max_new_tokens=10)
     plain.generation_config.eos_token_id = None  # the graph decodes exactly max_new_tokens, as generate then does
     with torch.no_grad():

@@ -78,7 +78,10 @@ class _TokenMeans:
         self.tokens += int(mask.sum())
 
     def add(self, key: Any, values: Tensor) -> None:
-        """``values`` is [batch, tokens, ...]; padded positions are dropped."""
+        """``values`` is [batch, tokens, ...] or [batch * tokens, ...] (OPT flattens inside its layers);
+        padded positions are dropped."""
+        if values.shape[: self.mask.dim()] != self.mask.shape:
+            values = values.reshape(*self.mask.shape, *values.shape[1:])
         total = values[self.mask].float().sum(0)
         self.sums[key] = self.sums[key] + total if key in self.sums else total
 
