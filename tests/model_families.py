@@ -46,6 +46,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
              eos_token_id=2),
     ),
     "olmo2": ("Olmo2Config", COMMON),
+    "opt": ("OPTConfig", {**NO_GQA, "ffn_dim": 96, "word_embed_proj_dim": 48}),
     "cohere": ("CohereConfig", {**COMMON, "logit_scale": 0.5, "use_qk_norm": False}),
     "starcoder2": ("Starcoder2Config", {**COMMON, "sliding_window": 6}),
     "granite": (

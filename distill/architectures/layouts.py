@@ -62,6 +62,15 @@ ENTRIES: dict[str, Entry] = {
         intermediate_key="n_inner",
     ),
     "gpt_neox": Entry(interleaved=("attention.query_key_value",), head_dim_from_width=True),
+    # OPT's decoder.layers hold the attention and fc1/fc2 directly; learned positions are an Embedding.
+    "opt": Entry(
+        tp_plan={"decoder.layers.*.self_attn.q_proj": "colwise", "decoder.layers.*.self_attn.k_proj": "colwise",
+                 "decoder.layers.*.self_attn.v_proj": "colwise", "decoder.layers.*.self_attn.out_proj": "rowwise",
+                 "decoder.layers.*.fc1": "colwise", "decoder.layers.*.fc2": "rowwise"},
+        stages=("decoder.embed_tokens", "decoder.embed_positions", "decoder.layers", "decoder.final_layer_norm"),
+        head_dim_from_width=True,
+        intermediate_key="ffn_dim",
+    ),
 }  # fmt: skip
 DEFAULT_ENTRY = Entry()
 
