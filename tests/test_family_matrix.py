@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-from distill.architectures.layouts import head_dim_is_free
-from distill.architectures.linears import block_linear_names, linear_weight
+from distill.architectures.layouts import Projection, Sizes, head_dim_is_free, layout_of
+from distill.architectures.linears import block_linear_names, block_stack, linear_weight
 from distill.callbacks.held_masks import HeldMasks
 from distill.callbacks.qat import QuantizationAwareTraining
 from distill.kernels.sparsity import is_nm_sparse
@@ -30,8 +30,9 @@ from distill.modules.distillation import DistillationModule
 from distill.pipeline.export import float_student
 from distill.pruning.oneshot.sequential import OneShotSettings, prune_oneshot
 from distill.pruning.oneshot.solvers import SparsityTarget
+from distill.pruning.scores import ImportanceScores
 from distill.pruning.shape import FFN_MULTIPLE, PrunedShape, shape_params
-from distill.pruning.structured import decoder_layer_params, pruned_student
+from distill.pruning.structured import LayerCut, decoder_layer_params, prune, pruned_student
 from distill.serve.onnx_decoder import OnnxCausalLM, export_decoder, load_onnx
 from distill.serve.onnx_int8 import save_int8
 from distill.tasks import CausalLMTask
@@ -96,6 +97,56 @@ def test_width_cut_to_a_parameter_target_reloads_as_itself(family: str, tmp_path
             teacher_shape.num_attention_heads,
         )
     assert_reloads_as_itself(student, tmp_path)
+
+
+def silence(model: torch.nn.Module, ffn: torch.Tensor, groups: torch.Tensor) -> ImportanceScores:
+    """Zero, in every layer, the output projections' columns of FFN channels ``ffn`` and of the query heads of
+    KV groups ``groups``: cutting exactly those leaves the function unchanged. Scores that rank them last."""
+    layout, sizes = layout_of(model), Sizes.of(model.config)
+    queries_per_group = sizes.heads // sizes.kv_heads
+    heads = (groups[:, None] * queries_per_group + torch.arange(queries_per_group)).flatten()
+    columns = (heads[:, None] * sizes.head_dim + torch.arange(sizes.head_dim)).flatten()
+    _, layers = block_stack(model)
+    with torch.no_grad():
+        for layer in layers:
+            linear_weight(layer.get_submodule(layout.projection("ffn").path))[:, ffn] = 0
+            linear_weight(layer.get_submodule(layout.projection("query").path))[:, columns] = 0
+    scores = ImportanceScores(
+        block_influence=torch.ones(len(layers)),
+        nll_increase=None,
+        baseline_nll=0.0,
+        ffn=torch.ones(len(layers), sizes.intermediate).index_fill(1, ffn, 0),
+        heads=torch.ones(len(layers), sizes.heads).index_fill(1, heads, 0),
+        hidden=torch.ones(sizes.hidden),
+    )
+    return scores
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cutting_silent_channels_and_heads_keeps_the_function(family: str) -> None:
+    """The cut takes the right rows and columns of every layout (fused, interleaved, transposed, biased):
+    removing FFN channels and KV groups whose outputs are zero changes no logit."""
+    model = tiny_causal_lm(family, layers=2)
+    teacher = PrunedShape.of(model.config)
+    ffn, groups = torch.arange(1, teacher.intermediate_size, 3), torch.tensor([0])
+    shared_norm = any(width != "per_head" for _, width in layout_of(model).head_norms)
+    # Heads cannot go without the hidden width where head_dim derives from it (note 1 of the doc); OLMo 2
+    # normalizes q and k over all heads at once, so removing a head rescales the others by design.
+    if not head_dim_is_free(model.config) or shared_norm:
+        groups = groups[:0]
+    scores = silence(model, ffn, groups)
+    kv_heads = teacher.num_key_value_heads - len(groups)
+    shape = replace(
+        teacher,
+        intermediate_size=teacher.intermediate_size - len(ffn),
+        num_key_value_heads=kv_heads,
+        num_attention_heads=kv_heads * teacher.queries_per_group,
+    )
+    student = prune(model, shape, scores)
+    assert PrunedShape.of(student.config) == shape
+    batch = calibration(1, seed=9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(student(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
 def kd_module(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> DistillationModule:
@@ -203,3 +254,14 @@ def test_qat8_int8_decoder_greedy_equals_the_fp32_graph_which_equals_generate(fa
         expected = plain.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
     assert torch.equal(produced, expected)
     assert torch.equal(int8.generate(prompt, max_new_tokens=10), produced)
+
+
+def test_an_interleaved_fused_projection_keeps_whole_heads_of_query_key_and_value() -> None:
+    """GPT-NeoX's query_key_value lays out [q, k, v] head by head: keeping head 1 of 3 keeps rows 12-23 (head_dim
+    4), where three blocks would keep rows 4-7, 16-19 and 28-31."""
+    sizes = Sizes(hidden=12, heads=3, kv_heads=3, head_dim=4, intermediate=8)
+    cut = LayerCut(sizes, torch.arange(12), torch.arange(8), torch.tensor([1]), queries_per_group=1)
+    fused = Projection("attention.query_key_value", ("query", "kv", "kv"), "hidden", interleaved=True)
+    assert cut.rows(fused).tolist() == list(range(12, 24))
+    blocks = Projection("self_attn.qkv_proj", ("query", "kv", "kv"), "hidden")
+    assert cut.rows(blocks).tolist() == [*range(4, 8), *range(16, 20), *range(28, 32)]

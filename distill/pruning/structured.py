@@ -89,7 +89,7 @@ def _unit_rows(units: Tensor, unit_size: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _LayerCut:
+class LayerCut:
     """The kept indices of each kind of block in one kept layer."""
 
     sizes: Sizes
@@ -117,13 +117,13 @@ def _take(tensor: Tensor, dim: int, index: Tensor) -> Tensor:
     return tensor.index_select(dim, index.to(tensor.device))
 
 
-def _cut_projection(name: str, tensor: Tensor, projection: Projection, cut: _LayerCut) -> Tensor:
+def _cut_projection(name: str, tensor: Tensor, projection: Projection, cut: LayerCut) -> Tensor:
     out_dim = 1 if projection.transposed else 0
     tensor = _take(tensor, out_dim if name == "weight" else 0, cut.rows(projection))
     return _take(tensor, 1 - out_dim, cut.block(projection.columns)) if name == "weight" else tensor
 
 
-def _cut_layer_tensor(path: str, tensor: Tensor, layout: Layout, cut: _LayerCut) -> Tensor:
+def _cut_layer_tensor(path: str, tensor: Tensor, layout: Layout, cut: LayerCut) -> Tensor:
     module, _, name = path.rpartition(".")
     projection = next((p for p in layout.projections if p.path == module), None)
     if projection is not None:
@@ -158,7 +158,7 @@ def _cut_state(model: PreTrainedModel, shape: PrunedShape, kept: KeptIndices) ->
             continue
         new = new_index[int(index)]
         if layout is not None:
-            cut = _LayerCut(sizes, kept.hidden, kept.ffn[new], kept.kv_groups[new], qpg)
+            cut = LayerCut(sizes, kept.hidden, kept.ffn[new], kept.kv_groups[new], qpg)
             tensor = _cut_layer_tensor(path, tensor, layout, cut)
         state[f"{stack}.{new}.{path}"] = tensor
     return state
@@ -173,7 +173,7 @@ def _cut(model: PreTrainedModel, shape: PrunedShape, kept: KeptIndices) -> PreTr
     reference = next(iter(state.values()))
     student = type(model)(config)
     student.load_state_dict(state, strict=True)
-    return student.to(device=reference.device, dtype=model.dtype)
+    return student.to(device=reference.device, dtype=model.dtype).train(model.training)
 
 
 def prune(
