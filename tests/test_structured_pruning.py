@@ -394,3 +394,14 @@ def test_pruned_students_are_cached_by_teacher_calibration_and_settings(tmp_path
     assert len(calls) == 3 and sum(path.is_dir() for path in (tmp_path / "students").iterdir()) == 3
     build(1, "e", cache=None)
     assert len(calls) == 4
+
+
+def test_a_hidden_width_the_heads_must_divide_is_chosen_and_said(caplog: pytest.LogCaptureFixture) -> None:
+    """With 3 heads the hidden width moves in steps of 24 (multiples of 8 and of 3), and the log says why."""
+    config = LlamaConfig(**{**SIZES, "hidden_size": 96, "num_attention_heads": 3, "num_key_value_heads": 3})
+    with caplog.at_level("INFO", logger="distill.pruning.shape"):
+        shape = choose_shape(
+            config, target_params=int(0.7 * shape_params(config, PrunedShape.of(config))), axes=["hidden"]
+        )
+    assert shape.hidden_size % 24 == 0 and shape.hidden_size < 96
+    assert f"hidden_size={shape.hidden_size}: the hidden width moves in steps of 24" in caplog.text

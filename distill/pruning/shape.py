@@ -243,7 +243,14 @@ def _shape_for_target(config: PretrainedConfig, target: float, axes: frozenset[s
         raise ValueError(
             f"student.target_params={target} is below {smallest}, the smallest student shrinking {sorted(axes)} gives"
         )
-    return search.largest_within(target)
+    chosen = search.largest_within(target)
+    if "hidden" in axes and hidden_step(chosen.num_attention_heads) > HIDDEN_MULTIPLE:
+        log.info(
+            "student hidden_size=%d: the hidden width moves in steps of %d, multiples of %d and of the %d heads "
+            "(transformers builds no config whose hidden size the head count does not divide)",
+            chosen.hidden_size, hidden_step(chosen.num_attention_heads), HIDDEN_MULTIPLE, chosen.num_attention_heads,
+        )  # fmt: skip
+    return chosen
 
 
 def choose_shape(
