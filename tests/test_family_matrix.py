@@ -24,9 +24,13 @@ from distill.architectures.layouts import Projection, Sizes, head_dim_is_free, l
 from distill.architectures.linears import block_linear_names, block_stack, linear_weight
 from distill.callbacks.held_masks import HeldMasks
 from distill.callbacks.qat import QuantizationAwareTraining
+from distill.data.prompts import pack_responses
+from distill.data.text import IGNORE_INDEX
 from distill.kernels.sparsity import is_nm_sparse
+from distill.losses.divergences import DIVERGENCES
 from distill.losses.topk import topk_targets
 from distill.modules.distillation import DistillationModule
+from distill.modules.on_policy import OnPolicy, OnPolicySettings
 from distill.pipeline.export import float_student
 from distill.pruning.oneshot.sequential import OneShotSettings, prune_oneshot
 from distill.pruning.oneshot.solvers import SparsityTarget
@@ -265,3 +269,28 @@ def test_an_interleaved_fused_projection_keeps_whole_heads_of_query_key_and_valu
     assert cut.rows(fused).tolist() == list(range(12, 24))
     blocks = Projection("self_attn.qkv_proj", ("query", "kv", "kv"), "hidden")
     assert cut.rows(blocks).tolist() == [*range(4, 8), *range(16, 20), *range(28, 32)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_divergence_and_an_on_policy_resample_run_on_the_family(family: str) -> None:
+    """What needs no layout: each divergence's loss on the logits path, with gradients, and a batch whose
+    responses the student resamples (on-policy distillation; sequence-level KD generates the same way)."""
+    teacher, student = tiny_causal_lm(family, layers=2, seed=1), tiny_causal_lm(family, layers=1, seed=2)
+    rows = pack_responses([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], width=8, pad_id=0)
+    batch = {name: torch.as_tensor(rows[name]) for name in ("input_ids", "attention_mask")}
+    labels = torch.as_tensor(rows["labels"])
+    for divergence in DIVERGENCES:
+        module = DistillationModule(
+            student=student, teacher=teacher, num_labels=None, task=CausalLMTask(), temperature=2.0, alpha=0.0,
+            optimizer=torch.optim.SGD, divergence=divergence,
+        )  # fmt: skip
+        student.zero_grad()
+        loss = module.training_step({**batch, "labels": labels.clone()}, 0)
+        loss.backward()
+        assert torch.isfinite(loss) and loss > 0, divergence
+        assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None), divergence
+    sampler = OnPolicy(OnPolicySettings(probability=1.0, max_new_tokens=4), pad_id=0, end_ids={2}, seed=1)
+    resampled, new_labels = sampler.resample(student, batch, labels)
+    for row, prompt in enumerate([[5, 6, 7], [8]]):
+        assert resampled["input_ids"][row, : len(prompt)].tolist() == prompt
+        assert 1 <= int((new_labels[row] != IGNORE_INDEX).sum()) <= 4
