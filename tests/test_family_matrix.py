@@ -44,7 +44,7 @@ from distill.tasks.base import FusedStep
 from distill.utils.keys import EXAMPLE_INDEX
 from tests.callback_helpers import make_trainer
 from tests.model_families import FAMILIES, NO_ONNX_DECODER, NOT_AFFINE, VOCAB, steady_prompt, tiny_causal_lm
-from tests.test_onnx_int8 import NoTokenizer
+from tests.test_onnx_int8 import NoTokenizer, relative_error, token_batch
 
 
 def calibration(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -251,6 +251,11 @@ def test_qat8_int8_decoder_greedy_equals_the_fp32_graph_which_equals_generate(fa
     int8 = load_onnx(save_int8(plain, layers, NoTokenizer(), tmp_path / "student_int8", export))
     export(tmp_path / "fp32.onnx")
     fp32 = OnnxCausalLM(tmp_path / "fp32.onnx")
+    padded = token_batch(3, 9, seed=4, vocab=VOCAB)  # 9 positions: past the sliding windows of 6
+    with torch.no_grad():
+        expected = plain(**padded).logits
+    real = padded["attention_mask"].bool()
+    assert relative_error(fp32(**padded).logits[real], expected[real]) < 1e-5
     prompt = steady_prompt(fp32, int8, new_tokens=10)
     produced = fp32.generate(prompt, max_new_tokens=10)
     plain.generation_config.eos_token_id = None  # the graph decodes exactly max_new_tokens, as generate then does

@@ -9,12 +9,11 @@ import onnx
 import pytest
 import torch
 
-from distill.architectures.linears import block_linear_names
 from distill.pruning.oneshot.sequential import target_linears
 from distill.serve.onnx_decoder import OnnxCausalLM, export_decoder, load_onnx
 from distill.serve.onnx_int8 import OnnxModel, save_int8
 from tests.conftest import tiny_llama
-from tests.model_families import FAMILIES, NO_ONNX_DECODER, VOCAB, steady_prompt, tiny_causal_lm
+from tests.model_families import tiny_causal_lm
 from tests.test_onnx_int8 import NoTokenizer, relative_error, token_batch
 
 
@@ -89,38 +88,6 @@ def test_sampling_is_refused_and_a_plain_graph_is_not_a_decoder(decoder, tmp_pat
     assert type(load_onnx(path)) is OnnxModel
     with pytest.raises(ValueError, match="is not a decoder-step graph"):
         OnnxCausalLM(path)
-
-
-@pytest.fixture(scope="module", params=[family for family in FAMILIES if family not in NO_ONNX_DECODER])
-def family_decoders(request, tmp_path_factory: pytest.TempPathFactory):
-    """A 3-layer model of the family, its fp32 decoder-step graph and its int8 one (the blocks' layers)."""
-    model = tiny_causal_lm(request.param, layers=3)
-    folder = tmp_path_factory.mktemp(request.param)
-    export_decoder(model, folder / "model.onnx")
-    int8 = save_int8(model, block_linear_names(model), NoTokenizer(), folder / "int8", partial(export_decoder, model))
-    return request.param, model, OnnxCausalLM(folder / "model.onnx"), load_onnx(int8)
-
-
-@pytest.mark.slow  # ~40 s for the families' exports on two cores
-def test_every_family_scores_padded_sequences_as_transformers(family_decoders) -> None:
-    _, model, decoder, _ = family_decoders
-    batch = token_batch(3, 9, seed=4, vocab=VOCAB)  # 9 positions: past Mistral's and Gemma 2's window of 6
-    with torch.no_grad():
-        expected = model(**batch).logits
-    real = batch["attention_mask"].bool()
-    assert relative_error(decoder(**batch).logits[real], expected[real]) < 1e-5
-
-
-@pytest.mark.slow
-def test_every_family_decodes_greedily_as_generate_and_int8_as_fp32(family_decoders) -> None:
-    _, model, decoder, int8 = family_decoders
-    prompt = steady_prompt(decoder, int8, new_tokens=12)
-    model.generation_config.eos_token_id = None  # the graph decodes exactly max_new_tokens, as generate then does
-    with torch.no_grad():
-        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
-    produced = decoder.generate(prompt, max_new_tokens=12)
-    assert torch.equal(produced, expected) and len(set(produced[0, 6:].tolist())) > 2
-    assert torch.equal(int8.generate(prompt, max_new_tokens=12), produced)
 
 
 def test_layer_types_without_a_mask_in_the_graph_are_refused(tmp_path: Path) -> None:
