@@ -13,7 +13,7 @@ import torch
 from distill.callbacks.qat import fake_quantize
 from distill.pipeline.export import float_student
 from distill.serve.first_token import FirstTokenClassifier, reads_first_token
-from distill.serve.onnx_int8 import OnnxModel, export_onnx, matmuls_with_weights, save_int8
+from distill.serve.onnx_int8 import OnnxModel, export_onnx, gemms_as_matmuls, matmuls_with_weights, save_int8
 from tests.callback_helpers import tiny_bert
 from tests.conftest import tiny_llama
 
@@ -173,3 +173,19 @@ def test_serving_errors_name_the_file_and_the_inputs(tmp_path: Path) -> None:
     session = OnnxModel(export_onnx(tiny_bert(0).eval(), token_batch(2, 6, seed=0), tmp_path / "fp32.onnx"))
     with pytest.raises(KeyError, match=r"needs inputs \['attention_mask'\]"):
         session(input_ids=torch.ones(1, 4, dtype=torch.long))
+
+
+def test_only_targeted_gemms_become_matmuls_and_leave_no_stale_weight(tmp_path: Path) -> None:
+    """A 2-D Linear exports as Gemm (transB=1): the targeted one becomes MatMul + Add over its transposed weight,
+    which replaces the original initializer; an untargeted head stays a Gemm. The function is unchanged."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    path, x = tmp_path / "model.onnx", torch.randn(3, 8)
+    torch.onnx.export(model, (x,), str(path), input_names=["x"], opset_version=17, dynamo=False)
+    before = onnx.load(str(path)).graph
+    gemms_as_matmuls(path, [model[0].weight])
+    graph = onnx.load(str(path)).graph
+    assert [node.op_type for node in graph.node] == ["MatMul", "Add", "Relu", "Gemm"]
+    assert len(graph.initializer) == len(before.initializer)
+    assert sum(tensor.name.endswith("_transposed") for tensor in graph.initializer) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxModel(path).session.run(None, {"x": x.numpy()})[0], model(x).numpy())

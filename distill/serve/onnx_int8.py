@@ -121,10 +121,7 @@ def _digest(array: np.ndarray) -> str:
 def matmuls_with_weights(path: Path, weights: Iterable[torch.Tensor]) -> list[str]:
     """Names of the MatMul nodes whose constant operand is one of ``weights``: as ``x @ W.T`` (``nn.Linear``)
     or as ``x @ W`` (layers that store the weight input-major, as GPT-2's Conv1D)."""
-    wanted = {}
-    for index, weight in enumerate(weights):
-        array = weight.detach().float().cpu().numpy()
-        wanted |= {_digest(array.T): index, _digest(array): index}
+    wanted = _weight_digests(weights)
     graph = onnx.load(str(path), load_external_data=True).graph
     constants = {tensor.name: tensor for tensor in graph.initializer}
     nodes, found = [], set()
@@ -140,37 +137,62 @@ def matmuls_with_weights(path: Path, weights: Iterable[torch.Tensor]) -> list[st
     return nodes
 
 
-def gemms_as_matmuls(path: Path) -> None:
-    """Rewrite, in place, each plain ``Gemm`` with a constant weight as ``MatMul`` (+ ``Add`` of its bias): the
-    exporter traces ``addmm`` layers (GPT-2's Conv1D) as Gemm, and ORT's dynamic int8 quantizes MatMuls only."""
+def _weight_digests(weights: Iterable[torch.Tensor]) -> dict[str, int]:
+    """Digest -> position of each weight, as ``W.T`` (``nn.Linear``: ``x @ W.T``) and as ``W`` (input-major
+    layers such as GPT-2's Conv1D: ``x @ W``)."""
+    wanted = {}
+    for index, weight in enumerate(weights):
+        array = weight.detach().float().cpu().numpy()
+        wanted |= {_digest(array.T): index, _digest(array): index}
+    return wanted
+
+
+def gemms_as_matmuls(path: Path, weights: Iterable[torch.Tensor]) -> None:
+    """Rewrite, in place, each plain ``Gemm`` whose constant weight is one of ``weights`` as ``MatMul`` (+ ``Add``
+    of its bias): the exporter traces ``addmm`` layers (GPT-2's Conv1D) as Gemm, and ORT's dynamic int8
+    quantizes MatMuls only. Other Gemms (a classifier's head) stay as they are."""
+    wanted = _weight_digests(weights)
     model = onnx.load(str(path), load_external_data=True)
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
-    nodes, rewritten = [], False
+    nodes, replaced, rewritten = [], set(), False
     for node in model.graph.node:
         settings = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
         plain = settings.get("alpha", 1.0) == settings.get("beta", 1.0) == 1.0 and not settings.get("transA", 0)
-        if node.op_type != "Gemm" or node.input[1] not in constants or not plain:
+        constant = constants.get(node.input[1]) if node.op_type == "Gemm" and plain else None
+        if constant is None or _digest(numpy_helper.to_array(constant)) not in wanted:
             nodes.append(node)
             continue
         weight, rewritten = node.input[1], True
-        if settings.get("transB", 0):
-            transposed = numpy_helper.from_array(numpy_helper.to_array(constants[weight]).T, f"{weight}_transposed")
+        if settings.get("transB", 0):  # the MatMul needs the [in, out] matrix: the transposed copy replaces it
+            transposed = numpy_helper.from_array(numpy_helper.to_array(constant).T, f"{weight}_transposed")
             model.graph.initializer.append(transposed)
+            replaced.add(weight)
             weight = transposed.name
         biased = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}_product" if biased else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_MatMul"))
         if biased:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_Add"))
-    if rewritten:  # graphs without Gemm stay untouched, external weights and all
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        onnx.save(model, str(path))
+    if not rewritten:
+        return  # no targeted Gemm: the file stays untouched, external weights and all
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _drop_unused(model.graph, replaced)
+    onnx.save(model, str(path))
+
+
+def _drop_unused(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the initializers ``names`` that no node reads any more (a transposed copy replaced them)."""
+    used = {name for node in graph.node for name in node.input}
+    kept = [tensor for tensor in graph.initializer if tensor.name not in names or tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, weights: Iterable[torch.Tensor]) -> list[str]:
     """ORT dynamic int8 of the MatMuls that use ``weights``; returns the quantized nodes' names."""
-    gemms_as_matmuls(fp32_path)
+    weights = list(weights)
+    gemms_as_matmuls(fp32_path, weights)
     nodes = matmuls_with_weights(fp32_path, weights)
     quantize_dynamic(
         fp32_path,
