@@ -91,6 +91,11 @@ def _context_length(config: PretrainedConfig) -> int:
 def _add_hyperparameters(writer: GGUFWriter, config: PretrainedConfig, chosen: Preset, name: str) -> None:
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r}: llama.cpp's {writer.arch} blocks use SiLU (SwiGLU)")
+    if writer.arch == "qwen2" and _head_dim(config) * config.num_attention_heads != config.hidden_size:
+        raise ValueError(
+            f"head_dim {_head_dim(config)} x {config.num_attention_heads} heads != hidden_size {config.hidden_size}: "
+            "llama.cpp's qwen2 architecture sizes attention by the hidden width"
+        )
     theta, linear_factor = _rope(config)
     writer.add_name(name)
     writer.add_context_length(_context_length(config))
