@@ -34,6 +34,7 @@ CORPUS = [
 # file says so in its context length, checked below), and llama.cpp's qwen2 sizes attention by the hidden width.
 FULL_ATTENTION = {"mistral": {"sliding_window": None}, "qwen2": {"head_dim": 12}}
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
 BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False)
 
 
@@ -121,6 +122,25 @@ def test_llama_cpp_decodes_as_pytorch_does(family, quant, tokenizer, llama_cpp, 
             with torch.no_grad():
                 expected = model(torch.tensor([ids])).logits[0].numpy()
             assert relative_error(llama.logits(ids), expected) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"attention_bias": True}, {"mlp_bias": True}, {"rope_parameters": LINEAR_ROPE}],
+    ids=["attention-bias", "mlp-bias", "linear-rope"],
+)
+def test_llama_variants_compute_as_pytorch_does(settings, tokenizer, llama_cpp, tmp_path) -> None:
+    """Biases (q/k ones permuted like their weights) and linear RoPE scaling reach llama.cpp."""
+    model = tiny_causal_lm("llama", **settings)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0, 0.5)
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    with LlamaCpp(export_gguf(model, tokenizer, tmp_path / "model.gguf", "f32")["path"], n_ctx=64) as llama:
+        assert relative_error(llama.logits(ids), expected) < 2e-3
 
 
 def dequantized(model: PreTrainedModel, path: Path) -> PreTrainedModel:
