@@ -20,7 +20,7 @@ from distill.serve.gguf_export import UnsupportedGGUFArchitecture, export_gguf
 from distill.serve.gguf_types import preset, tensor_type
 from distill.serve.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX
 from distill.serve.llamacpp import LlamaCpp, MissingRuntime, runtime
-from distill.utils.references import load_tokenizer
+from distill.utils.references import load_causal_lm, load_tokenizer
 from tests.conftest import require
 from tests.model_families import VOCAB, tiny_causal_lm
 
@@ -361,3 +361,21 @@ def test_without_llama_cpp_k_quants_fail_in_one_line_and_the_rest_work(tokenizer
     assert export_gguf(model, tokenizer, tmp_path / "model.gguf", "q4_1")["tensor_types"] == {
         "Q8_0": 1, "Q4_1": 28, "F32": 9
     }  # fmt: skip
+
+
+@pytest.mark.slow  # loads and writes the 135M-parameter teacher (~15 s)
+def test_re_exporting_the_shipped_smollm2_reproduces_its_tensors(smollm2_gguf, llama_cpp, tmp_path) -> None:
+    """The teacher as distill loads it (de-quantized by transformers, q/k back in HF's order), exported at q4_1:
+    every tensor is byte for byte the shipped file's, and llama.cpp continues a chat prompt identically."""
+    tokenizer, model = load_tokenizer(str(smollm2_gguf)), load_causal_lm(str(smollm2_gguf))
+    record = export_gguf(model, tokenizer, tmp_path / "smollm2.gguf", "q4_1")
+    ours = {tensor.name: tensor for tensor in gguf.GGUFReader(record["path"]).tensors}
+    shipped = {tensor.name: tensor for tensor in gguf.GGUFReader(smollm2_gguf).tensors}
+    assert ours.keys() == shipped.keys()
+    for name, tensor in shipped.items():
+        assert ours[name].tensor_type == tensor.tensor_type and np.array_equal(ours[name].data, tensor.data), name
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=False)  # fmt: skip
+    ids = tokenizer(prompt)["input_ids"]
+    with LlamaCpp(smollm2_gguf, n_ctx=128) as teacher, LlamaCpp(record["path"], n_ctx=128) as exported:
+        assert exported.greedy(ids, 16) == teacher.greedy(ids, 16)
