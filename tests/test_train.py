@@ -144,12 +144,14 @@ def test_smoke_experiment_with_real_teacher(tmp_path: Path, data_dir: Path, hf_t
 
 @pytest.mark.slow
 def test_causal_lm_smoke_with_real_teacher(tmp_path: Path, data_dir: Path, smollm2_gguf: Path) -> None:
-    """`experiment=smollm2_to_small debug=smoke` through the CLI with the real SmolLM2 GGUF teacher."""
+    """`experiment=smollm2_to_small debug=smoke` through the CLI with the real SmolLM2 GGUF teacher, its student
+    also written as GGUF q8_0 for llama.cpp and scored there on the run's held-out windows."""
     run = tmp_path / "run"
     run_cli(
         "distill.train",
         "experiment=smollm2_to_small",
         "debug=smoke",
+        "task.gguf=[q8_0]",
         f"hydra.run.dir={run}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.data_dir={data_dir.resolve()}",
@@ -165,3 +167,5 @@ def test_causal_lm_smoke_with_real_teacher(tmp_path: Path, data_dir: Path, smoll
     assert len(pruning["kept_layers"]) == 15 and pruning["depth_scores"]["nll_increase"] is not None
     assert json.loads((run / "generations.json").read_text())["samples"][0]["teacher"]
     assert (run / "student" / "model.safetensors").is_file() and (run / "student" / "tokenizer.json").is_file()
+    assert (run / "student_gguf" / "student-q8_0.gguf").stat().st_size == metrics["student_gguf_q8_0/file_bytes"]
+    assert metrics["student_gguf_q8_0/test_ppl"] == pytest.approx(metrics["student/test_ppl"], rel=0.02)

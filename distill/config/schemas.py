@@ -294,6 +294,29 @@ class QuantizeSchema(CommandSchema):
 
 
 @dataclass
+class ExportGGUFSchema(CommandSchema):
+    """``python -m distill.export_gguf`` (conf/export_gguf.yaml): GGUF files of a causal LM for llama.cpp."""
+
+    task_name: str = "export_gguf"
+    # A save_pretrained folder (a run's student/), hub id or GGUF file (distill/utils/references.py).
+    model: str = MISSING
+    # llama-quantize's preset names (distill.serve.gguf_types): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1,
+    # q4_k_m, q5_k_m, q6_k. The K-quants need the gguf extra (llama.cpp's own quantizer).
+    quant: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_1", "q4_k_m"])
+    # Where the files go; None = beside the model folder (<run>/student -> <run>/student_gguf/, where
+    # distill.serve_bench finds them), or the command's run folder for a hub id or a GGUF file.
+    out_dir: str | None = None
+    # Check each file in llama.cpp: held-out perplexity on the first `perplexity_blocks` test blocks (None = all),
+    # against PyTorch's on the same windows, and greedy tokens of the float presets against PyTorch's.
+    check: bool = True
+    perplexity_blocks: int | None = None
+    prompts: int = 4
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+    threads: int = 2
+
+
+@dataclass
 class GenerateSchema(CommandSchema):
     """``python -m distill.generate`` (conf/generate.yaml): the teacher's responses to a prompt pool."""
 
@@ -329,6 +352,7 @@ COMMANDS = {
     "serve_bench_schema": ServeBenchSchema,
     "quantize_schema": QuantizeSchema,
     "generate_schema": GenerateSchema,
+    "export_gguf_schema": ExportGGUFSchema,
     "eval_schema": EvalSchema,
 }
 

@@ -26,6 +26,7 @@ from distill.kernels.kd_loss_linear import kd_loss_linear, kd_loss_linear_topk
 from distill.losses.kd import KDLossTerms
 from distill.losses.topk import TopKTargets
 from distill.serve.generation import Generator, SamplingSettings, end_token_ids
+from distill.serve.gguf_checks import run_ggufs
 from distill.serve.onnx_decoder import export_decoder
 from distill.tasks.base import EvaluatedModule, FusedStep
 from distill.tasks.rouge import rouge_l
@@ -100,6 +101,8 @@ class CausalLMTask:
         fused_kd: with the forward-KL divergence, compute the loss from the student's last hidden
             states and LM head and either the live teacher's (:func:`distill.kernels.kd_loss_linear`)
             or the stored top-K targets, chunk by chunk: no full-size logits exist in the training step.
+        gguf: llama-quantize presets (e.g. ``[q4_1, q4_k_m]``) the exported student is also written as, for
+            llama.cpp (``student_gguf/``), each scored there on the held-out windows of ``test/ppl``.
     """
 
     name = "causal_lm"
@@ -109,8 +112,11 @@ class CausalLMTask:
     latency_batch_sizes = ()  # serving speed of language models: prefill/decode, not one forward
     target_unit = "tokens"
 
-    def __init__(self, fused_kd: bool = True, samples: int = 4, prompt_tokens: int = 32, new_tokens: int = 48) -> None:
-        self.fused_kd = fused_kd
+    def __init__(
+        self, fused_kd: bool = True, samples: int = 4, prompt_tokens: int = 32, new_tokens: int = 48,
+        gguf: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        self.fused_kd, self.gguf = fused_kd, list(gguf or [])
         # Set by the run when teacher and student pad their vocabularies differently: the logits are
         # compared on the first `vocabulary` ids (the tokenizer's) only.
         self.vocabulary: int | None = None
@@ -226,6 +232,9 @@ class CausalLMTask:
             metrics[f"{name}/rougeL"] = 100 * sum(rouge_l(row[name], row["reference"]) for row in rows) / len(rows)
         for loader_name, loader in datamodule.extra_test_loaders().items():
             metrics[f"student/{loader_name}_test_ppl"] = perplexity(student, loader)
+        if self.gguf:
+            gguf_dir = output_dir / "student_gguf"
+            metrics |= run_ggufs(student, datamodule.tokenizer, gguf_dir, self.gguf, datamodule.test_dataloader())
         write_json(output_dir / "generations.json", {"samples": rows, **metrics})
         return metrics
 

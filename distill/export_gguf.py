@@ -1,0 +1,66 @@
+"""GGUF files of a causal LM (a run's student, or any model by reference) for llama.cpp, each checked there.
+
+    python -m distill.export_gguf model=<run>/student                      # f16, q8_0, q4_1, q4_k_m
+    python -m distill.export_gguf model=<run>/student 'quant=[q4_1]' check=false
+
+Writes ``<stem>-<preset>.gguf`` (``distill.serve.gguf_export``: tensors, llama.cpp's names and types, the
+tokenizer and chat template) into ``out_dir`` (``<run>/student_gguf/`` for a run's ``student/``) and
+``export_gguf.json`` into the command's run folder: each file's size, its held-out perplexity in llama.cpp
+against PyTorch's on the same windows, whether llama.cpp tokenizes as the Hugging Face tokenizer does, and,
+for the float presets, greedy tokens against PyTorch's (``distill.serve.gguf_checks``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from distill.config.cli import hydra_cli
+from distill.data.text import TextDataModule
+from distill.serve.gguf_checks import check_ggufs, write_ggufs
+from distill.utils.references import gguf_file, load_causal_lm, load_tokenizer
+from distill.utils.run_record import git_state, write_json
+
+log = logging.getLogger("distill.export_gguf")
+
+
+def destination(cfg: DictConfig) -> tuple[Path, str]:
+    """The folder the files go to and their stem: ``<run>/student`` -> ``<run>/student_gguf``, ``student``."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir), Path(cfg.model).name or "model"
+    source = Path(cfg.model).expanduser()
+    if source.is_dir() and gguf_file(cfg.model) is None:
+        return source.parent / f"{source.name}_gguf", source.name
+    return Path(cfg.paths.output_dir), (gguf_file(cfg.model) or Path(cfg.model)).stem
+
+
+def held_out(datamodule: TextDataModule, limit: int | None, count: int, length: int) -> tuple[list, list]:
+    """The first ``limit`` test blocks (padding removed) and ``count`` held-out prompts of ``length`` tokens."""
+    datamodule.setup("test")
+    blocks = datamodule.splits["test"].with_format("numpy")
+    rows = blocks.select(range(min(limit, len(blocks)))) if limit else blocks
+    windows = [ids[real == 1].tolist() for ids, real in zip(rows["input_ids"], rows["attention_mask"], strict=True)]
+    prompts = [prompt for prompt, _ in datamodule.reference_prompts("test", count, length, 0)]
+    return windows, prompts
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    model, tokenizer = load_causal_lm(cfg.model), load_tokenizer(cfg.model)
+    out_dir, stem = destination(cfg)
+    report: dict[str, Any] = {"model": cfg.model, "files": write_ggufs(model, tokenizer, out_dir, cfg.quant, stem)}
+    if cfg.check:
+        blocks, prompts = held_out(instantiate(cfg.data), cfg.perplexity_blocks, cfg.prompts, cfg.prompt_tokens)
+        report["checks"] = check_ggufs(model, tokenizer, report["files"], blocks, prompts, cfg.new_tokens, cfg.threads)
+    write_json(Path(cfg.paths.output_dir) / "export_gguf.json", report | {"git": git_state()})
+    return report
+
+
+# Console entry point `distill-export-gguf`.
+cli = hydra_cli("export_gguf", export)
+
+if __name__ == "__main__":
+    cli()
