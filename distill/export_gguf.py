@@ -29,13 +29,14 @@ log = logging.getLogger("distill.export_gguf")
 
 
 def destination(cfg: DictConfig) -> tuple[Path, str]:
-    """The folder the files go to and their stem: ``<run>/student`` -> ``<run>/student_gguf``, ``student``."""
-    if cfg.out_dir:
-        return Path(cfg.out_dir), Path(cfg.model).name or "model"
+    """The folder the files go to and their stem: ``<run>/student`` -> ``<run>/student_gguf``, ``student``;
+    a GGUF file or hub id -> the command's run folder (or ``out_dir``), the file's or model's name."""
     source = Path(cfg.model).expanduser()
-    if source.is_dir() and gguf_file(cfg.model) is None:
-        return source.parent / f"{source.name}_gguf", source.name
-    return Path(cfg.paths.output_dir), (gguf_file(cfg.model) or Path(cfg.model)).stem
+    local_folder = source.is_dir() and gguf_file(cfg.model) is None
+    stem = source.name if local_folder else (gguf_file(cfg.model) or source).stem
+    if cfg.out_dir:
+        return Path(cfg.out_dir), stem
+    return (source.parent / f"{source.name}_gguf" if local_folder else Path(cfg.paths.output_dir)), stem
 
 
 def held_out(datamodule: TextDataModule, limit: int | None, count: int, length: int) -> tuple[list, list]:
