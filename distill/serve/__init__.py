@@ -1,1 +1,2 @@
-"""Serving a student where it runs: the ONNX Runtime int8 export, and the latency/energy harness."""
+"""Serving a student where it runs: the ONNX Runtime int8 export, GGUF files for llama.cpp (written by
+``gguf_export``, run and scored in llama.cpp's own runtime by ``llamacpp``), and the latency/energy harness."""
