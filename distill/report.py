@@ -321,7 +321,8 @@ def main() -> None:
         summary = report(args.multirun)
     except FileNotFoundError as error:
         parser.error(str(error))
-    print(f"{summary['points']} runs -> {args.multirun / 'frontier.md'}, {args.multirun / 'frontier.png'}")
+    points = f"{summary['points']} {summary.get('unit', 'runs')}"
+    print(f"{points} -> {args.multirun / 'frontier.md'}, {args.multirun / 'frontier.png'}")
     if summary["failed"]:
         print(f"failed: {', '.join(summary['failed'])}")
 

@@ -52,7 +52,7 @@ from distill.tasks.base import Task
 from distill.tasks.causal_lm import perplexity
 from distill.utils.devices import cpu_flags, model_device, to_device
 from distill.utils.references import load_causal_lm
-from distill.utils.run_record import write_json
+from distill.utils.run_record import git_state, write_json
 
 log = logging.getLogger("distill.serve_bench")
 
@@ -212,6 +212,7 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
     if causal:  # what the LM frontier (distill.serve.frontier_lm) reads beside the rows
         reference = teacher_gguf_arm(cfg.teacher_path)
         measured |= {"reference_arm": reference, "perplexity_blocks": cfg.perplexity_blocks, **cfg.generation}
+        measured["git"] = git_state()  # the bench's own commit: the run's git.json is the training's
     return measured
 
 

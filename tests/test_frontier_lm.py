@@ -87,10 +87,13 @@ def test_the_teacher_measured_in_two_jobs_is_one_point_the_first(two_jobs: Path)
 
 def test_one_run_folder_is_a_frontier_of_its_own_artifacts(tmp_path: Path) -> None:
     run = write_job(tmp_path / "run", [teacher(1, 80.0), row("teacher_fp32", "pytorch", 1, 15.0, 20.0, 540_000_000)])
+    results = json.loads((run / "serve_bench.json").read_text())
+    (run / "serve_bench.json").write_text(json.dumps(results | {"git": {"commit": "99887766554433", "dirty": True}}))
     assert report(run)["points"] == 2  # the same teacher, two runtimes: two points
     text = (run / "frontier.md").read_text()
     assert "| ★ | **run/teacher_gguf_q4_1** (reference) |" in text and "| run/teacher_fp32 | pytorch |" in text
     assert "15.0 (0.19x)" in text
+    assert "| run | 9988776655 (dirty) |" in text  # the bench's own commit before the run's git.json
 
 
 def test_a_folder_without_lm_benches_is_a_clear_error(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def table(points: list[LMPoint]) -> list[str]:
 
 
 def jobs_section(files: list[Path], folder: Path) -> list[str]:
-    """Per job: the commit measured, the CPU and how energy was read."""
+    """Per job: the commit measured (the bench's, else the run's ``git.json``), the CPU and how energy was read."""
     lines = [
         "",
         "| job | commit | CPU flags | energy | reference arm | perplexity blocks |",
@@ -149,7 +149,7 @@ def jobs_section(files: list[Path], folder: Path) -> list[str]:
     ]
     for path in files:
         results, git = json.loads(path.read_text()), path.parent / "git.json"
-        state = json.loads(git.read_text()) if git.is_file() else {}
+        state = results.get("git") or (json.loads(git.read_text()) if git.is_file() else {})
         commit = (state.get("commit") or "n/a")[:10] + (" (dirty)" if state.get("dirty") else "")
         job = folder.name if path.parent == folder else str(path.parent.relative_to(folder))
         flags = " ".join(results.get("cpu_flags") or []) or "n/a"
@@ -227,4 +227,4 @@ def report(folder: Path) -> dict[str, Any]:
     mark_pareto(points)
     (folder / "frontier.md").write_text(markdown(points, notes, files, folder))
     plot(points, folder / "frontier.png")
-    return {"points": len(points), "failed": [], "duplicates": notes}
+    return {"points": len(points), "unit": "artifacts", "failed": [], "duplicates": notes}
