@@ -11,6 +11,9 @@ Where a job folder holds ``serve_bench.json`` (``python -m distill.serve_bench r
 measured serving cost joins the table and the plot: p50 latency of a batch of 32 dev sentences and
 J per 1,000 requests, for the artifact a user would deploy (the int8 export if the job made one, else
 the fp32 student), with the teacher's point measured on the same harness.
+
+A folder whose serve benches are a causal LM's (a run folder, or several jobs' folders) gets the LM frontier
+instead: held-out perplexity against decode tokens/s per runtime (:mod:`distill.serve.frontier_lm`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+
+from distill.serve import frontier_lm
 
 log = logging.getLogger("distill.report")
 
@@ -273,6 +278,8 @@ def log_to_wandb(group: tuple[str, str], points: list[Point], png: Path) -> None
 
 
 def report(multirun: Path) -> dict[str, Any]:
+    if frontier_lm.bench_files(multirun):  # causal LMs: perplexity against decode speed, from the serve benches
+        return frontier_lm.report(multirun)
     folders = job_folders(multirun)
     if not folders:
         raise FileNotFoundError(f"no Hydra job folders (with .hydra/config.yaml) under {multirun}")
@@ -304,7 +311,9 @@ def report(multirun: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Accuracy-vs-compression frontier of a Hydra multirun folder")
+    parser = argparse.ArgumentParser(
+        description="Accuracy-vs-compression frontier of a Hydra multirun folder (causal LMs: the LM frontier)"
+    )
     parser.add_argument("multirun", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -312,7 +321,8 @@ def main() -> None:
         summary = report(args.multirun)
     except FileNotFoundError as error:
         parser.error(str(error))
-    print(f"{summary['points']} runs -> {args.multirun / 'frontier.md'}, {args.multirun / 'frontier.png'}")
+    points = f"{summary['points']} {summary.get('unit', 'runs')}"
+    print(f"{points} -> {args.multirun / 'frontier.md'}, {args.multirun / 'frontier.png'}")
     if summary["failed"]:
         print(f"failed: {', '.join(summary['failed'])}")
 

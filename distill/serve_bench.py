@@ -4,12 +4,18 @@
     python -m distill.serve_bench run_dir=logs/smollm2_to_small/runs/<run> data=shakespeare \
         teacher_path=$DISTILL_LM_TEACHER
 
+    python -m distill.serve_bench run_dir=<run> data=shakespeare teacher_path=$DISTILL_LM_TEACHER \
+        torch_arms=false +gguf_arms.teacher_f16=<teacher-f16.gguf>    # the LM frontier's runtimes
+
 Classifiers: p50/p90 latency of one batch of real dev sentences at each batch size, throughput and J per
 1,000 requests, for the teacher, ``student/`` (PyTorch fp32), the int8 export (ONNX Runtime: the run's
 ``student_int8/`` after QAT, or ``int8_path``, e.g. ``model_int8/`` of ``distill.quantize``) and, on a GPU,
 the teacher and student in bf16, the 2:4 student and the student's int8 GEMMs (``distill.serve.gpu_arms``,
-metered by NVML's energy counter). Causal LMs: greedy generation from held-out prompts, batch 1: time to
-first token, prefill and decode tokens/s. Arms are interleaved (``distill.serve.latency``).
+metered by NVML's energy counter). Causal LMs: greedy generation from a held-out prompt, batch 1, in PyTorch,
+ONNX Runtime (the int8 export) and llama.cpp's server (the teacher's GGUF file, the run's ``student_gguf/*.gguf``,
+``gguf_arms``; also ``parallel`` requests at once): time to first token, prefill and decode tokens/s, J per
+1,000 tokens, and each artifact's size and held-out perplexity through its own runtime
+(:mod:`distill.serve.lm_bench`). Arms are interleaved (``distill.serve.latency``).
 An artifact that cannot be served here is listed under ``skipped`` with the reason. Writes
 ``serve_bench.json`` into the run folder.
 """
@@ -17,6 +23,7 @@ An artifact that cannot be served here is listed under ``skipped`` with the reas
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -32,16 +39,20 @@ from torch import nn
 from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas
 from distill.data.base import DataModule
+from distill.serve import llamacpp
 from distill.serve.energy import NvmlEnergy, cpu_energy
 from distill.serve.gpu_arms import gpu_models, synchronized
 from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import measure, summarize
+from distill.serve.llamacpp_server import gguf_arms, teacher_gguf_arm
+from distill.serve.lm_bench import BenchSettings, LMArm, bench_lm, check_settings, llamacpp_arm, onnx_arm, torch_arm
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import ONNX_FILE
 from distill.tasks.base import Task
-from distill.utils.devices import model_device, to_device
+from distill.tasks.causal_lm import perplexity
+from distill.utils.devices import cpu_flags, model_device, to_device
 from distill.utils.references import load_causal_lm
-from distill.utils.run_record import write_json
+from distill.utils.run_record import git_state, write_json
 
 log = logging.getLogger("distill.serve_bench")
 
@@ -108,38 +119,78 @@ def int8_artifact(cfg: DictConfig) -> Path | None:
     return exported if (exported / ONNX_FILE).is_file() else None
 
 
-@torch.inference_mode()
-def bench_causal_lm(cfg: DictConfig, datamodule: DataModule, models: dict[str, nn.Module], threads: int, energy: Any):
-    """Batch-1 greedy generation: first token (prefill) and ``new_tokens`` tokens, timed as separate arms."""
+def held_out_blocks(datamodule: DataModule, count: int | None) -> list[torch.Tensor]:
+    """The real tokens (``attention_mask == 1``) of the first ``count`` test blocks (``None``: all): every
+    runtime's perplexity scores exactly these tokens, each block a window from an empty cache."""
+    loader = datamodule.dataloader("test", 1, shuffle=False)
+    return [batch["input_ids"][0][batch["attention_mask"][0] == 1] for batch in itertools.islice(loader, count)]
+
+
+def block_perplexity(model: nn.Module, blocks: list[torch.Tensor]) -> float:
+    """A PyTorch or ONNX Runtime model's perplexity over ``blocks``, every token after the first a target."""
+    ones = torch.ones_like
+    batches = [{"input_ids": ids[None], "attention_mask": ones(ids)[None], "labels": ids[None]} for ids in blocks]
+    return perplexity(model, batches)
+
+
+def lm_arms(
+    cfg: DictConfig, task: Task, datamodule: DataModule, int8_path: Path | None, slot_tokens: int
+) -> list[LMArm]:
+    """Every causal-LM artifact with its held-out perplexity in its own runtime, measured once on the most threads;
+    ``slot_tokens``: a request's prompt and new tokens (a llama.cpp server slot's context)."""
+    blocks, threads = held_out_blocks(datamodule, cfg.perplexity_blocks), max(cfg.threads)
+    torch.set_num_threads(threads)
+    arms = []
+    if cfg.torch_arms:
+        for name, model in float_models(cfg, task).items():
+            artifact = cfg.teacher_path if name.startswith("teacher") else Path(cfg.run_dir) / "student"
+            arms.append(torch_arm(name, model, artifact, block_perplexity(model, blocks)))
+    if int8_path is not None:
+        ppl = block_perplexity(load_onnx(int8_path, threads), blocks)
+        arms.append(onnx_arm("student_int8", int8_path, load_onnx, ppl))
+    for name, path in gguf_arms(Path(cfg.run_dir), cfg.teacher_path, cfg.gguf_arms).items():
+        ppl = llamacpp.perplexity(path, [ids.tolist() for ids in blocks], threads)
+        arms.append(llamacpp_arm(name, path, ppl, cfg.parallel, slot_tokens))
+    return arms
+
+
+def prompt_ids(cfg: DictConfig, datamodule: DataModule) -> dict[str, torch.Tensor]:
     prompt = datamodule.prompts("test", 1, cfg.generation.prompt_tokens)[0]
     encoded = datamodule.tokenizer(prompt, return_tensors="pt")
-    ids = {name: encoded[name] for name in ("input_ids", "attention_mask")}
-    new_tokens = cfg.generation.new_tokens
-    arms: dict[str, Callable[[], Any]] = {}
-    for name, model in models.items():
-        for kind, count in (("prefill", 1), ("generate", new_tokens)):
-            generate = functools.partial(
-                model.generate,
-                **to_device(ids, model_device(model)),
-                max_new_tokens=count,
-                min_new_tokens=count,
-                do_sample=False,
-            )
-            arms[f"{name}/{kind}"] = request(generate, model)
-    samples = measure(arms, cfg.warmup, cfg.repeats, energy)
-    rows = []
-    for name in models:
-        prefill, generate = summarize(samples[f"{name}/prefill"], 1), summarize(samples[f"{name}/generate"], 1)
-        decode_s = (generate["p50_ms"] - prefill["p50_ms"]) / 1000
-        rows.append({
-            "arm": name, "threads": threads, "batch_size": 1, "prompt_tokens": ids["input_ids"].shape[1],
-            "time_to_first_token_ms": prefill["p50_ms"],
-            "prefill_tokens_per_s": ids["input_ids"].shape[1] / prefill["p50_ms"] * 1000,
-            "decode_tokens_per_s": (new_tokens - 1) / decode_s,
-            "generate_p90_ms": generate["p90_ms"],
-            "joules_per_1000_tokens": generate.get("joules_per_1000_requests", 0) / new_tokens,
-        })  # fmt: skip
-    return rows
+    return {name: encoded[name] for name in ("input_ids", "attention_mask")}
+
+
+def bench_classifiers(cfg: DictConfig, task: Task, datamodule: DataModule, int8_path: Path | None, gpu: dict):
+    """Every thread count's CPU rows, then the GPU arms'; the energy counters used."""
+    models, rows, energy = float_models(cfg, task), [], None
+    for threads in cfg.threads:
+        torch.set_num_threads(threads)
+        arms = dict(models)
+        if int8_path is not None:  # an ORT session's thread count is fixed when it is created
+            arms["student_int8"] = load_onnx(int8_path, threads)
+        energy = cpu_energy(threads, os.cpu_count() or 1)
+        rows += bench_classifier(cfg, datamodule, arms, threads, energy)
+    gpu_energy = NvmlEnergy() if gpu else None
+    if gpu:  # the GPU arms among themselves: interleaving them with seconds-long CPU arms would heat nothing
+        rows += bench_classifier(cfg, datamodule, gpu, torch.get_num_threads(), gpu_energy)
+    return rows, energy, gpu_energy
+
+
+def bench_causal_lms(cfg: DictConfig, task: Task, datamodule: DataModule, int8_path: Path | None, gpu: dict):
+    """As :func:`bench_classifiers`, for greedy generation in each runtime (:mod:`distill.serve.lm_bench`)."""
+    settings = BenchSettings(cfg.generation.new_tokens, cfg.warmup, cfg.repeats)
+    ids = prompt_ids(cfg, datamodule)
+    arms = lm_arms(cfg, task, datamodule, int8_path, ids["input_ids"].shape[1] + settings.new_tokens)
+    rows, energy = [], None
+    for threads in cfg.threads:
+        torch.set_num_threads(threads)
+        energy = cpu_energy(threads, os.cpu_count() or 1)
+        rows += bench_lm(arms, ids, threads, settings, energy)
+    gpu_energy = NvmlEnergy() if gpu else None
+    if gpu:
+        gpu_arms = [torch_arm(name, model, None, None) for name, model in gpu.items()]
+        rows += bench_lm(gpu_arms, ids, torch.get_num_threads(), settings, gpu_energy)
+    return rows, energy, gpu_energy
 
 
 def serve_bench(cfg: DictConfig) -> dict[str, Any]:
@@ -148,32 +199,39 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"run_dir={cfg.run_dir!r} has no exported student/ (config.json)")
     task, int8_path = run_task(cfg), int8_artifact(cfg)
     causal = task.generates
+    if causal:  # bad settings, a missing GGUF file or llama.cpp runtime are named before any model loads
+        check_settings(cfg.parallel, cfg.perplexity_blocks)
+        gguf_arms(Path(cfg.run_dir), cfg.teacher_path, cfg.gguf_arms)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test" if causal else "validate")
-    models = float_models(cfg, task)
     gpu, skipped = gpu_models(functools.partial(load_model, task), cfg.teacher_path, student_dir, causal)
-    bench = bench_causal_lm if causal else bench_classifier
-    rows, energy = [], None
-    for threads in cfg.threads:
-        torch.set_num_threads(threads)
-        arms = dict(models)
-        if int8_path is not None:  # an ORT session's thread count is fixed when it is created
-            arms["student_int8"] = load_onnx(int8_path, threads)
-        energy = cpu_energy(threads, os.cpu_count() or 1)
-        rows += bench(cfg, datamodule, arms, threads, energy)
-    gpu_energy = NvmlEnergy() if gpu else None
-    if gpu:  # the GPU arms among themselves: interleaving them with seconds-long CPU arms would heat nothing
-        rows += bench(cfg, datamodule, gpu, torch.get_num_threads(), gpu_energy)
+    bench = bench_causal_lms if causal else bench_classifiers
+    rows, energy, gpu_energy = bench(cfg, task, datamodule, int8_path, gpu)
+    measured = results(rows, skipped, energy, gpu_energy, int8_path is not None)
+    if causal:  # what the LM frontier (distill.serve.frontier_lm) reads beside the rows
+        reference = teacher_gguf_arm(cfg.teacher_path)
+        measured |= {"reference_arm": reference, "perplexity_blocks": cfg.perplexity_blocks, **cfg.generation}
+        measured["git"] = git_state()  # the bench's own commit: the run's git.json is the training's
+    return measured
+
+
+def results(rows: list[dict], skipped: dict[str, str], energy: Any, gpu_energy: Any, int8: bool) -> dict[str, Any]:
     # PyTorch's OpenMP pool spins after each call unless OMP_WAIT_POLICY=PASSIVE, which slows the arm that runs
     # next on a machine with few cores: the README's commands set it; the result records it.
     wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     return {
         "rows": rows, "skipped": skipped, "energy_source": energy.source if energy else None, "cpu": os.cpu_count(),
-        "omp_wait_policy": wait_policy, "gpu": torch.cuda.get_device_name() if gpu else None,
+        "omp_wait_policy": wait_policy, "gpu": torch.cuda.get_device_name() if gpu_energy else None,
         "gpu_energy_source": gpu_energy.source if gpu_energy else None,
-        "int8_arithmetic": int8_arithmetic() if int8_path is not None else None,
+        "int8_arithmetic": int8_arithmetic() if int8 else None, "cpu_flags": vector_flags(),
     }  # fmt: skip
+
+
+def vector_flags() -> list[str] | None:
+    """The CPU's vector extensions that decide int8 and quantized kernels (llama.cpp's, ONNX Runtime's)."""
+    flags = cpu_flags()
+    return None if flags is None else sorted(f for f in flags if f in ("avx2", "avx_vnni") or f.startswith("avx512"))
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import distill.serve_bench as serve_bench_module
 from distill.callbacks.qat import fake_quantize
@@ -19,6 +21,7 @@ from distill.pipeline.export import float_student
 from distill.quantize import quantize
 from distill.serve.energy import PowerModelEstimate, RaplEnergy
 from distill.serve.latency import Samples, measure, percentile, summarize
+from distill.serve.llamacpp import MissingRuntime
 from distill.serve.onnx_int8 import export_onnx, save_int8
 from distill.serve_bench import markdown, serve_bench
 
@@ -199,6 +202,14 @@ def test_post_training_int8_of_a_causal_lm_then_its_decode_bench(
     assert set(rows) == {"teacher_fp32", "student_fp32", "student_int8"}
     for row in rows.values():
         assert row["decode_tokens_per_s"] > 0 and row["time_to_first_token_ms"] > 0 and row["prompt_tokens"] > 1
+    assert {row["runtime"] for row in rows.values()} == {"pytorch", "onnxruntime"}
+    # the student is the teacher's copy: one perplexity in PyTorch; its int8 export's through ONNX Runtime
+    assert rows["teacher_fp32"]["perplexity"] == pytest.approx(rows["student_fp32"]["perplexity"])
+    assert 1 < rows["student_fp32"]["perplexity"] < rows["student_int8"]["perplexity"] * 1.5
+    student = AutoModelForCausalLM.from_pretrained(run / "student")
+    assert rows["student_fp32"]["artifact_bytes"] == 4 * sum(weight.numel() for weight in student.parameters())
+    graph = tmp_path / "quantize" / "model_int8" / "model.onnx"
+    assert rows["student_int8"]["artifact_bytes"] == graph.stat().st_size
 
 
 def test_an_int8_path_without_a_model_is_named(compose_train, run_dir, tmp_path: Path, data_dir) -> None:
@@ -258,3 +269,102 @@ def test_without_rapl_or_codecarbon_there_are_no_cpu_energy_columns(monkeypatch:
     monkeypatch.setattr(energy, "RaplEnergy", lambda: (_ for _ in ()).throw(FileNotFoundError("no RAPL")))
     monkeypatch.setattr(builtins, "__import__", no_codecarbon)
     assert energy.cpu_energy(1, 2) is None
+
+
+def lm_run(lm_teacher_dir: Path, tmp_path: Path, gguf: Path | None = None) -> Path:
+    """A causal-LM run folder: the tiny LM as its student/ and, given ``gguf``, that file as its q4_1 GGUF."""
+    run = tmp_path / "run"
+    shutil.copytree(lm_teacher_dir, run / "student")
+    if gguf is not None:
+        (run / "student_gguf").mkdir()
+        (run / "student_gguf" / "student-q4_1.gguf").symlink_to(gguf)
+    return run
+
+
+def lm_bench(compose_train, run: Path, corpus: Path, tmp_path: Path, *more: str) -> DictConfig:
+    """The serve bench of a causal-LM run folder in tiny settings."""
+    return compose_train(
+        f"run_dir={run}",
+        "task=causal_lm",
+        f"paths.output_dir={tmp_path / 'bench'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *corpus_overrides(corpus),
+        "threads=[1]",
+        "warmup=1",
+        "repeats=1",
+        "generation.prompt_tokens=8",
+        "generation.new_tokens=4",
+        "perplexity_blocks=2",
+        *more,
+        config_name="serve_bench",
+    )
+
+
+@pytest.mark.slow
+def test_llamacpp_arms_beside_pytorch_each_with_perplexity_through_its_own_runtime(
+    compose_train, lm_teacher_dir: Path, smollm2_gguf: Path, corpus: Path, tmp_path: Path
+) -> None:
+    from distill.serve import llamacpp
+
+    run = lm_run(lm_teacher_dir, tmp_path, gguf=smollm2_gguf)
+    more = f"teacher_path={smollm2_gguf}", "parallel=[2]", "torch_arms=false", f"+gguf_arms.extra={smollm2_gguf}"
+    cfg = lm_bench(compose_train, run, corpus, tmp_path, *more)
+    results = serve_bench(cfg)
+    rows = {row["arm"]: row for row in results["rows"]}
+    arms = ("teacher_gguf_q4_1", "student_gguf_q4_1", "extra")
+    assert set(rows) == {*arms, *(f"{arm}/parallel2" for arm in arms)}
+    assert {row["runtime"] for row in rows.values()} == {"llama.cpp"} and "cpu_flags" in results
+    written = json.loads(json.dumps(results))  # as serve_bench.json holds it, for the LM frontier
+    assert written["reference_arm"] == "teacher_gguf_q4_1" and written["perplexity_blocks"] == 2
+    # the same file three times: one perplexity, that of llama.cpp on the bench's first two test blocks
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("test")
+    blocks = [batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist() for batch in
+              list(datamodule.dataloader("test", 1, shuffle=False))[:2]]  # fmt: skip
+    expected = llamacpp.perplexity(smollm2_gguf, blocks)
+    for row in rows.values():
+        assert row["perplexity"] == pytest.approx(expected, rel=1e-4)
+        assert row["artifact_bytes"] == smollm2_gguf.stat().st_size and row["threads"] == 1
+        assert row["aggregate_tokens_per_s"] > 0 and row["llamacpp_decode_tokens_per_s"] > 0
+    single, parallel = rows["extra"], rows["extra/parallel2"]
+    assert single["parallel"] == 1 and single["decode_tokens_per_s"] > 0 and single["time_to_first_token_ms"] > 0
+    assert parallel["parallel"] == 2 and parallel["decode_tokens_per_s"] is None
+    assert "llama.cpp" in markdown(results)
+
+
+def test_a_gguf_arm_that_is_not_a_file_is_named(compose_train, lm_teacher_dir: Path, corpus, tmp_path) -> None:
+    run = lm_run(lm_teacher_dir, tmp_path)
+    cfg = lm_bench(compose_train, run, corpus, tmp_path, f"+gguf_arms.f16={tmp_path / 'no.gguf'}")
+    with pytest.raises(FileNotFoundError, match=r"gguf_arms.f16='.*no.gguf' is not a file"):
+        serve_bench(cfg)
+
+
+def test_without_the_llamacpp_runtime_a_gguf_arm_says_how_to_install_it(
+    compose_train, lm_teacher_dir: Path, corpus, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_xllamacpp(name, *args, **kwargs):
+        if name == "xllamacpp":
+            raise ImportError("No module named 'xllamacpp'")
+        return real_import(name, *args, **kwargs)
+
+    gguf = tmp_path / "student-q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    run = lm_run(lm_teacher_dir, tmp_path)
+    cfg = lm_bench(compose_train, run, corpus, tmp_path, f"+gguf_arms.q8={gguf}")
+    monkeypatch.setattr(builtins, "__import__", no_xllamacpp)
+    with pytest.raises(MissingRuntime, match=r"^llama.cpp runtime not installed \(no xllamacpp\): pip install"):
+        serve_bench(cfg)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("parallel=[0]", r"parallel=\[0\] must"), ("perplexity_blocks=0", "perplexity_blocks=0 must")],
+)
+def test_bad_lm_bench_settings_are_named(compose_train, lm_teacher_dir, corpus, tmp_path, setting, message) -> None:
+    cfg = lm_bench(compose_train, lm_run(lm_teacher_dir, tmp_path), corpus, tmp_path, setting)
+    with pytest.raises(ValueError, match=message):
+        serve_bench(cfg)

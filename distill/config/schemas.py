@@ -276,6 +276,16 @@ class ServeBenchSchema(CommandSchema):
     warmup: int = 3
     repeats: int = 20
     generation: GenerationBenchSchema = field(default_factory=GenerationBenchSchema)
+    # Causal LMs: the PyTorch fp32 teacher and student arms (seconds per request on a CPU: an LM frontier of
+    # llama.cpp and ONNX Runtime arms can leave them out).
+    torch_arms: bool = True
+    # Causal LMs: more GGUF files served by llama.cpp, arm name -> file (e.g. the teacher re-exported at f16 or
+    # q8_0), beside the teacher's own GGUF (teacher_path) and the run's student_gguf/*.gguf.
+    gguf_arms: dict[str, str] = field(default_factory=dict)
+    # Causal LMs: each count P adds an arm <arm>/parallel<P> per llama.cpp arm, P requests at once.
+    parallel: list[int] = field(default_factory=lambda: [4])
+    # Causal LMs: held-out perplexity of every artifact in its own runtime over the first N test blocks; None = all.
+    perplexity_blocks: int | None = 16
 
 
 @dataclass
