@@ -201,7 +201,8 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
     causal = task.generates
     if causal:  # bad settings, a missing GGUF file or llama.cpp runtime are named before any model loads
         check_settings(cfg.parallel, cfg.perplexity_blocks)
-        gguf_arms(Path(cfg.run_dir), cfg.teacher_path, cfg.gguf_arms)
+        if gguf_arms(Path(cfg.run_dir), cfg.teacher_path, cfg.gguf_arms) and max(cfg.threads) > 1:
+            warn_passive_openmp()
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test" if causal else "validate")
@@ -214,6 +215,17 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
         measured |= {"reference_arm": reference, "perplexity_blocks": cfg.perplexity_blocks, **cfg.generation}
         measured["git"] = git_state()  # the bench's own commit: the run's git.json is the training's
     return measured
+
+
+def warn_passive_openmp() -> None:
+    """llama.cpp's CPU backend and PyTorch share one OpenMP runtime in this process (the same libgomp.so.1), which
+    reads OMP_WAIT_POLICY once: PASSIVE puts llama.cpp's threads to sleep after every graph, and its two-thread
+    decode of the SmolLM2 teacher fell from 122-136 to 46-51 tokens/s (docs/results/deploy.md)."""
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        log.warning(
+            "OMP_WAIT_POLICY=PASSIVE slows llama.cpp's multi-threaded arms to well under half their speed (they share "
+            "PyTorch's OpenMP runtime here): unset it for a bench with llama.cpp arms"
+        )
 
 
 def results(rows: list[dict], skipped: dict[str, str], energy: Any, gpu_energy: Any, int8: bool) -> dict[str, Any]:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
+import torch
 
+from distill.architectures.linears import block_linear_names, linear_weight
 from distill.export_gguf import export
+from distill.kernels.sparsity import nm_mask
+from distill.serve.gguf_export import export_gguf
+from distill.serve.llamacpp import LlamaCpp
 from tests.model_families import tiny_causal_lm
 from tests.test_gguf_export import CORPUS, PRE_TOKENIZERS, byte_level_tokenizer
 
@@ -71,3 +78,21 @@ def test_an_unknown_preset_is_named_before_any_file_is_written(compose_train, ru
     with pytest.raises(ValueError, match="q3_xs"):
         export(cfg)
     assert not (run / "student_gguf").exists()
+
+
+def test_a_2_4_student_exports_with_its_zeros_and_llama_cpp_computes_with_them(tmp_path: Path) -> None:
+    """Held one-shot masks are exact zeros in student/: the file keeps every one (llama.cpp has no sparse format on
+    CPU, bench/gguf_24.py measures that it gains no speed) and llama.cpp computes the masked model."""
+    model = tiny_causal_lm("llama")
+    with torch.no_grad():
+        for name in block_linear_names(model):
+            weight = linear_weight(model.get_submodule(name))
+            weight.mul_(nm_mask(weight, 2, 4).to(weight.dtype))
+    record = export_gguf(model, byte_level_tokenizer(PRE_TOKENIZERS["gpt-2"]), tmp_path / "sparse.gguf", "f32")
+    stored = {tensor.name: np.asarray(tensor.data) for tensor in gguf.GGUFReader(record["path"]).tensors}
+    gate = stored["blk.0.ffn_gate.weight"]
+    assert gate.shape == (96, 48) and (gate.reshape(-1, 4) == 0).sum(axis=1).min() >= 2
+    ids = [5, 17, 33, 8, 60, 41, 12]
+    with LlamaCpp(record["path"], n_ctx=32) as llama, torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+        assert np.abs(llama.logits(ids) - expected).max() < 1e-3 * np.abs(expected).max()

@@ -25,6 +25,8 @@ from distill.serve.llamacpp import LlamaCpp, perplexity
 
 log = logging.getLogger(__name__)
 FLOAT_PRESETS = ("f32", "f16", "bf16")
+# A file this much worse than PyTorch on the held-out windows is worth a warning at export time.
+QUALITY_WARNING = 1.10
 
 
 @torch.inference_mode()
@@ -109,6 +111,13 @@ def check_ggufs(
             if preset in FLOAT_PRESETS:
                 checks[preset]["greedy"] = greedy_agreement(model, runtime, prompts, new_tokens)
         log.info("%s: perplexity %.3f in llama.cpp, %.3f in PyTorch", Path(file["path"]).name, score, reference)
+        if score > QUALITY_WARNING * reference:
+            log.warning(
+                "%s raises held-out perplexity %.1f%% over PyTorch's: a student distilled from a quantized teacher "
+                "moves its weights less than this grid's step, and re-quantizing to the teacher's own type rounds "
+                "them back (docs/results/deploy.md); try another preset (q4_k_m, q5_0, q8_0)",
+                preset, 100 * (score / reference - 1),
+            )  # fmt: skip
     return checks
 
 
