@@ -27,6 +27,7 @@ from distill.data.base import DataModule
 from distill.models.student import check_context, check_same_tokenizer, check_student, shared_vocabulary
 from distill.modules.distillation import DistillationModule
 from distill.pipeline.export import export_student
+from distill.pipeline.interrupt import LastCheckpointOnSigterm, says_how_to_resume, stops_on_signal
 from distill.pipeline.metrics import finetune_key, log_final, store_facts, summarize
 from distill.pipeline.stages import build_module, generation_stage, teacher_logit_store
 from distill.utils.devices import warn_if_emulated_bf16
@@ -68,7 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         generation = generation_stage(datamodule, teacher)
     loggers = instantiate_named(cfg.get("logger"), "logger")
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, LastCheckpointOnSigterm()], logger=loggers or False)
     warn_if_emulated_bf16(trainer)
     with RunMeter(trainer.world_size, measure=trainer.is_global_zero, stage="logit_store") as store_meter:
         teacher_logits = teacher_logit_store(cfg, teacher, datamodule, trainer.world_size)
@@ -85,7 +86,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **run_facts})
 
-    with RunMeter(trainer.world_size, measure=trainer.is_global_zero) as meter:
+    # A signal during fit or test ends the run with 128 + signal and an incomplete metrics.json.
+    with stops_on_signal(trainer, output_dir, run_facts), RunMeter(trainer.world_size, trainer.is_global_zero) as meter:
         before = evaluate_before_fit(trainer, module, datamodule) if cfg.evaluate_before_fit else {}
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         # The best validation of the final student: for a compressed one, only validations after its
@@ -93,8 +95,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         test_from = best_checkpoint(trainer)
         (results,) = trainer.test(module, datamodule=datamodule, ckpt_path=test_from)
 
-    metrics = summarize(teacher, module, results, started) | before | store_facts(teacher_logits, datamodule)
-    metrics |= generation | meter.metrics() | teacher_meter.metrics() | store_meter.metrics()
+    metrics = {"complete": True} | summarize(teacher, module, results, started) | before
+    metrics |= store_facts(teacher_logits, datamodule) | generation | meter.metrics()
+    metrics |= teacher_meter.metrics() | store_meter.metrics()
     metrics |= generation_meter.metrics() if generation else {}
     student, teacher_model = unsharded(module.student), unsharded(teacher.model)  # collectives under FSDP
     if trainer.is_global_zero:
@@ -123,13 +126,14 @@ def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
-    try:
-        metrics = train(cfg)
-        # Only global rank 0 exports, so only it holds the export's metrics; a sweeper reads rank 0.
-        return objective(cfg, metrics) if rank_zero_only.rank == 0 else None
-    finally:
-        log.info("Run folder: %s", cfg.paths.output_dir)
-        finish_wandb()
+    with says_how_to_resume():  # outermost: a stopped run's last line says how to go on
+        try:
+            metrics = train(cfg)
+            # Only global rank 0 exports, so only it holds the export's metrics; a sweeper reads rank 0.
+            return objective(cfg, metrics) if rank_zero_only.rank == 0 else None
+        finally:
+            log.info("Run folder: %s", cfg.paths.output_dir)
+            finish_wandb()
 
 
 def finish_wandb() -> None:
