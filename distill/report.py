@@ -90,6 +90,8 @@ def read_point(folder: Path, multirun: Path) -> Point | None:
     if not metrics_path.is_file():
         return None
     metrics = json.loads(metrics_path.read_text())
+    if metrics.get("complete") is False:  # a run stopped by a signal (distill.pipeline.interrupt): no point yet
+        return None
     cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
     overrides = list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
     return Point(
@@ -173,7 +175,8 @@ def markdown(points: list[Point], failed: list[tuple[str, list[str]]], teacher: 
             f"Serving cost: `distill.serve_bench`, a batch of {SERVE_BATCH} dev sentences, the most threads measured.\n"
         )
     if failed:
-        text += "\n**Failed jobs** (no metrics.json):\n" + "".join(f"- {job}: {' '.join(o)}\n" for job, o in failed)
+        listed = "".join(f"- {job}: {' '.join(o)}\n" for job, o in failed)
+        text += "\n**Failed or stopped jobs** (no complete metrics.json):\n" + listed
     return text
 
 
@@ -306,7 +309,8 @@ def report(multirun: Path) -> dict[str, Any]:
     if group and points:
         log_to_wandb(group, points, multirun / "frontier.png")
     for job, overrides in failed:
-        log.warning("job %s (%s) has no metrics.json: it failed or is still running", job, " ".join(overrides))
+        log.warning("job %s (%s) has no complete metrics.json: it failed, was stopped or is still running", job,
+                    " ".join(overrides))  # fmt: skip
     return {"points": len(points), "failed": [job for job, _ in failed]}
 
 

@@ -47,10 +47,18 @@ def test_frontier_table_marks_pareto_points_and_names_failures(tmp_path: Path) -
     assert "seed=1" not in rows[0] and "compression=gmp80" in rows[0]  # only what the sweep varied
     assert rows[0].endswith("| 93.3 % | 10.00 | 93 | n/a | n/a | n/a |")  # retained, Wh, per kWh; not served
     assert (
-        "**Failed jobs**" in (tmp_path / "frontier.md").read_text()
+        "**Failed or stopped jobs**" in (tmp_path / "frontier.md").read_text()
         and "- 3: " in (tmp_path / "frontier.md").read_text()
     )
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+def test_a_job_stopped_by_a_signal_is_listed_as_failed_not_plotted(tmp_path: Path) -> None:
+    fake_job(tmp_path, "0", 1.0, None, 0.85, 4e6)
+    fake_job(tmp_path, "1", 1.0, 0.8, None, 1e6)
+    stopped = {"complete": False, "reason": "SIGTERM during fit at step 7", "global_step": 7, "student/params": 1000}
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps(stopped))
+    assert report(tmp_path) == {"points": 1, "failed": ["1"]}
 
 
 def test_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
