@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from distill.config.cli import hydra_cli
 from distill.data.text import TextDataModule
-from distill.serve.gguf_checks import check_ggufs, write_ggufs
+from distill.serve.gguf_checks import check_ggufs, unpadded_windows, write_ggufs
 from distill.utils.references import gguf_file, load_causal_lm, load_tokenizer
 from distill.utils.run_record import git_state, write_json
 
@@ -42,11 +42,8 @@ def destination(cfg: DictConfig) -> tuple[Path, str]:
 def held_out(datamodule: TextDataModule, limit: int | None, count: int, length: int) -> tuple[list, list]:
     """The first ``limit`` test blocks (padding removed) and ``count`` held-out prompts of ``length`` tokens."""
     datamodule.setup("test")
-    blocks = datamodule.splits["test"].with_format("numpy")
-    rows = blocks.select(range(min(limit, len(blocks)))) if limit else blocks
-    windows = [ids[real == 1].tolist() for ids, real in zip(rows["input_ids"], rows["attention_mask"], strict=True)]
     prompts = [prompt for prompt, _ in datamodule.reference_prompts("test", count, length, 0)]
-    return windows, prompts
+    return unpadded_windows(datamodule.test_dataloader(), limit), prompts
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:

@@ -23,7 +23,6 @@ An artifact that cannot be served here is listed under ``skipped`` with the reas
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from distill.config.schemas import register_schemas
 from distill.data.base import DataModule
 from distill.serve import llamacpp
 from distill.serve.energy import NvmlEnergy, cpu_energy
+from distill.serve.gguf_checks import torch_perplexity, unpadded_windows
 from distill.serve.gpu_arms import gpu_models, synchronized
 from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import measure, summarize
@@ -49,7 +49,6 @@ from distill.serve.lm_bench import BenchSettings, LMArm, bench_lm, check_setting
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import ONNX_FILE
 from distill.tasks.base import Task
-from distill.tasks.causal_lm import perplexity
 from distill.utils.devices import cpu_flags, model_device, to_device
 from distill.utils.references import load_causal_lm
 from distill.utils.run_record import git_state, write_json
@@ -119,18 +118,10 @@ def int8_artifact(cfg: DictConfig) -> Path | None:
     return exported if (exported / ONNX_FILE).is_file() else None
 
 
-def held_out_blocks(datamodule: DataModule, count: int | None) -> list[torch.Tensor]:
-    """The real tokens (``attention_mask == 1``) of the first ``count`` test blocks (``None``: all): every
-    runtime's perplexity scores exactly these tokens, each block a window from an empty cache."""
-    loader = datamodule.dataloader("test", 1, shuffle=False)
-    return [batch["input_ids"][0][batch["attention_mask"][0] == 1] for batch in itertools.islice(loader, count)]
-
-
-def block_perplexity(model: nn.Module, blocks: list[torch.Tensor]) -> float:
-    """A PyTorch or ONNX Runtime model's perplexity over ``blocks``, every token after the first a target."""
-    ones = torch.ones_like
-    batches = [{"input_ids": ids[None], "attention_mask": ones(ids)[None], "labels": ids[None]} for ids in blocks]
-    return perplexity(model, batches)
+def held_out_blocks(datamodule: DataModule, count: int | None) -> list[list[int]]:
+    """The real tokens of the first ``count`` test blocks (``None``: all): every runtime's perplexity scores exactly
+    these tokens, each block a window from an empty cache."""
+    return unpadded_windows(datamodule.dataloader("test", 1, shuffle=False), count)
 
 
 def lm_arms(
@@ -144,12 +135,12 @@ def lm_arms(
     if cfg.torch_arms:
         for name, model in float_models(cfg, task).items():
             artifact = cfg.teacher_path if name.startswith("teacher") else Path(cfg.run_dir) / "student"
-            arms.append(torch_arm(name, model, artifact, block_perplexity(model, blocks)))
+            arms.append(torch_arm(name, model, artifact, torch_perplexity(model, blocks)))
     if int8_path is not None:
-        ppl = block_perplexity(load_onnx(int8_path, threads), blocks)
+        ppl = torch_perplexity(load_onnx(int8_path, threads), blocks)
         arms.append(onnx_arm("student_int8", int8_path, load_onnx, ppl))
     for name, path in gguf_arms(Path(cfg.run_dir), cfg.teacher_path, cfg.gguf_arms).items():
-        ppl = llamacpp.perplexity(path, [ids.tolist() for ids in blocks], threads)
+        ppl = llamacpp.perplexity(path, blocks, threads)
         arms.append(llamacpp_arm(name, path, ppl, cfg.parallel, slot_tokens))
     return arms
 

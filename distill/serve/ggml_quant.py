@@ -2,55 +2,35 @@
 
 The ``gguf`` package has numpy quantizers for the 32-element block types only; Q4_K/Q5_K/Q6_K come from ggml's
 C code, the very quantizer ``llama-quantize`` runs, found in the shared library that xllamacpp ships. The
-library is located without importing xllamacpp, so a missing runtime is one line, not an import error.
+library is :func:`distill.serve.llamacpp.runtime`'s (typed there); a missing runtime is one line.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from distill.serve.llamacpp import MissingRuntime, runtime
+
 MISSING_RUNTIME = "llama.cpp runtime not installed: pip install 'distill[gguf]'"
-LIBRARY = "xllamacpp.abi3.so"
-
-
-def _library_path() -> Path | None:
-    spec = importlib.util.find_spec("xllamacpp")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / LIBRARY
-    return path if path.is_file() else None
 
 
 def runtime_available() -> bool:
-    """Whether llama.cpp's shared library (the ``gguf`` extra's xllamacpp) is installed."""
-    return _library_path() is not None
+    """Whether llama.cpp's library (the ``gguf`` extra's xllamacpp, at the pinned version) is installed."""
+    try:
+        runtime()
+    except MissingRuntime:
+        return False
+    return True
 
 
-@functools.cache
 def _library() -> ctypes.CDLL:
-    path = _library_path()
-    if path is None:
-        raise RuntimeError(MISSING_RUNTIME)
-    library = ctypes.CDLL(str(path))
-    library.ggml_quantize_chunk.restype = ctypes.c_size_t
-    library.ggml_quantize_chunk.argtypes = [
-        ctypes.c_int,  # enum ggml_type
-        ctypes.POINTER(ctypes.c_float),
-        ctypes.c_void_p,
-        ctypes.c_int64,  # start (an element index)
-        ctypes.c_int64,  # rows
-        ctypes.c_int64,  # elements per row
-        ctypes.POINTER(ctypes.c_float),  # importance matrix, none here
-    ]
-    library.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    library.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-    return library
+    try:
+        return runtime()
+    except MissingRuntime as error:
+        raise RuntimeError(MISSING_RUNTIME) from error
 
 
 def quantize_rows(matrix: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

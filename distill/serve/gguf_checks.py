@@ -31,11 +31,12 @@ QUALITY_WARNING = 1.10
 
 @torch.inference_mode()
 def torch_perplexity(model: nn.Module, blocks: Sequence[Sequence[int]]) -> float:
-    """``exp(total next-token NLL / tokens)`` of ``model`` over ``blocks``, one window each (fp32 sums)."""
+    """``exp(total next-token NLL / tokens)`` of ``model`` (PyTorch, or the ONNX Runtime decoder) over ``blocks``,
+    one window each (fp32 sums): the same tokens llama.cpp's :func:`~distill.serve.llamacpp.perplexity` scores."""
     total, count = 0.0, 0
     for block in blocks:
         ids = torch.as_tensor([list(block)], dtype=torch.long)
-        logits = model(input_ids=ids).logits[0, :-1].float()
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1].float()
         total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += len(block) - 1
     return math.exp(total / count)

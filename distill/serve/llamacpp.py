@@ -112,6 +112,14 @@ _SIGNATURES = {
     "llama_memory_clear": ([_PTR, ctypes.c_bool], None),
     "llama_free": ([_PTR], None),
     "llama_model_free": ([_PTR], None),
+    # llama.cpp's own quantizer (distill.serve.ggml_quant): type, source rows, destination, first element, rows,
+    # elements per row, importance matrix.
+    "ggml_quantize_chunk": (
+        [ctypes.c_int, ctypes.POINTER(ctypes.c_float), _PTR, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+         ctypes.POINTER(ctypes.c_float)],
+        ctypes.c_size_t,
+    ),
+    "ggml_quantize_requires_imatrix": ([ctypes.c_int], ctypes.c_bool),
 }  # fmt: skip
 
 

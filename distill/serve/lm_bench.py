@@ -81,7 +81,7 @@ class ModelGeneration:
         (synchronized(call) if self.cuda else call)()
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the model serves every thread count (a llama.cpp server is per thread count)."""
 
 
 class ServerGeneration:
