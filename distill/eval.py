@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas
 from distill.data.base import DataModule
+from distill.pipeline.interrupt import ends_on_signal
 from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import latency_ms
 from distill.serve.onnx_int8 import ONNX_FILE, OnnxModel
@@ -68,7 +69,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
-    results = evaluate(cfg)
+    with ends_on_signal("distill.eval", Path(cfg.paths.output_dir)):
+        results = evaluate(cfg)
     write_json(Path(cfg.paths.output_dir) / "eval.json", results)
     for key, value in results.items():
         print(f"{key:>24}: {value}")

@@ -36,7 +36,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
 
 # Console entry point `distill-generate`.
-cli = hydra_cli("generate", generate)
+cli = hydra_cli("generate", generate, resumes=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from torch import nn
 from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas
 from distill.data.base import DataModule
+from distill.pipeline.interrupt import ends_on_signal
 from distill.serve import llamacpp
 from distill.serve.energy import NvmlEnergy, cpu_energy
 from distill.serve.gguf_checks import torch_perplexity, unpadded_windows
@@ -253,7 +254,8 @@ def markdown(results: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve_bench")
 def main(cfg: DictConfig) -> None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
-    results = serve_bench(cfg)
+    with ends_on_signal("distill.serve_bench", Path(cfg.paths.output_dir)):
+        results = serve_bench(cfg)
     write_json(Path(cfg.run_dir) / "serve_bench.json", results)
     log.info("serve bench of %s\n%s", cfg.run_dir, markdown(results))
 

@@ -27,7 +27,7 @@ from distill.data.base import DataModule
 from distill.models.student import check_context, check_same_tokenizer, check_student, shared_vocabulary
 from distill.modules.distillation import DistillationModule
 from distill.pipeline.export import export_student
-from distill.pipeline.interrupt import LastCheckpointOnSigterm, says_how_to_resume, stops_on_signal
+from distill.pipeline.interrupt import LastCheckpointOnSigterm, ends_on_signal, stops_on_signal
 from distill.pipeline.metrics import finetune_key, log_final, store_facts, summarize
 from distill.pipeline.stages import build_module, generation_stage, teacher_logit_store
 from distill.utils.devices import warn_if_emulated_bf16
@@ -126,7 +126,8 @@ def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
-    with says_how_to_resume():  # outermost: a stopped run's last line says how to go on
+    # Outermost: a run stopped by a signal, in any stage, exits 128 + signal and its last line says how to go on.
+    with ends_on_signal("distill.train", Path(cfg.paths.output_dir), resumes=True):
         try:
             metrics = train(cfg)
             # Only global rank 0 exports, so only it holds the export's metrics; a sweeper reads rank 0.

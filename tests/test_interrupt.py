@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from distill.pipeline.interrupt import exit_code, resume_command, signal_of
+from distill.pipeline.interrupt import Interrupted, ends_on_signal, exit_code, resume_command, signal_of
 
 
 def test_exit_code_is_what_a_shell_reports_for_the_signal() -> None:
@@ -82,3 +82,100 @@ def test_a_signal_during_fit_exits_non_zero_and_says_how_to_resume(
     if signum == signal.SIGTERM:  # saved afresh at the step the run stopped at
         assert saved["global_step"] == metrics["global_step"]
     assert not list((run / "checkpoints").glob("*.tmp-*"))
+
+
+def test_sigterm_outside_fit_raises_cleans_up_and_exits_143(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+    with pytest.raises(Interrupted) as stopped, ends_on_signal("distill.prune", tmp_path):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        finally:
+            cleaned.append(True)  # what a partial file's cleanup relies on
+    assert stopped.value.code == 143 and cleaned == [True]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"complete": False, "reason": "SIGTERM during prune"}
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigint_outside_fit_exits_130_and_other_errors_pass_through(tmp_path: Path) -> None:
+    with pytest.raises(Interrupted) as stopped, ends_on_signal("distill.generate", tmp_path, resumes=True):
+        raise KeyboardInterrupt
+    assert stopped.value.code == 130 and stopped.value.reason == "SIGINT during generate"
+    with pytest.raises(ValueError, match="bad"), ends_on_signal("distill.eval", tmp_path / "other"):
+        raise ValueError("bad")
+    assert not (tmp_path / "other" / "metrics.json").exists()
+
+
+def test_inside_fit_the_handler_leaves_sigterm_to_lightning(tmp_path: Path) -> None:
+    """Lightning keeps and calls the handler it finds: raising there would stop mid-step."""
+    seen = []
+
+    def lightnings_handler(signum, frame) -> None:
+        seen.append(signum)
+        outside(signum, frame)  # what Lightning's _HandlersCompose does with the handler it found
+
+    with ends_on_signal("distill.train", tmp_path):
+        outside = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lightnings_handler)
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.signal(signal.SIGTERM, outside)
+    assert seen == [signal.SIGTERM] and not (tmp_path / "metrics.json").exists()
+
+
+# Runs an entry point with one of its long stages replaced by a signal to itself: the signal lands in that
+# stage every time, where a timed kill would land anywhere.
+STOPPED_IN_STAGE = """
+import os, signal, sys
+import distill.{command}
+def stopped(*args, **kwargs):
+    os.kill(os.getpid(), signal.{name})
+    raise AssertionError("the signal did not stop the run")
+distill.{command}.{stage} = stopped
+sys.argv = ["distill.{command}", *sys.argv[1:]]
+distill.{command}.cli()
+"""
+
+
+def stopped_in_stage(command: str, stage: str, signum: signal.Signals, overrides: list[str]) -> tuple[int, list[str]]:
+    script = STOPPED_IN_STAGE.format(command=command, stage=stage, name=signum.name)
+    command = [sys.executable, "-c", script, *overrides]
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    return result.returncode, [line for line in result.stdout.splitlines() if line.startswith("[")]
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_logit_store_stage_of_train_ends_the_same_way(
+    tiny_run_overrides: list[str], tmp_path: Path
+) -> None:
+    code, lines = stopped_in_stage("train", "teacher_logit_store", signal.SIGTERM, tiny_run_overrides)
+    assert code == 143, "\n".join(lines[-30:])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics == {"complete": False, "reason": "SIGTERM during train"}
+    assert lines[-1].split("resume: ", 1)[1].startswith("python -m distill.train "), lines[-1]
+    assert "ckpt_path=" not in lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_prune_exits_non_zero_and_says_how_to_go_on(
+    signum: signal.Signals, lm_teacher_dir: Path, corpus: Path, tmp_path: Path
+) -> None:
+    overrides = [
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"model={lm_teacher_dir}",
+        f"data.data_dir={corpus}",
+        "data.pattern=*.txt",
+        "data.val_files=[work_3.txt]",
+        "data.test_files=[work_4.txt]",
+        "data.block_size=16",
+        "calibration.samples=4",
+        "evaluate=false",
+    ]
+    code, lines = stopped_in_stage("prune", "prune_oneshot", signum, overrides)
+    assert code == 128 + signum, "\n".join(lines[-30:])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics == {"complete": False, "reason": f"{signum.name} during prune"}
+    assert lines[-1].split("run again: ", 1)[1].startswith("python -m distill.prune paths.output_dir="), lines[-1]
+    assert not (tmp_path / "run" / "model").exists()

@@ -172,3 +172,34 @@ def test_submitit_multirun_and_frontier_report(slurm, tmp_path: Path, tiny_teach
     assert (sweep / "frontier.png").stat().st_size > 10_000
     teachers = [p for p in (tmp_path / "cache" / "teachers").iterdir() if p.is_dir()]
     assert len(teachers) == 1  # four concurrent jobs, one fine-tuned teacher
+
+
+def job_exit_code(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return next((part.split("=", 1)[1] for part in out.split() if part.startswith("ExitCode=")), "UNKNOWN")
+
+
+@pytest.mark.parametrize(("name", "code"), [("TERM", 143), ("INT", 130)])
+def test_a_signal_fails_the_job_with_128_plus_signal_and_leaves_a_resumable_run(
+    name: str, code: int, slurm, tmp_path: Path, tiny_teacher_dir: Path, data_dir
+) -> None:
+    """SIGTERM is what SLURM sends at a time limit without --signal, at preemption and on `scancel`; SIGINT is
+    `scancel --signal=INT` or Ctrl-C under `srun`. The job must not read as COMPLETED, and the run folder must
+    say where it stopped and how to go on."""
+    job = sbatch(tmp_path, *tiny_overrides(tmp_path, tiny_teacher_dir, steps=400, val_every=20))
+    run = tmp_path / "logs" / "train" / "runs" / job
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job_state(job) == "RUNNING", (tmp_path / f"job-{job}.out").read_text()[-3000:]
+    subprocess.run(["scancel", f"--signal={name}", job], check=True)
+    state = wait_for(job)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert state == "FAILED" and job_exit_code(job) == f"{code}:0", output[-4000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["complete"] is False and metrics["reason"].startswith(f"SIG{name} during fit at step "), metrics
+    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < saved <= metrics["global_step"] < 400
+    logged = [line for line in output.splitlines() if line.startswith("[")]  # not srun's own lines
+    assert logged[-1].endswith(f"ckpt_path={last}"), output[-2000:]

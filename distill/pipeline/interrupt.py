@@ -4,8 +4,11 @@ Lightning turns SIGTERM during ``fit``/``test`` into ``SIGTERMException``, a ``S
 the process would exit 0 and a scheduler, a sweep or ``cmd && next`` would take the killed run for a success.
 SIGINT raises ``KeyboardInterrupt``, which Lightning catches and turns into ``sys.exit(1)``. Both are turned
 here into :class:`Interrupted`, whose status is what a shell reports for a process killed by that signal
-(143 for SIGTERM, 130 for SIGINT). Outside ``fit``/``test`` no handler is installed: the signal kills the
-process and the shell sees the same status.
+(143 for SIGTERM, 130 for SIGINT). Outside ``fit``/``test`` (the teacher stage and the stores of
+``distill.train``, and the commands without a Trainer: prune, quantize, generate, eval, serve_bench,
+export_gguf) :func:`ends_on_signal` makes SIGTERM an exception too, so that ``finally`` blocks remove
+partial files and stop servers, and the run ends the same way: an incomplete metrics.json, the same
+status, and a last line that says how to go on.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import signal
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from distill.utils.run_record import write_json
@@ -50,10 +55,10 @@ def signal_of(error: BaseException) -> signal.Signals | None:
 class Interrupted(SystemExit):
     """The run was stopped by ``signum``; exits with :func:`exit_code`. Hydra lets a ``SystemExit`` through."""
 
-    def __init__(self, signum: signal.Signals, stage: str, step: int, checkpoint: Path | None) -> None:
+    def __init__(self, signum: signal.Signals, reason: str, checkpoint: Path | None = None) -> None:
         super().__init__(exit_code(signum))
         self.signum = signum
-        self.reason = f"{signum.name} during {stage} at step {step}"
+        self.reason = reason
         self.checkpoint = checkpoint
 
 
@@ -77,7 +82,8 @@ def stops_on_signal(trainer: pl.Trainer, output_dir: Path, known: Mapping[str, A
         if signum is None:
             raise
         stage = trainer.state.fn.value if trainer.state.fn is not None else "fit"
-        stopped = Interrupted(signum, stage, trainer.global_step, last_checkpoint(trainer))
+        reason = f"{signum.name} during {stage} at step {trainer.global_step}"
+        stopped = Interrupted(signum, reason, last_checkpoint(trainer))
         if trainer.is_global_zero:
             logged = {key: value.item() for key, value in trainer.callback_metrics.items() if value.numel() == 1}
             metrics = {"complete": False, "reason": stopped.reason, "global_step": trainer.global_step}
@@ -86,23 +92,50 @@ def stops_on_signal(trainer: pl.Trainer, output_dir: Path, known: Mapping[str, A
         raise stopped from error
 
 
-def resume_command(overrides: Sequence[str], checkpoint: Path | None) -> str:
+def resume_command(overrides: Sequence[str], checkpoint: Path | None, command: str = "distill.train") -> str:
     """The command line that goes on from ``checkpoint``: the run's overrides, its ``ckpt_path`` replaced."""
     kept = [override for override in overrides if not override.lstrip("+~").startswith("ckpt_path=")]
     resumed = [*kept, f"ckpt_path={checkpoint}"] if checkpoint is not None else kept
-    return shlex.join(["python", "-m", "distill.train", *resumed])
+    return shlex.join(["python", "-m", command, *resumed])
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """The SIGTERM handler outside fit/test. Inside them Lightning installs its own, which calls the handlers it
+    found (this one) too: then this one must do nothing, and Lightning stops at the next batch boundary, where
+    the state is whole and every rank stops at the same step."""
+    if signal.getsignal(signal.SIGTERM) is _raise_on_sigterm:
+        raise SIGTERMException  # Lightning's own, so that signal_of treats both alike
 
 
 @contextmanager
-def says_how_to_resume() -> Iterator[None]:
-    """Outermost in ``main``: after everything else was logged, the last line of an interrupted run is how to
-    resume it (without a checkpoint, how to start it again)."""
+def ends_on_signal(command: str, output_dir: Path, resumes: bool = False) -> Iterator[None]:
+    """Outermost in an entry point: SIGTERM raises, and a run stopped by a signal writes an incomplete
+    metrics.json (rank 0; unless fit/test already did), exits 128 + signal and ends with the command that
+    goes on. ``resumes``: a run started again picks up where it stopped (finished shards, cached stages)."""
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         yield
-    except Interrupted as stopped:
+    except BaseException as error:
+        stopped = error if isinstance(error, Interrupted) else _stopped_outside_fit(error, command, output_dir)
+        if stopped is None:
+            raise
         overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-        log.info("resume: %s", resume_command(overrides, stopped.checkpoint))
-        raise
+        label = "resume" if resumes or stopped.checkpoint is not None else "run again"
+        log.info("%s: %s", label, resume_command(overrides, stopped.checkpoint, command))
+        raise stopped from error
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped_outside_fit(error: BaseException, command: str, output_dir: Path) -> Interrupted | None:
+    signum = signal_of(error)
+    if signum is None:
+        return None
+    stopped = Interrupted(signum, f"{signum.name} during {command.removeprefix('distill.')}")
+    if rank_zero_only.rank == 0:
+        write_json(output_dir / "metrics.json", {"complete": False, "reason": stopped.reason})
+    log.warning("Stopped: %s; metrics.json is marked incomplete", stopped.reason)
+    return stopped
 
 
 class LastCheckpointOnSigterm(pl.Callback):
