@@ -7,6 +7,7 @@ import datasets
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
+from distill.data.resumable import ResumableLoader
 from distill.data.sampler import data_parallel_rank
 
 
@@ -57,8 +58,9 @@ def split_loader(
 
     Shuffled loaders draw a seeded order per epoch (Lightning sets the sampler's epoch) and give each
     data-parallel rank disjoint rows; the few that do not divide among the ranks are dropped for the
-    epoch. ``shard`` (rank, number of ranks) replaces the attached trainer's. Unshuffled loaders are
-    whole on every rank, so held-out metrics count every token once.
+    epoch. They resume mid-epoch from a checkpoint (:class:`~distill.data.resumable.ResumableLoader`).
+    ``shard`` (rank, number of ranks) replaces the attached trainer's. Unshuffled loaders are whole on
+    every rank, so held-out metrics count every token once.
     """
     workers = datamodule.num_workers
     if not shuffle:
@@ -67,4 +69,4 @@ def split_loader(
     sampler = DistributedSampler(
         dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=datamodule.seed, drop_last=True
     )
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
