@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,7 +14,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DistributedSampler
 
@@ -24,8 +21,6 @@ from distill.data.resumable import ResumableLoader
 from distill.data.sampler import LengthGroupedBatchSampler
 from distill.pipeline.interrupt import Interrupted
 from distill.train import train
-from tests.test_causal_lm import tiny_run
-from tests.test_prompts import tiny_recipe_run
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, BATCH = 20, 4  # 5 batches per epoch
@@ -95,7 +90,8 @@ def test_a_resumed_loop_draws_what_an_uninterrupted_one_does(tmp_path: Path, gro
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*not resumable.*")
         resumed = fit(tmp_path, grouped, [], ckpt_path=checkpoint)
-    assert torch.equal(straight.layer.weight, resumed.layer.weight) and torch.equal(straight.layer.bias, resumed.layer.bias)
+    assert torch.equal(straight.layer.weight, resumed.layer.weight)
+    assert torch.equal(straight.layer.bias, resumed.layer.bias)
 
 
 def saved_state(tmp_path: Path) -> dict:
@@ -110,3 +106,84 @@ def test_a_state_from_another_world_size_or_loader_is_refused(tmp_path: Path) ->
         rows_loader(False).load_state_dict(state | {"ranks": state["ranks"] * 2})
     with pytest.raises(ValueError, match=r"had 4 batches per epoch and this run's has 5"):
         rows_loader(False).load_state_dict(state | {"length": 4})
+
+
+class TermAt(pl.Callback):
+    """SIGTERMs its own process after optimizer step ``step``: the run saves last.ckpt there and exits 143."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class FinalStudent(pl.Callback):
+    """Writes the student's weights as fit leaves them (last.ckpt follows the best validation's saves)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, module) -> None:
+        if trainer.is_global_zero:
+            torch.save(module.student.state_dict(), self.path)
+
+
+def into(folder: Path) -> list[str]:
+    """Overrides that run in ``folder`` and keep the final student there."""
+    keep = [f"+callbacks.final._target_={__name__}.FinalStudent", f"+callbacks.final.path={folder / 'final.pt'}"]
+    return [f"paths.output_dir={folder}", *keep]
+
+
+def loader_state(checkpoint: Path) -> dict:
+    (state,) = torch.load(checkpoint, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    return state
+
+
+def final_metrics(run: Path) -> dict:
+    """metrics.json less what the clock decides."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    timed = ("_s", "time", "per_s", "latency", "energy", "emissions", "power")
+    return {key: value for key, value in metrics.items() if not any(part in key for part in timed)}
+
+
+def assert_same_run(straight: Path, resumed: Path) -> None:
+    expected, actual = final_metrics(straight), final_metrics(resumed)
+    assert expected["complete"] and actual == expected
+    weights = torch.load(resumed / "final.pt", weights_only=True)
+    for name, value in torch.load(straight / "final.pt", weights_only=True).items():
+        assert torch.equal(value, weights[name]), name
+
+
+def interrupted_and_resumed(compose_train, overrides: list[str], tmp_path: Path, stop_at: int) -> Path:
+    """Runs ``overrides`` in tmp_path/stopped, SIGTERMed after step ``stop_at`` (mid-epoch, asserted), then
+    resumes it from its last.ckpt in the same folder, as the run's own resume line says; returns the folder."""
+    run = tmp_path / "stopped"
+    stop = [f"+callbacks.stop_at._target_={__name__}.TermAt", f"+callbacks.stop_at.step={stop_at}"]
+    with pytest.raises(Interrupted):
+        train(compose_train(*overrides, *into(run), *stop))
+    last = run / "checkpoints" / "last.ckpt"
+    state = loader_state(last)
+    assert 0 < state["batches"] < state["length"], state  # the stop is mid-epoch
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not resumable.*")
+        train(compose_train(*overrides, *into(run), f"ckpt_path={last}"))
+    return run
+
+
+@pytest.mark.slow
+def test_bert_to_tiny_with_perturbed_copies_resumes_exactly(compose_train, tiny_run_overrides, tmp_path) -> None:
+    """Two epochs of 6 length-grouped batches, each with a perturbed copy; stopped at step 7 (epoch 1, batch 1)."""
+    overrides = [
+        *tiny_run_overrides,
+        "experiment=bert_to_tiny",
+        "debug=smoke",
+        "data.augment.copies=1",
+        "trainer.max_steps=10",
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=2",
+    ]
+    train(compose_train(*overrides, *into(tmp_path / "straight")))
+    resumed = interrupted_and_resumed(compose_train, overrides, tmp_path, stop_at=7)
+    assert_same_run(tmp_path / "straight", resumed)

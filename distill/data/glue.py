@@ -264,7 +264,7 @@ class GlueDataModule(DataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", self.batch_size, shuffle=True, augment=True)
+        return self.resumable(self.dataloader("train", self.batch_size, shuffle=True, augment=True))
 
     def test_dataloader(self) -> DataLoader:
         # GLUE's test labels are hidden: the dev set is the test set.

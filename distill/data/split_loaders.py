@@ -3,6 +3,8 @@ training, whole on every rank for evaluation."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import datasets
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
@@ -25,8 +27,31 @@ class SplitLoaders:
     ) -> DataLoader:
         return split_loader(self, self.splits[split], batch_size, shuffle, shard)
 
+    # The training loader Lightning iterates, and a checkpoint's state for it that came before it.
+    _train_loader: ResumableLoader | None = None
+    _train_state: dict[str, Any] | None = None
+
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", self.batch_size, shuffle=True)
+        return self.resumable(self.dataloader("train", self.batch_size, shuffle=True))
+
+    def resumable(self, loader: ResumableLoader) -> ResumableLoader:
+        """``loader`` as the fit's training loader: the one whose place the data module's state holds."""
+        self._train_loader = loader
+        if self._train_state is not None:
+            loader.load_state_dict(self._train_state)
+            self._train_state = None
+        return loader
+
+    # Lightning checkpoints the training loader's state itself, but loses it on resume when `configure_optimizers`
+    # reads `trainer.estimated_stepping_batches` (Lightning issue #20550), as distillation does: the data module's
+    # own state, which Lightning restores before the loader is built (after, under FSDP), carries it too.
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._train_state = state.get("train_loader")
+        if self._train_loader is not None and self._train_state is not None:
+            self.resumable(self._train_loader)
 
     def calibration_dataloader(self) -> DataLoader:
         """Training batches for a structured or one-shot pruner to measure importance on, in one process."""
