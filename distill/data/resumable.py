@@ -23,6 +23,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 from distill.utils import random_state
@@ -123,3 +124,10 @@ class ResumableLoader(DataLoader):
         self._streams = mine["random"]
         self._epoch_used_up = state["batches"] >= state["length"]
         self._fast_forward.resume = (state["epoch"], state["batches"])
+
+
+def replay_generator(shard: tuple[int, int] | None, seed: int) -> torch.Generator | None:
+    """The generator of a loader built with an explicit ``shard``, read outside fit (pruning calibration,
+    teacher-logit replays): its iterator's seed draw must not come from the global generator, or a run whose
+    caches were cold (and read it) would draw other dropout and samples than one whose caches were warm."""
+    return None if shard is None else torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import datasets
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
-from distill.data.resumable import ResumableLoader
+from distill.data.resumable import ResumableLoader, replay_generator
 from distill.data.sampler import data_parallel_rank
 
 
@@ -94,4 +94,5 @@ def split_loader(
     sampler = DistributedSampler(
         dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=datamodule.seed, drop_last=True
     )
-    return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
+    generator = replay_generator(shard, datamodule.seed)
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=generator)
