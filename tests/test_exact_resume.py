@@ -7,6 +7,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -230,3 +232,37 @@ def test_on_policy_run_resumes_exactly(compose_train, chat_teacher_dir: Path, po
     train(compose_train(*overrides, *into(tmp_path / "straight")))
     resumed = interrupted_and_resumed(compose_train, overrides, tmp_path, stop_at=7)
     assert_same_run(tmp_path / "straight", resumed)
+
+
+def run_cli(overrides: list[str]) -> None:
+    """``python -m distill.train`` in its own process: under trainer=ddp_cpu Lightning launches rank 1 itself."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "distill.train", *overrides]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "not resumable" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_resume_exactly(tiny_run_overrides: list[str], tmp_path: Path) -> None:
+    """bert_to_tiny with perturbed copies on 2 CPU ranks (6 batches each per epoch): every rank's streams resume."""
+    overrides = [
+        *tiny_run_overrides,
+        "experiment=bert_to_tiny",
+        "debug=smoke",
+        "trainer=ddp_cpu",
+        "data.augment.copies=1",
+        "data.batch_size=16",
+        "trainer.max_steps=10",
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=2",
+    ]
+    run_cli([*overrides, *into(tmp_path / "straight")])
+    run, checkpoint = tmp_path / "stopped", tmp_path / "stopped" / "mid.ckpt"
+    stop = [f"+callbacks.stop_at._target_={__name__}.SaveAt", "+callbacks.stop_at.step=7"]
+    run_cli([*overrides, *into(run), *stop, "+callbacks.stop_at.stop=true", f"+callbacks.stop_at.path={checkpoint}"])
+    state = loader_state(checkpoint)
+    assert 0 < state["batches"] < state["length"] and len(state["ranks"]) == 2, state
+    run_cli([*overrides, *into(run), f"ckpt_path={checkpoint}"])
+    assert_same_run(tmp_path / "straight", run)
