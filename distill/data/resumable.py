@@ -13,8 +13,8 @@ a loader without one restarts the epoch and Lightning warns that it is "not resu
   the first resumed batch is read, so whatever the resumed process drew before (seeding, sanity validation,
   the teacher stages) does not count: the training steps draw what the interrupted run would have.
 
-With ``num_workers > 0`` the batches' order is still exact, but workers keep random streams of their own
-(their perturbed copies) that no checkpoint holds.
+Exact with ``num_workers=0`` only: workers keep random streams of their own (their perturbed copies) and read
+indices ahead, before Lightning sets a resumed epoch on the sampler; no checkpoint holds either.
 """
 
 from __future__ import annotations
