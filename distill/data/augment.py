@@ -128,6 +128,13 @@ class AugmentingCollator:
             self._rng = random.Random(info.seed if info is not None else self.seed * 1009 + self.rank)
         return self._rng
 
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position, which a training loader checkpoints (:mod:`distill.data.resumable`)."""
+        return {"random": self._generator().getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._generator().setstate(state["random"])
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.collate(features)
         perturbed = self.augmenter([list(f["input_ids"]) for f in features], self._generator())

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from distill.data.augment import AugmentingCollator, AugmentSettings, build_augmenter
 from distill.data.base import DataModule, check_max_length
+from distill.data.resumable import ResumableLoader, replay_generator
 from distill.data.sampler import LengthGroupedBatchSampler, data_parallel_rank
 from distill.data.split_loaders import check_batch_sizes
 from distill.data.tsv import check_labels, check_tsv_layout
@@ -239,31 +240,30 @@ class GlueDataModule(DataModule):
         with ``use_distributed_sampler=False`` (see conf/trainer/ddp*.yaml); evaluation loaders are
         whole on every rank, which keeps accuracy exact (no padded duplicate examples). ``shard``
         (rank, number of ranks) replaces the attached trainer's: the teacher-logit store replays
-        every rank's loader from one process.
+        every rank's loader from one process. Training loaders resume mid-epoch from a checkpoint
+        (:class:`~distill.data.resumable.ResumableLoader`).
         """
         dataset = self.splits[split]
         collate = DataCollatorWithPadding(self.tokenizer)
         rank, replicas = shard or data_parallel_rank(self)
         if augment and self.augmenter is not None:
             collate = AugmentingCollator(collate, self.tokenizer, self.augmenter, self.seed, rank)
-        if shuffle and self.group_by_length:
+        if not shuffle:
+            return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate)
+        options = dict(num_workers=self.num_workers, collate_fn=collate, generator=replay_generator(shard, self.seed))
+        if self.group_by_length:
             if split not in self._lengths:
                 self._lengths[split] = [len(ids) for ids in dataset["input_ids"]]
             sampler = LengthGroupedBatchSampler(
                 self._lengths[split], batch_size, seed=self.seed, rank=rank, num_replicas=replicas
             )
-            return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate)
-        if shuffle and replicas > 1:
-            sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
-            return DataLoader(
-                dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=collate
-            )
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate
-        )
+            return ResumableLoader(dataset, batch_sampler=sampler, **options)
+        # Seeded per epoch even in one process (not the global generator's order): a resumed epoch is the same.
+        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
+        return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", self.batch_size, shuffle=True, augment=True)
+        return self.resumable(self.dataloader("train", self.batch_size, shuffle=True, augment=True))
 
     def test_dataloader(self) -> DataLoader:
         # GLUE's test labels are hidden: the dev set is the test set.

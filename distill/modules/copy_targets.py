@@ -42,8 +42,8 @@ class CopyTargets:
     def _count_live(self, step: int) -> None:
         if self.labelled_live == 0:
             rank_zero_warn(
-                f"the perturbed copies of step {step} are not in the teacher-logit store (resumed mid-run,"
-                " DataLoader workers, another number of ranks or more epochs than stored): the live teacher"
+                f"the perturbed copies of step {step} are not in the teacher-logit store (DataLoader workers,"
+                " another number of ranks or more epochs than stored): the live teacher"
                 " labels copies the store lacks"
             )
         self.labelled_live += 1

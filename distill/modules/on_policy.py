@@ -3,8 +3,9 @@
 With probability ``probability`` (λ; drawn per optimizer step from ``seed``, so every data-parallel
 rank and every resumed run draws alike) a batch of prompt/response rows keeps its prompts and
 replaces the responses by the current student's samples (temperature ``temperature``, nucleus
-``top_p``, at most ``max_new_tokens``); the live teacher then grades every token of them through
-the run's divergence. λ = 1 is fully on-policy, λ = 0 is off (the data's teacher responses).
+``top_p``, at most ``max_new_tokens``; drawn from torch's generator, which the training loader's
+checkpoint state restores per rank: :mod:`distill.data.resumable`); the live teacher then grades
+every token of them through the run's divergence. λ = 1 is fully on-policy, λ = 0 is off (the data's teacher responses).
 The samples' cost is kept apart: :meth:`OnPolicy.metrics` reports the batches resampled, the
 tokens sampled and the seconds spent sampling.
 """
