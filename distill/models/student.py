@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import get_object
 from torch import Tensor, nn
 from transformers import (
@@ -169,7 +170,9 @@ def pruned(
     settings["shape"] = settings_of(PartialShape, shape).given()
 
     def prune(report: str | None) -> PreTrainedModel:
-        return pruned_student(teacher.model, batches, report_path=report, **settings)
+        # Its own generator: a cut made here or read from the cache leaves the run's random stream alike.
+        with torch.random.fork_rng():
+            return pruned_student(teacher.model, batches, report_path=report, **settings)
 
     if not cache_dir:
         return prune(report_path)

@@ -273,13 +273,24 @@ class DistillationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loss_guard.raise_if_seen(self.all_gather)  # before the weights of a bad step are written
         checkpoint["trained_targets"] = self.trained_targets
+        checkpoint["step_mean"] = self.step_mean.state_dict()
+        if self.on_policy is not None:
+            checkpoint["on_policy"] = self.on_policy.state_dict()
         describe_student(checkpoint, self.student)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming fit continues the count; testing a best checkpoint keeps the count of the whole fit.
         if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
             self.trained_targets = checkpoint.get("trained_targets", 0)
+            self.resume_counts(checkpoint)
         set_asp_masks_aside(checkpoint)
+
+    def resume_counts(self, checkpoint: dict[str, Any]) -> None:
+        """The step-mean reference and the on-policy counts of a checkpoint (older ones have neither)."""
+        if "step_mean" in checkpoint:
+            self.step_mean.load_state_dict(checkpoint["step_mean"])
+        if self.on_policy is not None and "on_policy" in checkpoint:
+            self.on_policy.load_state_dict(checkpoint["on_policy"])
 
     @staticmethod
     def load_student(checkpoint_path: str) -> PreTrainedModel:

@@ -76,6 +76,13 @@ class OnPolicy:
         new_batch = {name: torch.as_tensor(rows[name], device=device) for name in ("input_ids", "attention_mask")}
         return new_batch, torch.as_tensor(rows["labels"], device=device)
 
+    def state_dict(self) -> dict[str, float]:
+        """The counts so far: a resumed run reports those of the whole fit."""
+        return {"batches": self.batches, "tokens": self.tokens, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.batches, self.tokens, self.seconds = int(state["batches"]), int(state["tokens"]), state["seconds"]
+
     def metrics(self) -> dict[str, float]:
         return {
             "onpolicy/batches": self.batches,

@@ -41,6 +41,13 @@ class StepMean:
         self.counted = self.counted + counted
         return counted * trainer.world_size / self.reference
 
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """The run's reference count: a resumed run scales by the same number, so its steps match bit for bit."""
+        return {"reference": None if self.reference is None else self.reference.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        self.reference = state["reference"]
+
     def rescale(self, trainer: pl.Trainer | None, parameters: Iterable[nn.Parameter], device: torch.device) -> None:
         """Turn the accumulated gradients into those of the step's mean; call once before each step."""
         if not self._active(trainer) or self.reference is None:
