@@ -130,7 +130,17 @@ def check_oneshot(
     check_model_cache(reference)
 
 
-def check_model(key: str, reference: str) -> None:
-    """The model ``key`` names exists (and a GGUF file is whole), with room to de-quantize it."""
-    model_config(key, reference)
+def check_model(key: str, reference: str) -> PretrainedConfig:
+    """The model ``key`` names exists (and a GGUF file is whole), with room to de-quantize it; its config."""
+    config = model_config(key, reference)
     check_model_cache(reference)
+    return config
+
+
+def check_saved_model(key: str, path: str) -> None:
+    """``path`` is a saved model folder: a missing one would otherwise be taken for a hub id."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{key}={path!r} is no folder: give a saved model's folder, e.g. <run>/student")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{key}={path!r} holds no config.json: give a saved model's folder, e.g. <run>/student")
