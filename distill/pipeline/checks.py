@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,27 @@ FLOAT32_BYTES = 4
 
 def model_config(key: str, reference: str) -> PretrainedConfig:
     """The config of the model ``key`` names (hub id, folder or GGUF file), without its weights."""
-    try:
-        source = gguf_file(reference)
+    source = check_reference(key, reference)
+    with named(key, reference):
         if source is None:
             return AutoConfig.from_pretrained(reference)
-        gguf_elements(source)  # a truncated file is refused here, not after minutes of loading
         return AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
+
+
+def check_reference(key: str, reference: str) -> Path | None:
+    """A path-like reference must exist and a GGUF file be whole (a truncated one is refused here, not after
+    minutes of loading); returns the GGUF file, if it is one."""
+    with named(key, reference):
+        source = gguf_file(reference)
+        if source is not None:
+            gguf_elements(source)
+        return source
+
+
+@contextmanager
+def named(key: str, reference: str) -> Iterator[None]:
+    try:
+        yield
     except (OSError, ValueError) as error:
         raise type(error)(f"{key}={reference!r}: {one_line(error)}") from None
 
@@ -113,7 +130,7 @@ def check_run(cfg: DictConfig) -> None:
     validate(cfg)
     config = model_config("teacher.name_or_path", cfg.teacher.name_or_path)
     if cfg.student.get("name_or_path"):
-        model_config("student.name_or_path", cfg.student.name_or_path)
+        check_reference("student.name_or_path", cfg.student.name_or_path)
     check_student(cfg.student, skeleton(config, instantiate(cfg.task).auto_model))
     vocabulary = getattr(config, "vocab_size", None)
     if cfg.data.get("num_labels") is None and vocabulary is not None:  # a causal LM: the vocabulary bounds K
