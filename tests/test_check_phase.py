@@ -15,9 +15,9 @@ import torch
 
 from distill.pipeline.checks import check_cache, check_run
 from distill.prune import prune
-from distill.stores.scratch import STALE_AFTER_S, remove_stale_scratch, written_whole
 from distill.stores.teacher_logits import TeacherLogitStore, load_or_build
 from distill.utils.references import resolve
+from distill.utils.scratch import STALE_AFTER_S, remove_stale_scratch, written_whole
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_S = 20

@@ -27,8 +27,8 @@ from transformers import AutoConfig, PretrainedConfig
 from distill.config.schemas import check_teacher_cache_topk, validate
 from distill.models.student import check_student
 from distill.pruning.oneshot.sequential import OneShotSettings, check_targets
-from distill.stores.scratch import CACHE_SETTING, remove_stale_scratch
 from distill.utils.references import converted_path, default_cache_dir, gguf_elements, gguf_file
+from distill.utils.scratch import CACHE_SETTING, remove_stale_scratch
 
 log = logging.getLogger(__name__)
 FLOAT32_BYTES = 4

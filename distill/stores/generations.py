@@ -32,8 +32,8 @@ import torch
 from filelock import FileLock
 
 from distill.serve.generation import Generator, SamplingSettings
-from distill.stores.scratch import written_whole
 from distill.utils.keys import digest
+from distill.utils.scratch import written_whole
 
 log = logging.getLogger(__name__)
 ROW_SCHEMA = pa.schema(

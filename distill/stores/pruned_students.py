@@ -21,8 +21,8 @@ from filelock import FileLock
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from distill.stores.scratch import written_whole
 from distill.utils.keys import digest, weights_fingerprint
+from distill.utils.scratch import written_whole
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from distill.losses.topk import TopKTargets, topk_targets
-from distill.stores.scratch import written_whole
 from distill.utils.devices import on_gpu_if_any, to_device
 from distill.utils.keys import COPY_FINGERPRINT, EXAMPLE_INDEX, pop_copies, weights_fingerprint
+from distill.utils.scratch import written_whole
 
 if TYPE_CHECKING:  # the stores read data modules through their contract and import no data module
     from distill.data.base import DataModule

@@ -20,7 +20,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.stores.scratch import written_whole
+from distill.utils.scratch import written_whole
 
 log = logging.getLogger(__name__)
 REFETCH = "download or export it again"
