@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas
 from distill.data.base import DataModule
+from distill.pipeline.checks import check_saved_model
 from distill.pipeline.interrupt import ends_on_signal
 from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import latency_ms
@@ -40,6 +41,7 @@ def load_served(path: Path, task: Task) -> torch.nn.Module:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    check_saved_model("student_path", cfg.student_path)  # the data's tokenizer comes from it: checked first
     datamodule: DataModule = instantiate(cfg.data)
     task: Task = instantiate(cfg.task)
     datamodule.prepare_data()

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from distill.config.cli import hydra_cli
 from distill.data.text import TextDataModule
+from distill.pipeline.checks import check_model
 from distill.serve.gguf_checks import check_ggufs, unpadded_windows, write_ggufs
 from distill.utils.references import gguf_file, load_causal_lm, load_tokenizer
 from distill.utils.run_record import git_state, write_json
@@ -47,6 +48,7 @@ def held_out(datamodule: TextDataModule, limit: int | None, count: int, length: 
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
+    check_model("model", cfg.model)
     model, tokenizer = load_causal_lm(cfg.model), load_tokenizer(cfg.model)
     out_dir, stem = destination(cfg)
     report: dict[str, Any] = {"model": cfg.model, "files": write_ggufs(model, tokenizer, out_dir, cfg.quant, stem)}

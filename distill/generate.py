@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from distill.config.cli import hydra_cli
+from distill.pipeline.checks import check_cache, check_model
 from distill.utils.references import load_causal_lm
 from distill.utils.run_meter import RunMeter
 from distill.utils.run_record import git_state, write_json
@@ -27,6 +28,8 @@ log = logging.getLogger("distill.generate")
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
+    check_model("model", cfg.model)
+    check_cache(Path(cfg.paths.cache_dir))
     datamodule = instantiate(cfg.data)
     with RunMeter(1, stage="generation") as meter:
         statistics = datamodule.attach_teacher(load_causal_lm(cfg.model))

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from distill.config.cli import hydra_cli
 from distill.data.base import DataModule
 from distill.models.student import draw_calibration_batches
+from distill.pipeline.checks import check_oneshot
 from distill.pruning.oneshot.sequential import OneShotSettings, prune_oneshot
 from distill.pruning.oneshot.solvers import SparsityTarget
 from distill.utils.devices import to_device
@@ -106,9 +107,10 @@ def timed_on(device: torch.device, work: Callable[[], Any]) -> tuple[Any, float,
 def prune(cfg: DictConfig) -> dict[str, Any]:
     settings = settings_of(cfg)  # bad settings fail before anything loads
     device = device_of(cfg.device)
+    task = instantiate(cfg.task)
+    check_oneshot(cfg.model, task.auto_model, settings, cfg.include, cfg.exclude)  # widths from config.json
     output_dir = Path(cfg.paths.output_dir)
     torch.manual_seed(cfg.seed)
-    task = instantiate(cfg.task)
     datamodule = instantiate(cfg.data)
     model = task.auto_model.from_pretrained(resolve(cfg.model)).eval().to(device)
     batches = [to_device(batch, device) for batch in calibration_batches(datamodule, cfg.calibration.samples)]

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from distill.config.cli import hydra_cli
+from distill.pipeline.checks import check_model, skeleton
 from distill.pruning.oneshot.sequential import target_linears
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import save_int8
@@ -33,7 +34,10 @@ log = logging.getLogger("distill.quantize")
 
 def quantize(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
-    task, datamodule = instantiate(cfg.task), instantiate(cfg.data)
+    task = instantiate(cfg.task)
+    # The layers to quantize, from the model's config alone: a bad include fails before the model loads.
+    target_linears(skeleton(check_model("model", cfg.model), task.auto_model), cfg.include, cfg.exclude)
+    datamodule = instantiate(cfg.data)
     model = task.auto_model.from_pretrained(resolve(cfg.model), dtype=torch.float32).eval()
     layers = target_linears(model, cfg.include, cfg.exclude)
     datamodule.setup("test")

@@ -38,6 +38,7 @@ from torch import nn
 from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas
 from distill.data.base import DataModule
+from distill.pipeline.checks import check_model
 from distill.pipeline.interrupt import ends_on_signal
 from distill.serve import llamacpp
 from distill.serve.energy import NvmlEnergy, cpu_energy
@@ -189,6 +190,8 @@ def serve_bench(cfg: DictConfig) -> dict[str, Any]:
     student_dir = Path(cfg.run_dir) / "student"
     if not (student_dir / "config.json").is_file():
         raise FileNotFoundError(f"run_dir={cfg.run_dir!r} has no exported student/ (config.json)")
+    if cfg.teacher_path:
+        check_model("teacher_path", cfg.teacher_path)
     task, int8_path = run_task(cfg), int8_artifact(cfg)
     causal = task.generates
     if causal:  # bad settings, a missing GGUF file or llama.cpp runtime are named before any model loads

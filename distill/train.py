@@ -22,10 +22,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config.cli import CONFIG_DIR
-from distill.config.schemas import register_schemas, validate
+from distill.config.schemas import register_schemas
 from distill.data.base import DataModule
-from distill.models.student import check_context, check_same_tokenizer, check_student, shared_vocabulary
+from distill.models.student import check_context, check_same_tokenizer, shared_vocabulary
 from distill.modules.distillation import DistillationModule
+from distill.pipeline.checks import check_run
 from distill.pipeline.export import export_student
 from distill.pipeline.interrupt import LastCheckpointOnSigterm, ends_on_signal, stops_on_signal
 from distill.pipeline.metrics import finetune_key, log_final, store_facts, summarize
@@ -47,7 +48,7 @@ def best_checkpoint(trainer: pl.Trainer) -> str | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one distillation job; returns the metrics also written to metrics.json."""
     started = time.time()
-    validate(cfg)
+    check_run(cfg)  # every setting a stage would refuse, refused before the first stage runs
     output_dir = Path(cfg.paths.output_dir)
     write_json(output_dir / "git.json", git_state())
     pl.seed_everything(cfg.seed, workers=True)
@@ -64,7 +65,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with RunMeter(1, measure=rank_zero_only.rank == 0, stage="teacher_stage") as teacher_meter:
         teacher = instantiate(cfg.teacher, datamodule=datamodule, task=task)
     check_context(teacher.model, datamodule)
-    check_student(cfg.student, teacher.model)  # a student the teacher cannot give, before the stages after it
     with RunMeter(1, measure=rank_zero_only.rank == 0, stage="generation") as generation_meter:
         generation = generation_stage(datamodule, teacher)
     loggers = instantiate_named(cfg.get("logger"), "logger")

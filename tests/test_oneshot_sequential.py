@@ -164,7 +164,7 @@ def test_prune_cli_saves_a_reloadable_model_with_its_masks(compose_train, prune_
         pytest.param(
             "pattern=5:12", "pattern 5:12 needs model.layers.0.self_attn.q_proj's input width", marks=pytest.mark.slow
         ),
-        ("sparsity=1.5", "give exactly one of sparsity=1.5 and pattern='2:4'"),
+        ("sparsity=1.5", "sparsity=1.5 and pattern='2:4' are both set: give one, e.g. sparsity=1.5 pattern=null"),
         ("method=obs", "method='obs' must be one of"),
     ],
 )

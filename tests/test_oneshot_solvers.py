@@ -132,8 +132,8 @@ def test_dead_inputs_fall_back_to_magnitude_and_receive_no_compensation() -> Non
         ({"sparsity": -0.1}, "sparsity=-0.1"),
         ({"pattern": "4:2"}, "pattern='4:2' must be 'N:M'"),
         ({"pattern": "2-4"}, "pattern='2-4'"),
-        ({"sparsity": 0.5, "pattern": "2:4"}, "exactly one of"),
-        ({}, "exactly one of"),
+        ({"sparsity": 0.5, "pattern": "2:4"}, "are both set: give one"),
+        ({}, "set one of them"),
     ],
 )
 def test_bad_targets_are_named(arguments: dict, message: str) -> None:

@@ -297,8 +297,8 @@ def test_pruned_student_is_trainable_and_reports_its_choices(tmp_path: Path) -> 
         ({"shape": {"num_attention_heads": 2, "num_key_value_heads": 2}}, "num_attention_heads=2 must be 2 x"),
         ({"shape": {"hidden_size": 62}}, "student.shape.hidden_size=62 must be a multiple of num_attention_heads=4"),
         ({"shape": {"depth": 2}}, r"unknown fields \['depth'\]"),
-        ({}, "exactly one of student.target_params"),
-        ({"target_params": 10**5, "shape": {"num_layers": 2}}, "exactly one of"),
+        ({}, "student.target_params and student.shape are both null"),
+        ({"target_params": 10**5, "shape": {"num_layers": 2}}, "e.g. add student.target_params=null"),
     ],
 )
 def test_bad_shapes_and_targets_raise_naming_the_value(arguments: dict, message: str) -> None:

@@ -405,7 +405,7 @@ def validate(cfg: DictConfig) -> None:
     if missing:  # before any stage runs: a `???` found at instantiation would come after the teacher's
         raise ValueError(f"{', '.join(missing)} must be set (the config leaves it `???`), e.g. {missing[0]}=<value>")
     check_components(cfg)
-    _check_teacher_cache_topk(cfg)
+    check_teacher_cache_topk(cfg.distill.teacher_cache_topk, cfg.data.get("num_labels"), "data.num_labels")
     _check_sharded_compression(cfg)
 
 
@@ -462,9 +462,10 @@ def _check_sharded_compression(cfg: DictConfig) -> None:
         )
 
 
-def _check_teacher_cache_topk(cfg: DictConfig) -> None:
-    # The store's own checks (distill.pipeline.stages.StageSettings) ran on `distill`; this one needs `data`.
-    topk = cfg.distill.teacher_cache_topk
-    classes = cfg.data.get("num_labels")  # a vocabulary is only known once the tokenizer loads
-    if topk is not None and (topk < 1 or (classes is not None and topk > classes)):
-        raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, data.num_labels={classes}]")
+def check_teacher_cache_topk(topk: int | None, classes: int | None, bound: str) -> None:
+    """K of a top-K store is at most the ``classes`` (``bound`` names them): a classifier's labels, a causal
+    LM's vocabulary (known from the teacher's config: the check phase checks it, distill.pipeline.checks)."""
+    if topk is None or classes is None:  # a vocabulary not yet known: the check phase brings it
+        return
+    if not 1 <= topk <= classes:
+        raise ValueError(f"distill.teacher_cache_topk={topk!r} must be in [1, {classes}] ({bound}={classes})")

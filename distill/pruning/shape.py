@@ -260,8 +260,13 @@ def choose_shape(
     axes: Iterable[str] = ("depth",),
 ) -> PrunedShape:
     """The student's shape: ``shape`` (partial; unset fields keep the teacher's) or the largest at ``target_params``."""
-    if (target_params is None) == (shape is None):
-        raise ValueError(f"give exactly one of student.target_params={target_params!r} and student.shape={shape!r}")
+    if target_params is None and shape is None:
+        raise ValueError("student.target_params and student.shape are both null: set one of them")
+    if target_params is not None and shape is not None:  # a preset sets one, the command line the other
+        raise ValueError(
+            f"student.target_params={target_params!r} and student.shape={dict(shape)} are both set: give one, "
+            "e.g. add student.target_params=null to cut to the shape, or student.shape=null"
+        )
     if shape is not None:
         return _expressible(config, _explicit_shape(PrunedShape.of(config), shape))
     return _shape_for_target(config, target_params, _expressible_axes(config, _expand_axes(axes)))

@@ -21,6 +21,8 @@ from types import TracebackType
 import numpy as np
 import torch
 
+from distill.utils.references import gguf_elements
+
 XLLAMACPP_VERSION = "2026.10.11549"
 INSTALL_HINT = "pip install 'distill[gguf]'"
 
@@ -165,6 +167,7 @@ class LlamaCpp:
         defaults = self.library.llama_model_default_params()
         self.model = self.library.llama_model_load_from_file(str(path).encode(), defaults)
         if not self.model:
+            gguf_elements(Path(path))  # a truncated file is the usual cause: say so, naming it
             raise ValueError(f"llama.cpp could not load {str(path)!r} (its error is printed above)")
         params = self.library.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = n_ctx

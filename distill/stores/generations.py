@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from filelock import FileLock
 
 from distill.serve.generation import Generator, SamplingSettings
 from distill.utils.keys import digest
+from distill.utils.scratch import written_whole
 
 log = logging.getLogger(__name__)
 ROW_SCHEMA = pa.schema(
@@ -112,9 +112,8 @@ class GenerationStore:
         )
         path = self.shard_path(shard)
         path.with_suffix(".json").write_text(json.dumps(stats))
-        unfinished = path.with_suffix(f".tmp-{os.getpid()}")
-        pq.write_table(table, unfinished)
-        os.replace(unfinished, path)  # the shard exists whole or not at all
+        with written_whole(path) as unfinished:  # the shard exists whole or not at all
+            pq.write_table(table, unfinished)
 
     def load(self, shards: int) -> datasets.Dataset:
         """Every row of the first ``shards`` shards, in prompt order."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from distill.utils.keys import digest, weights_fingerprint
+from distill.utils.scratch import written_whole
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,9 @@ def cached_pruned_student(
         if (target / REPORT_FILE).is_file():
             log.info("Reusing the pruned student in %s", target)
         else:  # a miss keeps the model it just cut instead of reading it back
-            scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-            shutil.rmtree(scratch, ignore_errors=True)
-            student = prune(str(scratch / REPORT_FILE))
-            student.save_pretrained(scratch)
-            os.replace(scratch, target)
+            with written_whole(target) as scratch:
+                student = prune(str(scratch / REPORT_FILE))
+                student.save_pretrained(scratch)
     if report_path is not None:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(target / REPORT_FILE, report_path)

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch.utils.data import DataLoader
 from distill.losses.topk import TopKTargets, topk_targets
 from distill.utils.devices import on_gpu_if_any, to_device
 from distill.utils.keys import COPY_FINGERPRINT, EXAMPLE_INDEX, pop_copies, weights_fingerprint
+from distill.utils.scratch import written_whole
 
 if TYPE_CHECKING:  # the stores read data modules through their contract and import no data module
     from distill.data.base import DataModule
@@ -249,11 +249,10 @@ def load_or_build(
             if "copies" in expected:
                 examples = f"{expected['copies']} perturbed copies of {examples}, {expected['epochs']} epoch(s)"
             log.info("Computing teacher logits for %s -> %s", examples, path)
-            unfinished = path.with_suffix(f".tmp-{os.getpid()}")
             tensors = {name: tensor.contiguous() for name, tensor in build().items()}
-            save_file(tensors, str(unfinished), metadata=expected)
-            unfinished.chmod(0o644)  # readable by every job of a shared cache
-            os.replace(unfinished, path)
+            with written_whole(path) as unfinished:
+                save_file(tensors, str(unfinished), metadata=expected)
+                unfinished.chmod(0o644)  # readable by every job of a shared cache
         else:
             log.info("Reusing teacher logits %s", path)
     return store_type.load(path, expected)

@@ -13,14 +13,17 @@ import functools
 import hashlib
 import logging
 import os
-import shutil
+import struct
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.utils.scratch import written_whole
+
 log = logging.getLogger(__name__)
+REFETCH = "download or export it again"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,8 +72,10 @@ def resolve(reference: str, dtype: str = "float32", cache_dir: str | Path | None
     source = gguf_file(reference)
     if source is None:
         return reference
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    target = root / "models" / f"{source.stem}-{file_digest(source)[:16]}-{dtype}"
+    target = converted_path(source, dtype, cache_dir)
+    if (target / "config.json").is_file():
+        return str(target)
+    gguf_elements(source)  # a truncated file fails here, naming itself, before a lock file is made for it
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").is_file():
@@ -78,10 +83,35 @@ def resolve(reference: str, dtype: str = "float32", cache_dir: str | Path | None
     return str(target)
 
 
+def converted_path(source: Path, dtype: str, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`resolve` keeps the de-quantized copy of the GGUF file ``source``."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return root / "models" / f"{source.stem}-{file_digest(source)[:16]}-{dtype}"
+
+
+def gguf_elements(path: Path) -> int:
+    """The number of weights in the GGUF file ``path``; a file cut short or not GGUF is refused in one line
+    naming it (transformers' loader would fail with a bare ``struct.error`` or a reshape error)."""
+    stat = path.stat()
+    return _gguf_elements(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _gguf_elements(path: Path, size: int, _mtime_ns: int) -> int:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        end = max((int(tensor.data_offset) + int(tensor.n_bytes) for tensor in reader.tensors), default=0)
+    except (ValueError, IndexError, KeyError, EOFError, struct.error) as error:
+        raise ValueError(f"GGUF file {str(path)!r} is truncated or corrupt ({error}): {REFETCH}") from None
+    if end > size:
+        raise ValueError(f"GGUF file {str(path)!r} is truncated ({size} bytes; its tensors end at {end}): {REFETCH}")
+    return sum(int(tensor.n_elements) for tensor in reader.tensors)
+
+
 def _convert_gguf(source: Path, target: Path, dtype: str) -> None:
     log.info("De-quantizing %s to %s (once; cached in %s)", source, dtype, target)
-    scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=DTYPES[dtype])
     # The loader marks the model as GGUF-quantized, which save_pretrained refuses; its weights are
@@ -91,9 +121,9 @@ def _convert_gguf(source: Path, target: Path, dtype: str) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(scratch)
-    tokenizer.save_pretrained(scratch)
-    os.replace(scratch, target)
+    with written_whole(target) as scratch:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
 
 
 def load_tokenizer(reference: str, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:

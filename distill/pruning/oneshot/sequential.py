@@ -169,6 +169,8 @@ class OneShotSettings:
             raise ValueError(f"damp={self.damp!r} must be > 0")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be >= 1")
+        if self.method == "sparsegpt":
+            solvers.check_block_size(self.block_size, self.target)
 
     def solve(self, name: str, weight: Tensor, statistics: InputStatistics | None) -> tuple[Tensor, Tensor]:
         if self.method == "magnitude":
@@ -176,6 +178,17 @@ class OneShotSettings:
         if self.method == "wanda":
             return solvers.wanda(weight, self.target, statistics.value)
         return solvers.sparsegpt(weight, self.target, statistics.value, self.block_size, self.damp, name)
+
+
+def check_targets(
+    model: nn.Module, settings: OneShotSettings, include: Sequence[str] | None, exclude: Sequence[str] = ()
+) -> list[str]:
+    """The Linear layers to prune, each wide enough for the N:M pattern; only shapes are read, so the
+    check phase runs it on a meta-device model (distill.pipeline.checks) before any weight loads."""
+    names = target_linears(model, include, exclude)
+    for name in names:
+        settings.target.check(linear_weight(model.get_submodule(name)), name)
+    return names
 
 
 @torch.no_grad()
@@ -187,9 +200,7 @@ def prune_oneshot(
     exclude: Sequence[str] = (),
 ) -> dict[str, Tensor]:
     """Prune ``model`` in place block by block; returns the masks, ``{"<linear>.weight": keep}``."""
-    names = target_linears(model, include, exclude)
-    for name in names:
-        settings.target.check(linear_weight(model.get_submodule(name)), name)
+    names = check_targets(model, settings, include, exclude)
     stack_name, stack = block_stack(model)
     was_training = model.training
     model.eval()

@@ -45,8 +45,13 @@ class SparsityTarget:
 
     @classmethod
     def parse(cls, sparsity: float | None = None, pattern: str | None = None) -> SparsityTarget:
-        if (sparsity is None) == (pattern is None):
-            raise ValueError(f"give exactly one of sparsity={sparsity!r} and pattern={pattern!r}")
+        if sparsity is None and pattern is None:
+            raise ValueError("sparsity=null and pattern=null: set one of them, e.g. sparsity=0.5 or pattern=2:4")
+        if sparsity is not None and pattern is not None:  # a preset sets one, the command line the other
+            raise ValueError(
+                f"sparsity={sparsity!r} and pattern={pattern!r} are both set: give one, e.g. "
+                f"sparsity={sparsity!r} pattern=null, or pattern={pattern} sparsity=null"
+            )
         if pattern is not None:
             parts = str(pattern).split(":")
             if len(parts) != 2 or not all(part.isdigit() for part in parts) or not 0 < int(parts[0]) < int(parts[1]):
@@ -63,7 +68,8 @@ class SparsityTarget:
     def check(self, weight: Tensor, name: str = "weight") -> None:
         if self.structured and weight.shape[1] % self.m:
             raise ValueError(
-                f"pattern {self.n}:{self.m} needs {name}'s input width ({weight.shape[1]}) to be a multiple of {self.m}"
+                f"pattern {self.n}:{self.m} needs {name}'s input width ({weight.shape[1]}) to be a multiple of "
+                f"{self.m}: choose an M that divides it (e.g. pattern=2:4), or leave the layer out with exclude"
             )
 
     def pruned_count(self, numel: int) -> int:
@@ -122,6 +128,15 @@ def wanda(weight: Tensor, target: SparsityTarget, input_sq_norms: Tensor) -> tup
     return weight.detach() * keep, keep
 
 
+def check_block_size(block_size: int, target: SparsityTarget) -> None:
+    """SparseGPT prunes N:M groups within a block of columns: a block must hold whole groups."""
+    if target.structured and block_size % target.m:
+        raise ValueError(
+            f"sparsegpt.block_size={block_size} must be a multiple of M={target.m} (pattern={target}): set "
+            f"sparsegpt.block_size={max(1, block_size // target.m) * target.m}"
+        )
+
+
 def inverse_hessian_factor(hessian: Tensor, damp: float, name: str = "weight") -> Tensor:
     """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, dead inputs' diagonals set to 1."""
     hessian = hessian.clone()
@@ -152,8 +167,7 @@ def sparsegpt(
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT's pruning with error compensation; the math runs in ``hessian``'s dtype (fp32 or fp64)."""
     target.check(weight, name)
-    if target.structured and block_size % target.m:
-        raise ValueError(f"sparsegpt block_size={block_size} must be a multiple of M={target.m}")
+    check_block_size(block_size, target)
     w = weight.detach().to(hessian.dtype).clone()
     rows, columns = w.shape
     factor = inverse_hessian_factor(hessian, damp, name)
