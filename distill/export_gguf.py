@@ -19,9 +19,9 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from distill.config.cli import hydra_cli
 from distill.data.text import TextDataModule
 from distill.pipeline.checks import check_model
+from distill.pipeline.entry import hydra_cli
 from distill.serve.gguf_checks import check_ggufs, unpadded_windows, write_ggufs
 from distill.utils.references import gguf_file, load_causal_lm, load_tokenizer
 from distill.utils.run_record import git_state, write_json

@@ -18,8 +18,8 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from distill.config.cli import hydra_cli
 from distill.pipeline.checks import check_cache, check_model
+from distill.pipeline.entry import hydra_cli
 from distill.utils.references import load_causal_lm
 from distill.utils.run_meter import RunMeter
 from distill.utils.run_record import git_state, write_json

@@ -25,10 +25,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from distill.config.cli import hydra_cli
 from distill.data.base import DataModule
 from distill.models.student import draw_calibration_batches
 from distill.pipeline.checks import check_oneshot
+from distill.pipeline.entry import hydra_cli
 from distill.pruning.oneshot.sequential import OneShotSettings, prune_oneshot
 from distill.pruning.oneshot.solvers import SparsityTarget
 from distill.utils.devices import to_device

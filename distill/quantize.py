@@ -21,8 +21,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from distill.config.cli import hydra_cli
 from distill.pipeline.checks import check_model, skeleton
+from distill.pipeline.entry import hydra_cli
 from distill.pruning.oneshot.sequential import target_linears
 from distill.serve.onnx_decoder import load_onnx
 from distill.serve.onnx_int8 import save_int8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from distill.pipeline.checks import check_cache, check_run
 from distill.prune import prune
 from distill.stores.teacher_logits import TeacherLogitStore, load_or_build
 from distill.utils.references import resolve
-from distill.utils.scratch import STALE_AFTER_S, remove_stale_scratch, written_whole
+from distill.utils.scratch import OTHER_HOST_STALE_AFTER_S, remove_stale_scratch, written_whole
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_S = 20
@@ -140,15 +141,17 @@ def dead_pid() -> int:
 
 
 def test_stale_scratch_of_dead_processes_is_removed_on_the_next_start(tmp_path: Path) -> None:
-    old = time.time() - 2 * STALE_AFTER_S
-    dead, alive, recent = (tmp_path / "models" / f"m.tmp-{pid}" for pid in (dead_pid(), os.getpid(), dead_pid()))
-    for path in (dead, alive, recent):
+    host = socket.gethostname()
+    names = [f"{host}-{dead_pid()}", f"{host}-{os.getpid()}", f"other-node-{os.getpid()}", f"other-node-1{os.getpid()}"]
+    dead, alive, other_host, other_host_old = (tmp_path / "models" / f"m.tmp-{name}" for name in names)
+    for path in (dead, alive, other_host, other_host_old):
         path.mkdir(parents=True)
-    for path in (dead, alive):
-        os.utime(path, (old, old))
+    old = time.time() - 2 * OTHER_HOST_STALE_AFTER_S
+    os.utime(other_host_old, (old, old))
     check_cache(tmp_path)
-    assert not dead.exists() and alive.exists() and recent.exists()  # recent: maybe another host's, being written
-    assert remove_stale_scratch(tmp_path, now=time.time() + 2 * STALE_AFTER_S) == [recent]
+    # Another host's process cannot be seen from here: its scratch goes only once nothing touched it for a day.
+    assert not dead.exists() and not other_host_old.exists() and alive.exists() and other_host.exists()
+    assert remove_stale_scratch(tmp_path, now=time.time() + 2 * OTHER_HOST_STALE_AFTER_S) == [other_host]
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -34,6 +33,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from distill.data.base import DataModule
 from distill.tasks.base import Task
 from distill.utils.references import resolve
+from distill.utils.scratch import written_whole
 from distill.utils.settings import settings_of
 
 log = logging.getLogger(__name__)
@@ -131,23 +131,21 @@ def _finetune_into(
     target: Path, name_or_path: str, datamodule: DataModule, settings: dict[str, Any], task: Task
 ) -> None:
     """Fine-tune with cross-entropy into a scratch folder, then rename it into place."""
-    scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
     log.info("Fine-tuning teacher %s on %s (cache: %s)", name_or_path, datamodule.task, target)
     started = time.time()
-    model, score, steps = finetune_model(resolve(name_or_path), datamodule, scratch, task, **settings)
-    model.save_pretrained(scratch)
-    datamodule.tokenizer.save_pretrained(scratch)
-    info = {
-        "source": name_or_path,
-        "task": datamodule.task,
-        metric_key(task): score,
-        "steps": steps,
-        "settings": settings,
-        "wall_time_s": round(time.time() - started, 1),
-    }
-    (scratch / INFO_FILE).write_text(json.dumps(info, indent=2))
-    os.replace(scratch, target)
+    with written_whole(target) as scratch:  # a failed or killed fine-tuning leaves no folder behind
+        model, score, steps = finetune_model(resolve(name_or_path), datamodule, scratch, task, **settings)
+        model.save_pretrained(scratch)
+        datamodule.tokenizer.save_pretrained(scratch)
+        info = {
+            "source": name_or_path,
+            "task": datamodule.task,
+            metric_key(task): score,
+            "steps": steps,
+            "settings": settings,
+            "wall_time_s": round(time.time() - started, 1),
+        }
+        (scratch / INFO_FILE).write_text(json.dumps(info, indent=2))
     log.info("Teacher fine-tuned: %s %.4f in %.0f s", task.monitor, score, info["wall_time_s"])
 
 

@@ -12,7 +12,6 @@ that the others' all-gathers wait for.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers.utils import ModelOutput
 
+from distill.utils.scratch import written_whole
 from distill.utils.sharding import is_sharded, shard
 
 
@@ -81,9 +81,8 @@ class FrozenTeacher:
         if self.memo_file is None or len(self._memo) == self._saved_size:
             return
         self.memo_file.parent.mkdir(parents=True, exist_ok=True)
-        scratch = self.memo_file.with_name(f"{self.memo_file.name}.tmp-{os.getpid()}")
-        torch.save(self._memo, scratch)
-        os.replace(scratch, self.memo_file)
+        with written_whole(self.memo_file) as scratch:
+            torch.save(self._memo, scratch)
         self._saved_size = len(self._memo)
 
 
