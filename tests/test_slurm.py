@@ -128,7 +128,10 @@ def test_two_rank_job_through_the_template(
 def test_usr1_requeues_and_resumes_at_the_saved_step(
     trainer: str, slurm, tmp_path: Path, tiny_teacher_dir: Path, data_dir
 ) -> None:
-    job = sbatch(tmp_path, *tiny_overrides(tmp_path, tiny_teacher_dir, steps=400, val_every=20), trainer=trainer)
+    overrides = tiny_overrides(tmp_path, tiny_teacher_dir, steps=400, val_every=20)
+    job = sbatch(tmp_path, *overrides, trainer=trainer)
+    # Beside it, the same job left alone: the requeued one must end where it does.
+    straight = sbatch(tmp_path, *overrides, f"paths.log_dir={tmp_path / 'straight'}", trainer=trainer)
     run = tmp_path / "logs" / "train" / "runs" / job
     deadline = time.monotonic() + 300
     while not (run / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
@@ -144,6 +147,17 @@ def test_usr1_requeues_and_resumes_at_the_saved_step(
     assert f"Restoring states from the checkpoint path at {run / 'hpc_ckpt_1.ckpt'}" in output
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 400
     assert last_logged_step(run) >= 399  # logging went on after the restart
+    assert wait_for(straight) == "COMPLETED"
+    uninterrupted = tmp_path / "straight" / "train" / "runs" / straight
+    assert trained_outcome(run) == trained_outcome(uninterrupted)  # the loader's place and random state resumed
+
+
+def trained_outcome(run: Path) -> dict:
+    """What training decides in metrics.json: the student's test metrics and the step, not the clock's figures."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    decided = {key: value for key, value in metrics.items() if key.startswith("student/") and "per_s" not in key}
+    assert "student/val_acc" in decided and "student/agreement" in decided
+    return decided | {"global_step": metrics["global_step"]}
 
 
 @pytest.mark.sweep

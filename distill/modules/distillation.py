@@ -272,7 +272,9 @@ class DistillationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loss_guard.raise_if_seen(self.all_gather)  # before the weights of a bad step are written
-        checkpoint["trained_targets"] = self.trained_targets
+        # The count of every rank (each rank's own differ; every rank saves, so the collective pairs up): a resumed
+        # rank 0 goes on from the total and the others from zero, which sums to the same whatever the world size.
+        checkpoint["trained_targets"] = self.trained_targets_all_ranks()
         checkpoint["step_mean"] = self.step_mean.state_dict()
         if self.on_policy is not None:
             checkpoint["on_policy"] = self.on_policy.state_dict()
@@ -281,7 +283,7 @@ class DistillationModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming fit continues the count; testing a best checkpoint keeps the count of the whole fit.
         if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
-            self.trained_targets = checkpoint.get("trained_targets", 0)
+            self.trained_targets = checkpoint.get("trained_targets", 0) if self.global_rank == 0 else 0
             self.resume_counts(checkpoint)
         set_asp_masks_aside(checkpoint)
 
