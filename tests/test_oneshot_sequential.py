@@ -162,7 +162,9 @@ def test_prune_cli_saves_a_reloadable_model_with_its_masks(compose_train, prune_
     [
         ("calibration.samples=500", "calibration.samples=500 is more than the"),
         pytest.param(
-            "pattern=5:12", "pattern 5:12 needs model.layers.0.self_attn.q_proj's input width", marks=pytest.mark.slow
+            "pattern=5:12 sparsegpt.block_size=12",
+            "pattern 5:12 needs model.layers.0.self_attn.q_proj's input width",
+            marks=pytest.mark.slow,
         ),
         ("sparsity=1.5", "sparsity=1.5 and pattern='2:4' are both set: give one, e.g. sparsity=1.5 pattern=null"),
         ("method=obs", "method='obs' must be one of"),
@@ -170,7 +172,7 @@ def test_prune_cli_saves_a_reloadable_model_with_its_masks(compose_train, prune_
 )
 def test_prune_cli_names_bad_input_and_writes_nothing(compose_train, prune_overrides, override, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        prune(compose_train(*prune_overrides, override, config_name="prune"))
+        prune(compose_train(*prune_overrides, *override.split(), config_name="prune"))
     assert not (tmp_path / "run" / "model").exists()
 
 
