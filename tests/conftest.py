@@ -213,3 +213,22 @@ def chat_teacher_dir(tmp_path_factory: pytest.TempPathFactory, lm_teacher_dir: P
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def prune_overrides(tmp_path: Path, lm_teacher_dir: Path, corpus: Path) -> list[str]:
+    """`python -m distill.prune` of the tiny Llama on the tiny corpus, in seconds."""
+    return [
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"model={lm_teacher_dir}",
+        f"data.data_dir={corpus}",
+        "data.pattern=*.txt",
+        "data.val_files=[work_3.txt]",
+        "data.test_files=[work_4.txt]",
+        "data.block_size=16",
+        "data.batch_size=2",
+        "data.eval_batch_size=2",
+        "calibration.samples=5",
+        "sparsegpt.block_size=16",
+    ]

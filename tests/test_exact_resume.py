@@ -176,6 +176,14 @@ def interrupted_and_resumed(compose_train, overrides: list[str], tmp_path: Path,
     return run
 
 
+def assert_resumes_exactly(compose_train, overrides: list[str], tmp_path: Path, max_steps: int, stop_at: int) -> None:
+    """Two epochs, validated every 2 steps: the run stopped after ``stop_at`` and resumed ends as the straight one."""
+    schedule = [f"trainer.max_steps={max_steps}", "trainer.max_epochs=2", "trainer.val_check_interval=2"]
+    train(compose_train(*overrides, *schedule, *into(tmp_path / "straight")))
+    resumed = interrupted_and_resumed(compose_train, [*overrides, *schedule], tmp_path, stop_at=stop_at)
+    assert_same_run(tmp_path / "straight", resumed)
+
+
 @pytest.mark.slow
 def test_bert_to_tiny_with_perturbed_copies_resumes_exactly(compose_train, tiny_run_overrides, tmp_path) -> None:
     """Two epochs of 6 length-grouped batches, each with a perturbed copy; stopped at step 7 (epoch 1, batch 1)."""
@@ -184,13 +192,8 @@ def test_bert_to_tiny_with_perturbed_copies_resumes_exactly(compose_train, tiny_
         "experiment=bert_to_tiny",
         "debug=smoke",
         "data.augment.copies=1",
-        "trainer.max_steps=10",
-        "trainer.max_epochs=2",
-        "trainer.val_check_interval=2",
     ]
-    train(compose_train(*overrides, *into(tmp_path / "straight")))
-    resumed = interrupted_and_resumed(compose_train, overrides, tmp_path, stop_at=7)
-    assert_same_run(tmp_path / "straight", resumed)
+    assert_resumes_exactly(compose_train, overrides, tmp_path, max_steps=10, stop_at=7)
 
 
 @pytest.mark.slow
@@ -202,13 +205,8 @@ def test_smollm2_to_small_resumes_exactly(compose_train, lm_teacher_dir: Path, c
         f"paths.cache_dir={tmp_path / 'cache'}",
         *tiny_run(lm_teacher_dir, corpus),
         "data.batch_size=2",
-        "trainer.max_steps=10",
-        "trainer.max_epochs=2",
-        "trainer.val_check_interval=2",
     ]
-    train(compose_train(*overrides, *into(tmp_path / "straight")))
-    resumed = interrupted_and_resumed(compose_train, overrides, tmp_path, stop_at=7)
-    assert_same_run(tmp_path / "straight", resumed)
+    assert_resumes_exactly(compose_train, overrides, tmp_path, max_steps=10, stop_at=7)
 
 
 @pytest.mark.slow
@@ -220,15 +218,10 @@ def test_on_policy_run_resumes_exactly(compose_train, chat_teacher_dir: Path, po
         "distill.teacher_cache_topk=8",
         "distill.on_policy.probability=1.0",
         "data.batch_size=2",
-        "trainer.max_steps=9",
-        "trainer.max_epochs=2",
-        "trainer.val_check_interval=2",
     ]
     # The straight run builds the pruned student and the stores; the resumed one reads them from the cache, which
     # must leave the run's random stream as building them does.
-    train(compose_train(*overrides, *into(tmp_path / "straight")))
-    resumed = interrupted_and_resumed(compose_train, overrides, tmp_path, stop_at=7)
-    assert_same_run(tmp_path / "straight", resumed)
+    assert_resumes_exactly(compose_train, overrides, tmp_path, max_steps=9, stop_at=7)
 
 
 def run_cli(overrides: list[str]) -> None:

@@ -159,20 +159,9 @@ def test_sigterm_in_the_logit_store_stage_of_train_ends_the_same_way(
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_prune_exits_non_zero_and_says_how_to_go_on(
-    signum: signal.Signals, lm_teacher_dir: Path, corpus: Path, tmp_path: Path
+    signum: signal.Signals, prune_overrides: list[str], tmp_path: Path
 ) -> None:
-    overrides = [
-        f"paths.output_dir={tmp_path / 'run'}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"model={lm_teacher_dir}",
-        f"data.data_dir={corpus}",
-        "data.pattern=*.txt",
-        "data.val_files=[work_3.txt]",
-        "data.test_files=[work_4.txt]",
-        "data.block_size=16",
-        "calibration.samples=4",
-        "evaluate=false",
-    ]
+    overrides = [*prune_overrides, "evaluate=false"]
     code, lines = stopped_in_stage("prune", "prune_oneshot", signum, overrides)
     assert code == 128 + signum, "\n".join(lines[-30:])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

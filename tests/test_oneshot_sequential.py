@@ -124,24 +124,6 @@ def test_targets_outside_the_blocks_or_matching_nothing_are_named() -> None:
         OneShotSettings("obs", TWO_FOUR)
 
 
-@pytest.fixture
-def prune_overrides(tmp_path: Path, lm_teacher_dir: Path, corpus: Path) -> list[str]:
-    return [
-        f"paths.output_dir={tmp_path / 'run'}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"model={lm_teacher_dir}",
-        f"data.data_dir={corpus}",
-        "data.pattern=*.txt",
-        "data.val_files=[work_3.txt]",
-        "data.test_files=[work_4.txt]",
-        "data.block_size=16",
-        "data.batch_size=2",
-        "data.eval_batch_size=2",
-        "calibration.samples=5",
-        "sparsegpt.block_size=16",
-    ]
-
-
 @pytest.mark.slow
 def test_prune_cli_saves_a_reloadable_model_with_its_masks(compose_train, prune_overrides, tmp_path: Path) -> None:
     report = prune(compose_train(*prune_overrides, config_name="prune"))
