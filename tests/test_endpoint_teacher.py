@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings
+from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings, served_teacher
 from distill.serve.generation import SamplingSettings
 from distill.stores.generations import GenerationStore, served_topk_targets
 
@@ -189,3 +189,9 @@ def test_settings_refuse_out_of_range_values() -> None:
     with pytest.raises(ValueError, match=r"teacher.top_logprobs=21 must be in \[0, 20\]"):
         EndpointSettings(base_url="http://x", model="m", top_logprobs=21)
     assert torch.isfinite(served_topk_targets([[1, 2]], [[-0.5, -2.0]]).rest_log_mass).all()
+
+
+def test_teacher_endpoint_checks_the_server_when_the_run_builds_it(serve) -> None:
+    with pytest.raises(EndpointError, match=r"GET http://127.0.0.1:9/v1/models failed 1 times"):
+        served_teacher("http://127.0.0.1:9", "fake", max_retries=0)
+    assert served_teacher(serve().url, "fake", top_logprobs=K).settings.top_logprobs == K

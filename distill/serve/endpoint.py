@@ -203,3 +203,25 @@ class EndpointGenerator:
             return [future.result() for future in futures]
         finally:  # a failed request ends the shard: the queued ones are not sent
             pool.shutdown(cancel_futures=True)
+
+
+def served_teacher(
+    base_url: str,
+    model: str,
+    datamodule: object = None,
+    task: object = None,
+    api_key_env: str | None = None,
+    max_concurrency: int = 4,
+    timeout_s: float = 120.0,
+    max_retries: int = 5,
+    backoff_s: float = 0.5,
+    top_logprobs: int = 0,
+) -> EndpointClient:
+    """``teacher=endpoint``: a client of the served teacher, checked by one request before any long stage runs.
+    ``datamodule`` and ``task`` are what the run hands every teacher target; a served teacher needs neither."""
+    settings = EndpointSettings(
+        base_url, model, api_key_env, max_concurrency, timeout_s, max_retries, backoff_s, top_logprobs
+    )
+    client = EndpointClient(settings)
+    client.preflight()
+    return client
