@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from distill.losses.topk import topk_log_probs
 from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings, served_teacher
 from distill.serve.generation import SamplingSettings
-from distill.stores.generations import GenerationStore, served_topk_targets
+from distill.stores.generations import GenerationStore, served_row_targets, served_topk_targets
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
 K = 3
@@ -104,6 +105,18 @@ def test_the_store_fills_from_the_server_with_top_k(serve, tmp_path) -> None:
     kept = math.exp(-0.1) + math.exp(-3.0) + math.exp(-4.0)
     assert targets.rest_log_mass[0].item() == pytest.approx(math.log(1 - kept), rel=1e-5)
     assert targets.indices.shape == (4, K) and targets.temperature == 1.0
+
+
+def test_served_targets_sit_where_the_packed_rows_predict_each_response_token(serve, tmp_path) -> None:
+    rows = store(tmp_path).build(EndpointGenerator(client(serve().url), SamplingSettings(max_new_tokens=3)), PROMPTS)
+    targets = served_row_targets(rows, width=6)  # the third prompt's response is cut at the row's end
+    assert targets.indices.shape == (len(PROMPTS), 6, K)
+    first = len(PROMPTS[0]) - 1  # position 2 predicts the first response token
+    assert targets.indices[0, first : first + 3, 0].tolist() == rows["response_ids"][0]
+    assert targets.indices[2, 3:6, 0].tolist() == rows["response_ids"][2][:3]
+    _, log_q = topk_log_probs(torch.zeros(len(PROMPTS), 6, 40), targets, 1.0)
+    assert log_q[0, first, :K].tolist() == pytest.approx([-0.1, -3.0, -4.0], abs=1e-5)
+    assert torch.isfinite(log_q[0, 0, :K]).all() and log_q[0, 0].exp().sum().item() == pytest.approx(1.0)
 
 
 def test_429_is_retried_then_answered(serve) -> None:

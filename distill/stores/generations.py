@@ -54,6 +54,7 @@ ROW_SCHEMA = pa.schema(
 TOPK_SCHEMA = ROW_SCHEMA.append(pa.field("top_ids", pa.list_(pa.list_(pa.int32())))).append(
     pa.field("top_logprobs", pa.list_(pa.list_(pa.float32())))
 )
+SERVED = ("prompt_ids", "top_ids", "top_logprobs")
 
 
 class GenerationStore:
@@ -165,3 +166,24 @@ def served_topk_targets(top_ids: Sequence[Sequence[int]], top_logprobs: Sequence
     values = torch.tensor(top_logprobs, dtype=torch.float32)
     rest = log1mexp(values.logsumexp(-1).clamp(max=0.0))  # rounding may put the sum a hair above 1
     return TopKTargets(values, torch.tensor(top_ids, dtype=torch.long), rest, 1.0)
+
+
+def served_row_targets(rows: datasets.Dataset, width: int) -> TopKTargets:
+    """The served top-k of every response in ``rows`` laid out as the packed ``prompt + response`` rows of
+    ``width`` tokens (:func:`distill.data.prompts.pack_responses`) are: ``(N, width, k)``, the targets of the
+    position that predicts each response token (one before it). Prompt and padding positions carry no labels,
+    so the loss never reads them; they hold a uniform k-way distribution, finite for the masked sum."""
+    k = len(rows[0]["top_ids"][0])
+    values = torch.zeros(len(rows), width, k)
+    indices = torch.arange(k).repeat(len(rows), width, 1)
+    rest = torch.full((len(rows), width), float("-inf"))
+    for row, (prompt, top_ids, top_logprobs) in enumerate(zip(*(rows[name] for name in SERVED), strict=True)):
+        targets = served_topk_targets(top_ids, top_logprobs)
+        at = slice(len(prompt) - 1, min(len(prompt) - 1 + len(top_ids), width))
+        count = at.stop - at.start
+        values[row, at], indices[row, at], rest[row, at] = (
+            targets.values[:count],
+            targets.indices[:count],
+            targets.rest_log_mass[:count],
+        )
+    return TopKTargets(values, indices, rest, 1.0)
