@@ -14,6 +14,9 @@ Contract:
   ``datasets`` dataset: ``load_dataset("parquet", data_files=f"{folder}/shard-*.parquet")``.
 * Each shard's generated tokens and seconds sit beside it (``shard-*.json``); :func:`tokens_per_second`
   sums them, so resumed stores report their whole generation cost.
+* A served teacher's store (:class:`~distill.serve.endpoint.EndpointGenerator`) adds ``top_ids`` and
+  ``top_logprobs`` per response token, ``(len(response), k)``: the top-K contract of
+  :func:`served_topk_targets`, the rest bucket holding the mass outside the k.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import pyarrow.parquet as pq
 import torch
 from filelock import FileLock
 
+from distill.losses.topk import TopKTargets, log1mexp
+from distill.serve.endpoint import EndpointGenerator
 from distill.serve.generation import Generator, SamplingSettings
 from distill.utils.keys import digest
 from distill.utils.scratch import written_whole
@@ -45,6 +50,11 @@ ROW_SCHEMA = pa.schema(
         ("finished", pa.bool_()),
     ]
 )
+# A served teacher's shards (distill.serve.endpoint) add each response token's top-k ids and log-probabilities.
+TOPK_SCHEMA = ROW_SCHEMA.append(pa.field("top_ids", pa.list_(pa.list_(pa.int32())))).append(
+    pa.field("top_logprobs", pa.list_(pa.list_(pa.float32())))
+)
+SERVED = ("prompt_ids", "top_ids", "top_logprobs")
 
 
 class GenerationStore:
@@ -67,7 +77,7 @@ class GenerationStore:
     def shard_path(self, shard: int) -> Path:
         return self.folder / f"shard-{shard:05d}.parquet"
 
-    def build(self, generator: Generator, prompts: Sequence[Sequence[int]]) -> datasets.Dataset:
+    def build(self, generator: Generator | EndpointGenerator, prompts: Sequence[Sequence[int]]) -> datasets.Dataset:
         """Generate the shards this folder lacks (one process at a time) and return every row."""
         if not prompts:
             raise ValueError("the prompt pool is empty: no prompts to generate responses for")
@@ -84,7 +94,12 @@ class GenerationStore:
         return self.load(len(shards))
 
     def _generate_shard(
-        self, generator: Generator, shard: int, total: int, start: int, prompts: Sequence[Sequence[int]]
+        self,
+        generator: Generator | EndpointGenerator,
+        shard: int,
+        total: int,
+        start: int,
+        prompts: Sequence[Sequence[int]],
     ) -> None:
         torch.manual_seed(generator.settings.seed * 1_000_003 + shard)  # the same responses, resumed or not
         started = time.perf_counter()
@@ -107,8 +122,9 @@ class GenerationStore:
 
     def _write_shard(self, shard: int, rows: list[tuple], stats: dict[str, float]) -> None:
         columns = list(zip(*rows, strict=True))
+        schema = TOPK_SCHEMA if len(columns) == len(TOPK_SCHEMA) else ROW_SCHEMA
         table = pa.Table.from_arrays(
-            [pa.array(column, type=f.type) for column, f in zip(columns, ROW_SCHEMA, strict=True)], schema=ROW_SCHEMA
+            [pa.array(column, type=f.type) for column, f in zip(columns, schema, strict=True)], schema=schema
         )
         path = self.shard_path(shard)
         path.with_suffix(".json").write_text(json.dumps(stats))
@@ -141,3 +157,33 @@ def settings_key(settings: SamplingSettings) -> str:
     if not settings.do_sample:
         decisive = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
     return json.dumps(decisive, sort_keys=True)
+
+
+def served_topk_targets(top_ids: Sequence[Sequence[int]], top_logprobs: Sequence[Sequence[float]]) -> TopKTargets:
+    """One response's served top-k as :class:`~distill.losses.topk.TopKTargets` at temperature 1: the
+    log-probabilities stand for the logits (softmax is blind to the offset) and the rest bucket holds what they
+    leave out, ``log(1 - sum_k p_k)``."""
+    values = torch.tensor(top_logprobs, dtype=torch.float32)
+    rest = log1mexp(values.logsumexp(-1).clamp(max=0.0))  # rounding may put the sum a hair above 1
+    return TopKTargets(values, torch.tensor(top_ids, dtype=torch.long), rest, 1.0)
+
+
+def served_row_targets(rows: datasets.Dataset, width: int) -> TopKTargets:
+    """The served top-k of every response in ``rows`` laid out as the packed ``prompt + response`` rows of
+    ``width`` tokens (:func:`distill.data.prompts.pack_responses`) are: ``(N, width, k)``, the targets of the
+    position that predicts each response token (one before it). Prompt and padding positions carry no labels,
+    so the loss never reads them; they hold a uniform k-way distribution, finite for the masked sum."""
+    k = len(rows[0]["top_ids"][0])
+    values = torch.zeros(len(rows), width, k)
+    indices = torch.arange(k).repeat(len(rows), width, 1)
+    rest = torch.full((len(rows), width), float("-inf"))
+    for row, (prompt, top_ids, top_logprobs) in enumerate(zip(*(rows[name] for name in SERVED), strict=True)):
+        targets = served_topk_targets(top_ids, top_logprobs)
+        at = slice(len(prompt) - 1, min(len(prompt) - 1 + len(top_ids), width))
+        count = at.stop - at.start
+        values[row, at], indices[row, at], rest[row, at] = (
+            targets.values[:count],
+            targets.indices[:count],
+            targets.rest_log_mass[:count],
+        )
+    return TopKTargets(values, indices, rest, 1.0)
