@@ -4,6 +4,7 @@ turns only, the one-line error on a row without its column, and a streamed corpu
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from transformers import AutoTokenizer
 
 from distill.data.chat import ChatDataModule, chat_row
 from distill.data.text import IGNORE_INDEX, TextDataModule
+from distill.train import train
 
 TOPICS = ("kings", "rivers", "stars", "bread", "ships")
 
@@ -120,3 +122,30 @@ def test_chat_rows_without_messages_name_the_setting(tmp_path: Path, chat_teache
     data = chat_module(folder, chat_teacher_dir, tmp_path / "cache", val_files=[], test_files=[])
     with pytest.raises(ValueError, match=r"train.jsonl row 1 has no 'messages' column .*data.messages_field="):
         data.prepare_data()
+
+
+@pytest.mark.slow
+def test_chat_conversations_distil_end_to_end(
+    compose_train, chat_teacher_dir: Path, chat_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data=chat through the whole run, teacher-logit store included: a few steps on assistant tokens only."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_train(
+        *("task=causal_lm", "teacher=smollm2", "student=smollm2_half", "data=chat", "debug=smoke", "logger=csv"),
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"teacher.name_or_path={chat_teacher_dir}",
+        f"data.data_dir={chat_dir}",
+        "data.max_length=64",
+        *("student.target_params=null", "student.shape.num_layers=2", "task.new_tokens=4"),
+        *("distill.teacher_cache=precompute", "distill.teacher_cache_topk=8", "distill.alpha=0.5"),
+        *("trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false"),
+        *("callbacks.model_checkpoint.monitor=val/ppl", "callbacks.model_checkpoint.mode=min"),
+    )
+    metrics = train(cfg)
+    assert metrics["global_step"] == 4 and math.isfinite(metrics["student/test_ppl"])
+    data = chat_module(chat_dir, chat_teacher_dir, tmp_path / "check", batch_size=cfg.data.batch_size)
+    data.setup("fit")
+    # Every step counts the assistant tokens of its batch only: the conversations' shifted answer labels.
+    answers = [int((row["labels"][1:] != IGNORE_INDEX).sum()) for row in data.splits["train"]]
+    assert min(answers) * 16 <= metrics["student/trained_tokens"] <= max(answers) * 16
