@@ -3,6 +3,7 @@ turns only, the one-line error on a row without its column, and a streamed corpu
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -14,8 +15,11 @@ import torch
 from transformers import AutoTokenizer
 
 from distill.data.chat import ChatDataModule, chat_row
-from distill.data.text import IGNORE_INDEX, TextDataModule
+from distill.data.documents import DocumentSource
+from distill.data.text import IGNORE_INDEX, TextDataModule, pack_blocks, token_stream
+from distill.pipeline.checks import check_run
 from distill.train import train
+from distill.utils.keys import EXAMPLE_INDEX
 
 TOPICS = ("kings", "rivers", "stars", "bread", "ships")
 
@@ -149,3 +153,86 @@ def test_chat_conversations_distil_end_to_end(
     # Every step counts the assistant tokens of its batch only: the conversations' shifted answer labels.
     answers = [int((row["labels"][1:] != IGNORE_INDEX).sum()) for row in data.splits["train"]]
     assert min(answers) * 16 <= metrics["student/trained_tokens"] <= max(answers) * 16
+
+
+def generated_documents(count: int, drawn: list[int]) -> datasets.IterableDataset:
+    """A corpus of ``count`` documents made as they are read; ``drawn`` counts those read so far."""
+
+    def documents():
+        for row in range(count):
+            drawn.append(row)
+            yield {"text": f"streamed document {row} tells of {TOPICS[row % len(TOPICS)]} and more {row}."}
+
+    return datasets.IterableDataset.from_generator(documents)
+
+
+def test_a_stream_packs_blocks_as_read_and_resumes(corpus: Path, tmp_path: Path, hf_teacher_available: str) -> None:
+    drawn: list[int] = []
+    settings = dict(val_files=["work_3.txt"], test_files=["work_4.txt"], block_size=8, batch_size=2)
+    data = TextDataModule(str(corpus), str(tmp_path / "cache"), hf_teacher_available, **settings)
+    streamed = TextDataModule(
+        str(corpus),
+        str(tmp_path / "cache"),
+        hf_teacher_available,
+        train_stream=generated_documents(10**6, drawn),
+        **settings,
+    )
+    streamed.setup("fit")
+    data.setup("fit")
+    # The held-out splits are the files' as without a stream; no training split is ever materialized.
+    assert "train" not in streamed.splits
+    assert torch.equal(streamed.splits["test"][:]["input_ids"], data.splits["test"][:]["input_ids"])
+    loader = streamed.train_dataloader()
+    batches = list(itertools.islice(loader, 3))
+    assert len(drawn) < 10  # a million documents, a handful read
+    expected = pack_blocks(token_stream(streamed_tokens(streamed, len(drawn))), 8, 0, keep_tail=False)["input_ids"]
+    assert torch.equal(torch.cat([batch["input_ids"] for batch in batches]), torch.from_numpy(expected[:6]))
+    assert torch.cat([batch[EXAMPLE_INDEX] for batch in batches]).tolist() == list(range(6))
+    # A resumed loader starts after the batches the checkpoint counted.
+    resumed = streamed.dataloader("train", 2, shuffle=True)
+    resumed.load_state_dict({"batches": 2})
+    assert torch.equal(next(iter(resumed))["input_ids"], batches[2]["input_ids"])
+    assert loader.state_dict() == {"batches": 3}
+
+
+def streamed_tokens(data: TextDataModule, count: int) -> datasets.Dataset:
+    texts = [row["text"] for row in itertools.islice(data.train_stream, count)]
+    return datasets.Dataset.from_dict(data._tokenize_batch({"text": texts}))
+
+
+@pytest.mark.slow
+def test_a_generated_stream_trains_without_materializing(
+    compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drawn: list[int] = []
+    monkeypatch.setattr(DocumentSource, "stream", lambda self: generated_documents(10**6, drawn))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_train(*stream_run(tmp_path, lm_teacher_dir, corpus), "distill.teacher_cache=none")
+    metrics = train(cfg)
+    assert metrics["global_step"] == 4 and math.isfinite(metrics["student/test_ppl"])
+    assert metrics["student/trained_tokens"] == 4 * 2 * 15 and len(drawn) < 100
+
+
+def stream_run(tmp_path: Path, teacher: Path, corpus: Path) -> list[str]:
+    return [
+        *("task=causal_lm", "teacher=smollm2", "student=smollm2_half", "data=files", "debug=smoke", "logger=csv"),
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"teacher.name_or_path={teacher}",
+        f"data.data_dir={corpus}",
+        *("data.pattern=*.txt", "data.val_files=[work_3.txt]", "data.test_files=[work_4.txt]"),
+        *("data.block_size=16", "data.batch_size=2", "data.streaming=true"),
+        *("student.target_params=null", "student.shape.num_layers=2", "task.new_tokens=4"),
+        *("trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false"),
+        *("callbacks.model_checkpoint.monitor=val/ppl", "callbacks.model_checkpoint.mode=min"),
+    ]
+
+
+def test_a_stream_refuses_the_logit_store_in_one_line(
+    compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path
+) -> None:
+    cfg = compose_train(*stream_run(tmp_path, lm_teacher_dir, corpus), "distill.teacher_cache=precompute")
+    with pytest.raises(
+        ValueError, match=r"^data.streaming=true .* set distill.teacher_cache=none \(the live teacher\)$"
+    ):
+        check_run(cfg)

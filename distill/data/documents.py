@@ -57,13 +57,40 @@ class DocumentSource:
     # The data.* key that names the column, for the error on a row without it.
     field_option: str = "text_field"
 
-    def load(self) -> dict[str, SplitDocuments]:
+    def load(self, splits: Sequence[str] = SPLITS) -> dict[str, SplitDocuments]:
+        """The documents of ``splits`` (a streamed corpus reads only the held-out ones here)."""
         files = self._document_files()
         if files:
-            return self._local_documents(files)
+            return self._local_documents(files, splits)
         if self.hub_dataset is None:
             raise FileNotFoundError(self._missing_message())
-        return self._hub_documents()
+        return {split: documents for split, documents in self._hub_documents().items() if split in splits}
+
+    def stream(self) -> datasets.IterableDataset:
+        """The training documents (column ``text``), read only as they are iterated (``data.streaming``)."""
+        files = self._document_files()
+        if not files and self.hub_dataset is None:
+            raise FileNotFoundError(self._missing_message())
+        if not files:
+            return self._text_column(
+                datasets.load_dataset(self.hub_dataset, self.hub_config, split="train", streaming=True)
+            )
+        paths = [str(files[name]) for name in self._split_membership(list(files))["train"]]
+        builders = sorted({TABLE_BUILDERS.get(Path(path).suffix.lower(), "text") for path in paths})
+        if len(builders) > 1:
+            raise ValueError(
+                f"data.streaming=true reads the training files with one `datasets` builder and data.pattern="
+                f"{self.pattern!r} matches files of several kinds ({builders}): narrow data.pattern"
+            )
+        options = {"sample_by": "document"} if builders == ["text"] else {}  # a text file is one document
+        return self._text_column(
+            datasets.load_dataset(builders[0], data_files=paths, split="train", streaming=True, **options)
+        )
+
+    def _text_column(self, rows: datasets.IterableDataset) -> datasets.IterableDataset:
+        column = "text" if rows.column_names == ["text"] else self.text_field  # the text builder's column
+        rows = rows.select_columns([column])
+        return rows if column == "text" else rows.rename_column(column, "text")
 
     def _document_files(self) -> dict[str, Path]:
         if not self.data_dir.is_dir():
@@ -104,9 +131,11 @@ class DocumentSource:
             )
         return membership
 
-    def _local_documents(self, files: dict[str, Path]) -> dict[str, SplitDocuments]:
+    def _local_documents(self, files: dict[str, Path], splits: Sequence[str]) -> dict[str, SplitDocuments]:
         documents = {}
         for split, names in self._split_membership(list(files)).items():
+            if split not in splits:
+                continue
             loaded = [self._file_documents(name, files[name]) for name in names]
             row_names = [row for rows, _, _ in loaded for row in rows]
             empty = datasets.Dataset.from_dict({"text": []}, features=TEXT_FEATURES)
