@@ -236,3 +236,19 @@ def test_a_stream_refuses_the_logit_store_in_one_line(
         ValueError, match=r"^data.streaming=true .* set distill.teacher_cache=none \(the live teacher\)$"
     ):
         check_run(cfg)
+
+
+@pytest.mark.parametrize("suffix", ["txt", "jsonl"])
+def test_local_files_stream_their_training_documents(suffix: str, tmp_path: Path) -> None:
+    folder = tmp_path / "corpus"
+    for name in ("a", "b", "held"):
+        if suffix == "txt":
+            (folder / f"{name}.txt").parent.mkdir(exist_ok=True)
+            (folder / f"{name}.txt").write_text(f"all of {name}\nin two lines")
+        else:
+            write_jsonl(folder / f"{name}.jsonl", [{"body": f"{name} {row}"} for row in range(2)])
+    source = DocumentSource(folder, tmp_path / "cache", f"*.{suffix}", test_files=[f"held.{suffix}"], text_field="body")
+    stream = source.stream()
+    assert isinstance(stream, datasets.IterableDataset)
+    expected = ["all of a\nin two lines", "all of b\nin two lines"] if suffix == "txt" else ["a 0", "a 1", "b 0", "b 1"]
+    assert [row["text"] for row in stream] == expected

@@ -72,9 +72,8 @@ class DocumentSource:
         if not files and self.hub_dataset is None:
             raise FileNotFoundError(self._missing_message())
         if not files:
-            return self._text_column(
-                datasets.load_dataset(self.hub_dataset, self.hub_config, split="train", streaming=True)
-            )
+            rows = datasets.load_dataset(self.hub_dataset, self.hub_config, split="train", streaming=True)
+            return self._text_column(rows, self.text_field)
         paths = [str(files[name]) for name in self._split_membership(list(files))["train"]]
         builders = sorted({TABLE_BUILDERS.get(Path(path).suffix.lower(), "text") for path in paths})
         if len(builders) > 1:
@@ -82,13 +81,13 @@ class DocumentSource:
                 f"data.streaming=true reads the training files with one `datasets` builder and data.pattern="
                 f"{self.pattern!r} matches files of several kinds ({builders}): narrow data.pattern"
             )
-        options = {"sample_by": "document"} if builders == ["text"] else {}  # a text file is one document
-        return self._text_column(
-            datasets.load_dataset(builders[0], data_files=paths, split="train", streaming=True, **options)
-        )
+        if builders == ["text"]:  # a plain-text file is one document, in the text builder's `text` column
+            return datasets.load_dataset("text", data_files=paths, split="train", streaming=True, sample_by="document")
+        rows = datasets.load_dataset(builders[0], data_files=paths, split="train", streaming=True)
+        return self._text_column(rows, self.text_field)
 
-    def _text_column(self, rows: datasets.IterableDataset) -> datasets.IterableDataset:
-        column = "text" if rows.column_names == ["text"] else self.text_field  # the text builder's column
+    @staticmethod
+    def _text_column(rows: datasets.IterableDataset, column: str) -> datasets.IterableDataset:
         rows = rows.select_columns([column])
         return rows if column == "text" else rows.rename_column(column, "text")
 
