@@ -20,6 +20,7 @@ from distill.data.text import IGNORE_INDEX, TextDataModule, pack_blocks, token_s
 from distill.pipeline.checks import check_run
 from distill.train import train
 from distill.utils.keys import EXAMPLE_INDEX
+from tests.test_check_phase import FAST_S, HALF, run_cli
 
 TOPICS = ("kings", "rivers", "stars", "bread", "ships")
 
@@ -252,3 +253,22 @@ def test_local_files_stream_their_training_documents(suffix: str, tmp_path: Path
     assert isinstance(stream, datasets.IterableDataset)
     expected = ["all of a\nin two lines", "all of b\nin two lines"] if suffix == "txt" else ["a 0", "a 1", "b 0", "b 1"]
     assert [row["text"] for row in stream] == expected
+
+
+@pytest.mark.slow
+def test_cli_a_row_without_the_column_stops_the_run_before_the_teacher_stage(tmp_path: Path, lm_teacher_dir: Path):
+    folder = tmp_path / "corpus"
+    for name in ("train", "validation", "test"):
+        write_jsonl(folder / f"{name}.jsonl", [{"text": f"{name} row"}] * 2 + [{"body": "no text"}] * (name == "train"))
+    line, elapsed = run_cli(
+        "distill.train",
+        *("task=causal_lm", "teacher=smollm2", "student=smollm2_half", "data=files", *HALF),
+        f"teacher.name_or_path={lm_teacher_dir}",
+        f"data.data_dir={folder}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        cache=tmp_path / "cache",
+    )
+    assert line.endswith(f"{folder / 'train.jsonl'} row 3 has no 'text' column (its columns: ['text', 'body']): set "
+                         "data.text_field=<the column holding each document>"), line  # fmt: skip
+    assert elapsed < FAST_S
