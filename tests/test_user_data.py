@@ -272,3 +272,18 @@ def test_cli_a_row_without_the_column_stops_the_run_before_the_teacher_stage(tmp
     assert line.endswith(f"{folder / 'train.jsonl'} row 3 has no 'text' column (its columns: ['text', 'body']): set "
                          "data.text_field=<the column holding each document>"), line  # fmt: skip
     assert elapsed < FAST_S
+
+
+def test_a_streamed_hub_dataset_reads_its_held_out_splits_only(tmp_path: Path, hf_teacher_available: str) -> None:
+    hub = tmp_path / "hub"
+    for split, rows in (("train", range(50)), ("validation", range(50, 52)), ("test", range(52, 55))):
+        write_jsonl(hub / f"{split}.jsonl", [{"body": f"hub document {row} of many words"} for row in rows])
+    data = TextDataModule(
+        "/nonexistent", str(tmp_path / "cache"), hf_teacher_available, pattern="*.none", hub_dataset=str(hub),
+        text_field="body", block_size=8, batch_size=2, streaming=True,
+    )  # fmt: skip
+    data.setup("fit")
+    assert "train" not in data.splits and data.documents("test") == [f"{hub}/test/{row}" for row in range(3)]
+    assert data.document_texts("validation") == ["hub document 50 of many words", "hub document 51 of many words"]
+    batch = next(iter(data.train_dataloader()))
+    assert data.tokenizer.decode(batch["input_ids"][0]).startswith("hub document 0 of")

@@ -64,7 +64,7 @@ class DocumentSource:
             return self._local_documents(files, splits)
         if self.hub_dataset is None:
             raise FileNotFoundError(self._missing_message())
-        return {split: documents for split, documents in self._hub_documents().items() if split in splits}
+        return self._hub_documents(splits)
 
     def stream(self) -> datasets.IterableDataset:
         """The training documents (column ``text``), read only as they are iterated (``data.streaming``)."""
@@ -172,23 +172,33 @@ class DocumentSource:
         texts = rows.select_columns([self.text_field])
         return texts if self.text_field == "text" else texts.rename_column(self.text_field, "text")
 
-    def _hub_documents(self) -> dict[str, SplitDocuments]:
+    def _hub_documents(self, splits: Sequence[str]) -> dict[str, SplitDocuments]:
         try:
-            raw = datasets.load_dataset(self.hub_dataset, self.hub_config, cache_dir=str(self.cache_dir / "raw"))
+            raw = self._hub_splits(splits)
         except Exception as error:
             failure = f"failed to load ({type(error).__name__}: {error})"
             raise FileNotFoundError(self._missing_message(failure)) from error
-        missing = [split for split in SPLITS if split not in raw]
+        missing = [split for split in splits if split not in raw]
         if missing:
             raise ValueError(f"data.hub_dataset={self.hub_dataset!r} lacks the split(s) {missing} (it has {list(raw)})")
         if self.val_files or self.test_files:
             log.warning("data.val_files/test_files name local files: %s's own splits are used", self.hub_dataset)
-        return {split: self._hub_split(split, raw[split]) for split in SPLITS}
+        return {split: self._hub_split(split, *raw[split]) for split in splits}
 
-    def _hub_split(self, split: str, rows: datasets.Dataset) -> SplitDocuments:
+    def _hub_splits(self, splits: Sequence[str]) -> dict[str, tuple[datasets.Dataset, str]]:
+        """Each split's rows and their fingerprint. Without ``train`` (a streamed corpus), the held-out splits are
+        read through a stream, so the training split is never downloaded."""
+        if "train" in splits:
+            raw = datasets.load_dataset(self.hub_dataset, self.hub_config, cache_dir=str(self.cache_dir / "raw"))
+            return {split: (rows, rows._fingerprint) for split, rows in raw.items()}
+        streams = datasets.load_dataset(self.hub_dataset, self.hub_config, streaming=True)
+        held_out = {split: list(streams[split]) for split in splits if split in streams}
+        return {split: (datasets.Dataset.from_list(rows), digest(rows)) for split, rows in held_out.items()}
+
+    def _hub_split(self, split: str, rows: datasets.Dataset, fingerprint: str) -> SplitDocuments:
         texts = self.document_column(rows, f"data.hub_dataset={self.hub_dataset!r} split {split!r}")
         names = [f"{self.hub_dataset}/{split}/{row}" for row in range(len(rows))]
-        source = [self.hub_dataset, self.hub_config, split, self.text_field, rows._fingerprint]
+        source = [self.hub_dataset, self.hub_config, split, self.text_field, fingerprint]
         return SplitDocuments(names, texts, digest(source))
 
 
