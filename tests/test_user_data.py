@@ -287,3 +287,15 @@ def test_a_streamed_hub_dataset_reads_its_held_out_splits_only(tmp_path: Path, h
     assert data.document_texts("validation") == ["hub document 50 of many words", "hub document 51 of many words"]
     batch = next(iter(data.train_dataloader()))
     assert data.tokenizer.decode(batch["input_ids"][0]).startswith("hub document 0 of")
+
+
+def test_a_stream_is_read_once_whatever_the_loader_workers(
+    corpus: Path, tmp_path: Path, hf_teacher_available: str
+) -> None:
+    stream = generated_documents(40, [])
+    data = TextDataModule(
+        str(corpus), str(tmp_path / "cache"), hf_teacher_available, val_files=["work_3.txt"],
+        test_files=["work_4.txt"], block_size=8, num_workers=2, train_stream=stream,
+    )  # fmt: skip
+    indices = torch.cat([batch[EXAMPLE_INDEX] for batch in data.dataloader("train", 2, shuffle=True, shard=(0, 1))])
+    assert sorted(indices.tolist()) == list(range(len(indices)))

@@ -6,7 +6,8 @@ streaming=True)`` or ``IterableDataset.from_generator``). Blocks are the same no
 windows of the documents' token stream that :func:`~distill.data.text.pack_blocks` cuts (the tail dropped),
 in the stream's order (no shuffling: shuffle the source), dealt round-robin to the data-parallel ranks. A
 checkpoint holds the batches yielded; a resumed loader reads and drops that many again (re-tokenising them,
-not training on them). Exact with ``num_workers=0``; the global random streams (dropout) are not set back.
+not training on them). The stream is read in the training process (no loader workers); the global random
+streams (dropout) are not set back on resume.
 """
 
 from __future__ import annotations

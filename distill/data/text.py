@@ -275,7 +275,9 @@ class TextDataModule(DataModule):
         stream = self.train_stream if self.train_stream is not None else self.source.stream()
         shard = shard or data_parallel_rank(self)
         blocks = PackedStream(stream, self._encode_streamed, self.block_size, shard, self.limits["train"])
-        return StreamLoader(blocks, batch_size=batch_size, num_workers=self.num_workers)
+        # Read in this process, whatever data.num_workers: loader workers would each read the whole stream (or,
+        # for a `datasets` stream, whole shards of it, leaving all but one idle on a one-shard source).
+        return StreamLoader(blocks, batch_size=batch_size)
 
     def _encode_streamed(self, text: str | None) -> list[int]:
         if text is None:
