@@ -60,6 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_named(cfg.get("callbacks"), "callbacks") + compression
     log.info("Instantiating data <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # the user's files read and checked (a row without its column) before the teacher stage
     task = instantiate(cfg.task)
     log.info("Instantiating teacher <%s>", cfg.teacher._target_)
     with RunMeter(1, measure=rank_zero_only.rank == 0, stage="teacher_stage") as teacher_meter:

@@ -52,6 +52,7 @@ DERIVED: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any]]] = {
     ("data", "data_schema"): ("distill.data.glue.GlueDataModule", (), {}),
     ("data", "text_data_schema"): ("distill.data.text.TextDataModule", (), {}),
     ("data", "prompt_data_schema"): ("distill.data.prompts.PromptResponseDataModule", (), {}),
+    ("data", "chat_data_schema"): ("distill.data.chat.ChatDataModule", (), {}),
     ("data", "tagged_data_schema"): ("distill.data.tagged.TaggedDataModule", (), {}),
     # `distill` also holds the stages' keys (the teacher-logit store, the on-policy sampler): build_module
     # leaves them out of the partial module it instantiates.

@@ -1,10 +1,13 @@
 """Where a text corpus's documents come from, split by whole documents before any tokenisation.
 
-Documents are whole files, ``<data_dir>/<pattern>`` (one work per file), or, when no file matches and
-``hub_dataset`` is set, the rows of a ``datasets`` dataset's own ``train``/``validation``/``test`` splits.
-Local files are split by name: ``val_files`` and ``test_files`` are held out and every other matching file
-is training, so no held-out text is ever trained on. Each split comes with a key of its content, so caches
-built from it follow the text and not the path.
+Documents are the files ``<data_dir>/<pattern>``: a plain-text file is one document (one work per file), a
+table (``.jsonl``/``.json``, ``.parquet``, ``.csv``, read by ``datasets``' own builders) holds one per row, in
+its ``text_field`` column (a chat data module asks for the ``messages`` column instead). When no file matches
+and ``hub_dataset`` is set, they are the rows of a ``datasets`` dataset's own ``train``/``validation``/``test``
+splits. Local files are split by name: ``val_files`` and ``test_files`` are held out and every other matching
+file is training, so no held-out text is ever trained on (a single table is split into files by the user, not
+by row: a row split would move with every edit of the file). Each split comes with a key of its content, so
+caches built from it follow the text and not the path.
 """
 
 from __future__ import annotations
@@ -16,19 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
 
 from distill.utils.keys import digest
 
 HELD_OUT = ("validation", "test")
 SPLITS = ("train", *HELD_OUT)
 TEXT_FEATURES = datasets.Features(text=datasets.Value("string"))
+# The `datasets` builder of each table format; any other file is plain text, one document.
+TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SplitDocuments:
-    """One split's documents before tokenisation: their names, their text (column ``text``) and a content key."""
+    """One split's documents before tokenisation: their names, their text (column ``text``: a string, or a
+    conversation's messages for chat data) and a content key."""
 
     names: list[str]
     texts: datasets.Dataset
@@ -47,14 +54,42 @@ class DocumentSource:
     hub_dataset: str | None = None
     hub_config: str | None = None
     text_field: str = "text"
+    # The data.* key that names the column, for the error on a row without it.
+    field_option: str = "text_field"
 
-    def load(self) -> dict[str, SplitDocuments]:
+    def load(self, splits: Sequence[str] = SPLITS) -> dict[str, SplitDocuments]:
+        """The documents of ``splits`` (a streamed corpus reads only the held-out ones here)."""
         files = self._document_files()
         if files:
-            return self._local_documents(files)
+            return self._local_documents(files, splits)
         if self.hub_dataset is None:
             raise FileNotFoundError(self._missing_message())
-        return self._hub_documents()
+        return self._hub_documents(splits)
+
+    def stream(self) -> datasets.IterableDataset:
+        """The training documents (column ``text``), read only as they are iterated (``data.streaming``)."""
+        files = self._document_files()
+        if not files and self.hub_dataset is None:
+            raise FileNotFoundError(self._missing_message())
+        if not files:
+            rows = datasets.load_dataset(self.hub_dataset, self.hub_config, split="train", streaming=True)
+            return self._text_column(rows, self.text_field)
+        paths = [str(files[name]) for name in self._split_membership(list(files))["train"]]
+        builders = sorted({TABLE_BUILDERS.get(Path(path).suffix.lower(), "text") for path in paths})
+        if len(builders) > 1:
+            raise ValueError(
+                f"data.streaming=true reads the training files with one `datasets` builder and data.pattern="
+                f"{self.pattern!r} matches files of several kinds ({builders}): narrow data.pattern"
+            )
+        if builders == ["text"]:  # a plain-text file is one document, in the text builder's `text` column
+            return datasets.load_dataset("text", data_files=paths, split="train", streaming=True, sample_by="document")
+        rows = datasets.load_dataset(builders[0], data_files=paths, split="train", streaming=True)
+        return self._text_column(rows, self.text_field)
+
+    @staticmethod
+    def _text_column(rows: datasets.IterableDataset, column: str) -> datasets.IterableDataset:
+        rows = rows.select_columns([column])
+        return rows if column == "text" else rows.rename_column(column, "text")
 
     def _document_files(self) -> dict[str, Path]:
         if not self.data_dir.is_dir():
@@ -95,37 +130,75 @@ class DocumentSource:
             )
         return membership
 
-    def _local_documents(self, files: dict[str, Path]) -> dict[str, SplitDocuments]:
+    def _local_documents(self, files: dict[str, Path], splits: Sequence[str]) -> dict[str, SplitDocuments]:
         documents = {}
         for split, names in self._split_membership(list(files)).items():
-            contents = [files[name].read_bytes() for name in names]
-            texts = [_decode(files[name], content) for name, content in zip(names, contents, strict=True)]
-            hashes = [hashlib.sha256(content).hexdigest() for content in contents]
-            dataset = datasets.Dataset.from_dict({"text": texts}, features=TEXT_FEATURES)
-            documents[split] = SplitDocuments(names, dataset, digest(list(zip(names, hashes, strict=True))))
+            if split not in splits:
+                continue
+            loaded = [self._file_documents(name, files[name]) for name in names]
+            row_names = [row for rows, _, _ in loaded for row in rows]
+            empty = datasets.Dataset.from_dict({"text": []}, features=TEXT_FEATURES)
+            texts = datasets.concatenate_datasets([table for _, table, _ in loaded]) if loaded else empty
+            source = list(zip(names, [content_hash for _, _, content_hash in loaded], strict=True))
+            if any(path.suffix.lower() in TABLE_BUILDERS for path in files.values()):
+                source.append(self.text_field)  # plain-text corpora keep the keys of their existing caches
+            documents[split] = SplitDocuments(row_names, texts, digest(source))
         return documents
 
-    def _hub_documents(self) -> dict[str, SplitDocuments]:
+    def _file_documents(self, name: str, path: Path) -> tuple[list[str], datasets.Dataset, str]:
+        """A file's document names, their ``text`` column and its content's hash."""
+        content = path.read_bytes()
+        content_hash = hashlib.sha256(content).hexdigest()
+        builder = TABLE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            text = datasets.Dataset.from_dict({"text": [_decode(path, content)]}, features=TEXT_FEATURES)
+            return [name], text, content_hash
+        raw = str(self.cache_dir / "raw")
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=raw)
+        texts = self.document_column(rows, str(path))
+        return [f"{name}#{row}" for row in range(len(texts))], texts, content_hash
+
+    def document_column(self, rows: datasets.Dataset, where: str) -> datasets.Dataset:
+        """``rows``' ``text_field`` column as ``text``; a row without it is an error naming ``where`` and the row."""
+        missing = 0
+        if self.text_field in rows.column_names:
+            nulls = pc.is_null(rows.data.column(self.text_field)).to_numpy(zero_copy_only=False)
+            missing = int(nulls.argmax()) if nulls.any() else None
+        if missing is not None:
+            raise ValueError(
+                f"{where} row {missing + 1} has no {self.text_field!r} column (its columns: {rows.column_names}): "
+                f"set data.{self.field_option}=<the column holding each document>"
+            )
+        texts = rows.select_columns([self.text_field])
+        return texts if self.text_field == "text" else texts.rename_column(self.text_field, "text")
+
+    def _hub_documents(self, splits: Sequence[str]) -> dict[str, SplitDocuments]:
         try:
-            raw = datasets.load_dataset(self.hub_dataset, self.hub_config, cache_dir=str(self.cache_dir / "raw"))
+            raw = self._hub_splits(splits)
         except Exception as error:
             failure = f"failed to load ({type(error).__name__}: {error})"
             raise FileNotFoundError(self._missing_message(failure)) from error
-        missing = [split for split in SPLITS if split not in raw]
+        missing = [split for split in splits if split not in raw]
         if missing:
             raise ValueError(f"data.hub_dataset={self.hub_dataset!r} lacks the split(s) {missing} (it has {list(raw)})")
-        if self.text_field not in raw["train"].column_names:
-            raise ValueError(f"data.text_field={self.text_field!r} is not a column of {raw['train'].column_names}")
         if self.val_files or self.test_files:
             log.warning("data.val_files/test_files name local files: %s's own splits are used", self.hub_dataset)
-        return {split: self._hub_split(split, raw[split]) for split in SPLITS}
+        return {split: self._hub_split(split, *raw[split]) for split in splits}
 
-    def _hub_split(self, split: str, rows: datasets.Dataset) -> SplitDocuments:
-        texts = rows.select_columns([self.text_field])
-        if self.text_field != "text":
-            texts = texts.rename_column(self.text_field, "text")
+    def _hub_splits(self, splits: Sequence[str]) -> dict[str, tuple[datasets.Dataset, str]]:
+        """Each split's rows and their fingerprint. Without ``train`` (a streamed corpus), the held-out splits are
+        read through a stream, so the training split is never downloaded."""
+        if "train" in splits:
+            raw = datasets.load_dataset(self.hub_dataset, self.hub_config, cache_dir=str(self.cache_dir / "raw"))
+            return {split: (rows, rows._fingerprint) for split, rows in raw.items()}
+        streams = datasets.load_dataset(self.hub_dataset, self.hub_config, streaming=True)
+        held_out = {split: list(streams[split]) for split in splits if split in streams}
+        return {split: (datasets.Dataset.from_list(rows), digest(rows)) for split, rows in held_out.items()}
+
+    def _hub_split(self, split: str, rows: datasets.Dataset, fingerprint: str) -> SplitDocuments:
+        texts = self.document_column(rows, f"data.hub_dataset={self.hub_dataset!r} split {split!r}")
         names = [f"{self.hub_dataset}/{split}/{row}" for row in range(len(rows))]
-        source = [self.hub_dataset, self.hub_config, split, self.text_field, rows._fingerprint]
+        source = [self.hub_dataset, self.hub_config, split, self.text_field, fingerprint]
         return SplitDocuments(names, texts, digest(source))
 
 

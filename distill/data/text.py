@@ -12,6 +12,9 @@ Contract:
   tokens with ``labels == input_ids`` (the model shifts them, as in HF). Training drops the last partial
   block; validation and test pad it (pad id, ``attention_mask`` 0, labels -100), so every held-out token
   lies in exactly one block: the windows of non-overlapping perplexity.
+* With ``streaming`` (or a ``train_stream``) the training documents are never materialized: they are read,
+  tokenised and packed as the loader asks (:mod:`distill.data.streaming`); the held-out splits are as above.
+  A stream has no fixed set of blocks to key a teacher-logit store by: it trains with the live teacher.
 * Training batches carry :data:`~distill.utils.keys.EXAMPLE_INDEX` (the block's row of the train split).
   Shuffled loaders shard themselves across data-parallel ranks (trainers run with
   ``use_distributed_sampler=False``); evaluation loaders are whole on every rank.
@@ -20,7 +23,7 @@ Contract:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from distill.data.base import DataModule
-from distill.data.documents import HELD_OUT, DocumentSource, SplitDocuments
+from distill.data.documents import HELD_OUT, SPLITS, DocumentSource, SplitDocuments
+from distill.data.sampler import data_parallel_rank
 from distill.data.split_loaders import check_batch_sizes
+from distill.data.streaming import PackedStream, StreamLoader
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 from distill.utils.references import load_tokenizer
 
@@ -96,6 +101,9 @@ class TextDataModule(DataModule):
             (apart from ``seed``, which orders the batches: runs of several seeds train on one slice
             and share its teacher store).
         val_limit_blocks / test_limit_blocks: keep the first blocks of validation / test.
+        streaming: read the training documents as they are trained on (``train_limit_blocks``: the first ones).
+        train_stream: (from code) the training documents as an iterable of ``{"text": ...}`` rows, such as a
+            ``datasets.IterableDataset``; implies ``streaming``.
     """
 
     task = "causal_lm"
@@ -123,8 +131,11 @@ class TextDataModule(DataModule):
         train_limit_blocks: int | None = None,
         val_limit_blocks: int | None = None,
         test_limit_blocks: int | None = None,
+        streaming: bool = False,
+        train_stream: Iterable[dict[str, str]] | None = None,
     ) -> None:
         super().__init__()
+        self.streaming, self.train_stream = streaming or train_stream is not None, train_stream
         limits = (train_limit_blocks, val_limit_blocks, test_limit_blocks)
         self.check_settings(block_size, batch_size, eval_batch_size, *limits)
         self.limits = {"train": train_limit_blocks, "validation": val_limit_blocks, "test": test_limit_blocks}
@@ -189,7 +200,7 @@ class TextDataModule(DataModule):
 
     def _load_documents(self) -> dict[str, SplitDocuments]:
         if self._documents is None:
-            self._documents = self.source.load()
+            self._documents = self.source.load(HELD_OUT if self.streaming else SPLITS)
         return self._documents
 
     # Tokenising.
@@ -235,7 +246,8 @@ class TextDataModule(DataModule):
             return
         splits = {split: self._blocks(split, tokenized) for split, tokenized in self._tokenized_splits().items()}
         # Batches carry each block's row so per-block stores (cached teacher logits) can be read.
-        splits["train"] = splits["train"].add_column(EXAMPLE_INDEX, list(range(len(splits["train"]))))
+        if "train" in splits:
+            splits["train"] = splits["train"].add_column(EXAMPLE_INDEX, list(range(len(splits["train"]))))
         self.splits = {split: blocks.with_format("torch") for split, blocks in splits.items()}
 
     def _blocks(self, split: str, tokenized: datasets.Dataset) -> datasets.Dataset:
@@ -255,8 +267,32 @@ class TextDataModule(DataModule):
     def teacher_key_fields(self) -> dict[str, Any]:
         return {"train": self.train_fingerprint(), "validation": sorted(self.documents("validation"))}
 
+    def dataloader(
+        self, split: str, batch_size: int, shuffle: bool, shard: tuple[int, int] | None = None
+    ) -> DataLoader:
+        if split != "train" or not self.streaming:
+            return super().dataloader(split, batch_size, shuffle, shard)
+        stream = self.train_stream if self.train_stream is not None else self.source.stream()
+        shard = shard or data_parallel_rank(self)
+        blocks = PackedStream(stream, self._encode_streamed, self.block_size, shard, self.limits["train"])
+        # Read in this process, whatever data.num_workers: loader workers would each read the whole stream (or,
+        # for a `datasets` stream, whole shards of it, leaving all but one idle on a one-shard source).
+        return StreamLoader(blocks, batch_size=batch_size)
+
+    def _encode_streamed(self, text: str | None) -> list[int]:
+        if text is None:
+            raise ValueError(
+                f"a streamed training row has no {self.source.text_field!r} column: set data.text_field=<the column>"
+            )
+        return self._tokenize_batch({"text": [text]})["input_ids"][0]
+
     def train_fingerprint(self) -> str:
         """Identity of the training blocks as batches see them: source, tokenisation, block size and slice."""
+        if self.streaming:
+            raise ValueError(
+                "data.streaming=true has no fixed set of training blocks to key a store or a fine-tuned teacher by:"
+                " set distill.teacher_cache=none (the live teacher) and teacher.finetune=false"
+            )
         self.setup("fit")
         limit = self.limits["train"]
         seed = self.slice_seed if limit is not None else None

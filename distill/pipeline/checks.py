@@ -137,6 +137,19 @@ def check_run(cfg: DictConfig) -> None:
         check_teacher_cache_topk(cfg.distill.teacher_cache_topk, vocabulary, "the teacher's vocabulary size")
     check_model_cache(cfg.teacher.name_or_path)
     check_cache(Path(cfg.paths.cache_dir), logit_store_bytes(cfg, vocabulary or 0))
+    if cfg.data.get("streaming"):
+        check_streaming(cfg)
+
+
+def check_streaming(cfg: DictConfig) -> None:
+    """A streamed corpus has no length to plan the schedule by and no fixed blocks to key a store by."""
+    if cfg.trainer.get("max_steps", -1) < 1:
+        raise ValueError("data.streaming=true has no length to plan the epoch by: set trainer.max_steps=<steps>")
+    if cfg.distill.teacher_cache == "precompute" and cfg.distill.alpha < 1:
+        raise ValueError(
+            "data.streaming=true has no fixed set of training blocks for distill.teacher_cache=precompute to store"
+            " the teacher's logits of: set distill.teacher_cache=none (the live teacher)"
+        )
 
 
 def check_oneshot(
