@@ -208,8 +208,9 @@ def test_settings_refuse_out_of_range_values() -> None:
 
 def test_teacher_endpoint_checks_the_server_when_the_run_builds_it(serve) -> None:
     with pytest.raises(EndpointError, match=r"GET http://127.0.0.1:9/v1/models failed 1 times"):
-        served_teacher("http://127.0.0.1:9", "fake", max_retries=0)
-    assert served_teacher(serve().url, "fake", top_logprobs=K).settings.top_logprobs == K
+        served_teacher("http://127.0.0.1:9", "fake", "tokenizer", max_retries=0)
+    teacher = served_teacher(serve().url, "fake", "tokenizer", top_logprobs=K)
+    assert teacher.model is None and teacher.path == "tokenizer" and teacher.client.settings.top_logprobs == K
 
 
 @pytest.fixture

@@ -18,10 +18,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distill.data.base import DataModule
-from distill.models.teacher import Teacher
+from distill.models.teacher import Teacher, prepare_teacher
 from distill.modules.distillation import DistillationModule
 from distill.modules.on_policy import OnPolicy, OnPolicySettings
 from distill.serve.generation import end_token_ids
+from distill.stores.generations import served_logit_store
 from distill.stores.teacher_logits import TeacherLogitStore, precompute_teacher_logits
 from distill.tasks.base import Task
 from distill.utils.keys import weights_fingerprint
@@ -37,6 +38,8 @@ def teacher_logit_store(
     if not cached:
         return None
     settings = cfg.distill
+    if teacher.client is not None:
+        return served_store(settings, teacher, datamodule)
     # The perturbed copies differ every epoch and rank: the store labels as many epochs as the run
     # trains, drawn by as many ranks.
     epochs = max(cfg.trainer.get("max_epochs") or 1, 1)
@@ -52,9 +55,43 @@ def teacher_logit_store(
     )
 
 
+def served_store(settings: DictConfig, teacher: Teacher, datamodule: DataModule) -> TeacherLogitStore:
+    """The logit store of a served teacher: its top-k log-probabilities along its own responses, stored with
+    them by the generation stage, so no teacher runs here. They are log-softmax at temperature 1."""
+    served_k = teacher.client.settings.top_logprobs
+    if settings.temperature != 1:
+        raise ValueError(
+            f"distill.temperature={settings.temperature}: a served teacher's log-probabilities are at"
+            " temperature 1; set distill.temperature=1"
+        )
+    if served_k == 0 or not datamodule.prompt_pool or datamodule.train_on != "responses":
+        raise ValueError(
+            f"distill.teacher_cache=precompute from a served teacher reads its top-k along its responses: it needs"
+            f" teacher.top_logprobs > 0 (now {served_k}) and data.train_on=responses; else distill.teacher_cache=none"
+        )
+    if settings.teacher_cache_topk != served_k:
+        log.warning(
+            "distill.teacher_cache_topk=%s: the served store holds the server's top-%d (teacher.top_logprobs)",
+            settings.teacher_cache_topk,
+            served_k,
+        )
+    datamodule.setup("fit")
+    return served_logit_store(datamodule.responses["train"], datamodule.splits["train"], datamodule.max_length)
+
+
 def generation_stage(datamodule: DataModule, teacher: Teacher) -> dict[str, float]:
     """The teacher's responses to a prompt pool, for data modules that train on them (cached); none for others."""
-    return {f"generation/{key}": value for key, value in datamodule.attach_teacher(teacher.model).items()}
+    answers = teacher.client if teacher.client is not None else teacher.model
+    return {f"generation/{key}": value for key, value in datamodule.attach_teacher(answers).items()}
+
+
+def student_source(teacher: Teacher, student: DictConfig, datamodule: DataModule, task: Task) -> Teacher:
+    """The teacher a student builder reads: a served teacher's weights (``teacher.name_or_path``) are loaded here
+    only for a student cut from them, and dropped with the builder's reference; a pretrained student needs none."""
+    if teacher.model is not None or student._target_ == "distill.models.student.from_pretrained":
+        return teacher
+    log.info("Loading the served teacher's weights %s to cut the student from", teacher.path)
+    return prepare_teacher(teacher.path, datamodule, task)
 
 
 @dataclass
@@ -107,7 +144,7 @@ def build_module(
         num_labels=datamodule.num_labels,
         task=task,
         teacher_logits=teacher_logits,
-        teacher_memo=teacher_memo_file(cfg, teacher, task),
+        teacher_memo=teacher_memo_file(cfg, teacher, task) if teacher.model is not None else None,
         on_policy=on_policy_sampler(cfg, datamodule, teacher),
     )
 
@@ -130,6 +167,11 @@ def on_policy_sampler(cfg: DictConfig, datamodule: DataModule, teacher: Teacher)
         raise ValueError(
             f"distill.on_policy.probability={settings.probability} samples responses to prompts: it needs "
             f"prompt/response data (e.g. data=shakespeare_prompts), not {type(datamodule).__name__}"
+        )
+    if teacher.model is None:
+        raise ValueError(
+            f"distill.on_policy.probability={settings.probability}: the live teacher grades the student's samples,"
+            " and a served teacher (teacher=endpoint) returns no logits for them; set distill.on_policy.probability=0"
         )
     end_ids = end_token_ids(teacher.model, datamodule.tokenizer)
     return OnPolicy(settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
