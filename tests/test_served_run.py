@@ -82,7 +82,20 @@ def test_seqkd_soft_runs_from_a_served_teacher(
     assert 60 <= metrics["student/trained_tokens"] < 66
 
 
-def test_a_served_store_refuses_another_temperature(compose_train, chat_teacher_dir, poems, tmp_path, tiny_server):
-    overrides = [*served_run(chat_teacher_dir, poems, tmp_path, tiny_server.url), "distill.temperature=2.0"]
-    with pytest.raises(ValueError, match=r"distill.temperature=2.0: a served teacher's log-probabilities"):
+@pytest.mark.parametrize(
+    ("setting", "error"),
+    [
+        (
+            "distill.temperature=2.0",
+            r"distill.temperature=2.0: a served teacher's log-probabilities are at temperature 1",
+        ),
+        ("teacher.top_logprobs=0", r"it needs teacher.top_logprobs > 0 \(now 0\)"),
+        ("distill.on_policy.probability=0.5", r"a served teacher \(teacher=endpoint\) cannot grade the student's"),
+    ],
+)
+def test_what_a_served_teacher_cannot_do_is_refused_before_any_stage(
+    setting: str, error: str, compose_train, chat_teacher_dir, poems, tmp_path
+) -> None:
+    overrides = [*served_run(chat_teacher_dir, poems, tmp_path, "http://127.0.0.1:9"), setting]
+    with pytest.raises(ValueError, match=error):  # the unreachable server is never asked
         train(compose_train(*overrides))

@@ -57,18 +57,9 @@ def teacher_logit_store(
 
 def served_store(settings: DictConfig, teacher: Teacher, datamodule: DataModule) -> TeacherLogitStore:
     """The logit store of a served teacher: its top-k log-probabilities along its own responses, stored with
-    them by the generation stage, so no teacher runs here. They are log-softmax at temperature 1."""
+    them by the generation stage, so no teacher runs here (:func:`distill.pipeline.checks.check_served` has
+    refused the settings it cannot serve)."""
     served_k = teacher.client.settings.top_logprobs
-    if settings.temperature != 1:
-        raise ValueError(
-            f"distill.temperature={settings.temperature}: a served teacher's log-probabilities are at"
-            " temperature 1; set distill.temperature=1"
-        )
-    if served_k == 0 or not datamodule.prompt_pool or datamodule.train_on != "responses":
-        raise ValueError(
-            f"distill.teacher_cache=precompute from a served teacher reads its top-k along its responses: it needs"
-            f" teacher.top_logprobs > 0 (now {served_k}) and data.train_on=responses; else distill.teacher_cache=none"
-        )
     if settings.teacher_cache_topk != served_k:
         log.warning(
             "distill.teacher_cache_topk=%s: the served store holds the server's top-%d (teacher.top_logprobs)",
@@ -167,11 +158,6 @@ def on_policy_sampler(cfg: DictConfig, datamodule: DataModule, teacher: Teacher)
         raise ValueError(
             f"distill.on_policy.probability={settings.probability} samples responses to prompts: it needs "
             f"prompt/response data (e.g. data=shakespeare_prompts), not {type(datamodule).__name__}"
-        )
-    if teacher.model is None:
-        raise ValueError(
-            f"distill.on_policy.probability={settings.probability}: the live teacher grades the student's samples,"
-            " and a served teacher (teacher=endpoint) returns no logits for them; set distill.on_policy.probability=0"
         )
     end_ids = end_token_ids(teacher.model, datamodule.tokenizer)
     return OnPolicy(settings, pad_id=datamodule.pad_id, end_ids=end_ids, seed=cfg.seed)
