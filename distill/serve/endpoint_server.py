@@ -33,9 +33,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048, help="total tokens over the parallel slots")
     parser.add_argument("--parallel", type=int, default=2, help="requests answered at once")
     args = parser.parse_args()
+    stops = {signal.SIGINT, signal.SIGTERM}
+    # Blocked before the server's threads start, so they inherit the mask and the signal reaches sigwait.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     server = serve(args.gguf, args.port, args.threads, args.context, args.parallel)
     print(f"serving {args.gguf} at {server.listening_address}", flush=True)
-    signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    signal.sigwait(stops)
+    print("stopping", flush=True)
 
 
 if __name__ == "__main__":
