@@ -10,13 +10,14 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import datasets
 import pytest
 import torch
 
 from distill.losses.topk import topk_log_probs
 from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings, served_teacher
 from distill.serve.generation import SamplingSettings
-from distill.stores.generations import GenerationStore, served_row_targets, served_topk_targets
+from distill.stores.generations import GenerationStore, served_logit_store, served_row_targets, served_topk_targets
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
 K = 3
@@ -117,6 +118,27 @@ def test_served_targets_sit_where_the_packed_rows_predict_each_response_token(se
     _, log_q = topk_log_probs(torch.zeros(len(PROMPTS), 6, 40), targets, 1.0)
     assert log_q[0, first, :K].tolist() == pytest.approx([-0.1, -3.0, -4.0], abs=1e-5)
     assert torch.isfinite(log_q[0, 0, :K]).all() and log_q[0, 0].exp().sum().item() == pytest.approx(1.0)
+
+
+def test_the_served_logit_store_follows_the_training_rows_whatever_subset_and_order(serve, tmp_path) -> None:
+    from distill.data.prompts import pack_responses
+
+    rows = store(tmp_path).build(EndpointGenerator(client(serve().url), SamplingSettings(max_new_tokens=3)), PROMPTS)
+    chosen = [3, 0, 4]  # data.train_tokens keeps a seeded subset of the responses, in its own order
+    packed = pack_responses(rows["prompt_ids"], rows["response_ids"], 7, pad_id=99)
+    train = datasets.Dataset.from_dict({name: values[chosen] for name, values in packed.items()})
+    logit_store = served_logit_store(rows, train, width=7)
+    assert torch.equal(logit_store(torch.tensor([1, 2, 0])).indices, served_row_targets(rows, 7).indices[[0, 4, 3]])
+    assert logit_store.metadata["temperature"] == "1.0" and logit_store.metadata["num_examples"] == "3"
+
+
+def test_the_shards_record_what_the_server_cost(serve, tmp_path) -> None:
+    generations = store(tmp_path)
+    generations.build(EndpointGenerator(client(serve().url), SamplingSettings(max_new_tokens=3)), PROMPTS)
+    stats = generations.statistics()
+    assert stats["server_requests"] == len(PROMPTS) and stats["server_retries"] == 0
+    assert stats["server_completion_tokens"] == stats["tokens"] == 3 * len(PROMPTS)
+    assert stats["server_prompt_tokens"] == sum(map(len, PROMPTS)) and stats["server_seconds"] > 0
 
 
 def test_429_is_retried_then_answered(serve) -> None:
