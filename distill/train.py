@@ -30,7 +30,7 @@ from distill.pipeline.checks import check_run
 from distill.pipeline.export import export_student
 from distill.pipeline.interrupt import LastCheckpointOnSigterm, ends_on_signal, stops_on_signal
 from distill.pipeline.metrics import finetune_key, log_final, store_facts, summarize
-from distill.pipeline.stages import build_module, generation_stage, teacher_logit_store
+from distill.pipeline.stages import build_module, generation_stage, student_source, teacher_logit_store
 from distill.utils.devices import warn_if_emulated_bf16
 from distill.utils.instantiate import instantiate_named
 from distill.utils.run_meter import RunMeter
@@ -78,7 +78,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # student's run is the same whether they ran in this process or not.
     pl.seed_everything(cfg.seed, workers=True)
     log.info("Instantiating student <%s>", cfg.student._target_)
-    student = instantiate(cfg.student, teacher=teacher, datamodule=datamodule)
+    student = instantiate(
+        cfg.student, teacher=student_source(teacher, cfg.student, datamodule, task), datamodule=datamodule
+    )
     task.vocabulary = shared_vocabulary(teacher, student, datamodule.tokenizer)
     record_student(output_dir, student)
     module = build_module(cfg, task, teacher, student, datamodule, teacher_logits)

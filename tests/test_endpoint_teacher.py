@@ -10,13 +10,14 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import datasets
 import pytest
 import torch
 
 from distill.losses.topk import topk_log_probs
 from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings, served_teacher
 from distill.serve.generation import SamplingSettings
-from distill.stores.generations import GenerationStore, served_row_targets, served_topk_targets
+from distill.stores.generations import GenerationStore, served_logit_store, served_row_targets, served_topk_targets
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
 K = 3
@@ -119,6 +120,27 @@ def test_served_targets_sit_where_the_packed_rows_predict_each_response_token(se
     assert torch.isfinite(log_q[0, 0, :K]).all() and log_q[0, 0].exp().sum().item() == pytest.approx(1.0)
 
 
+def test_the_served_logit_store_follows_the_training_rows_whatever_subset_and_order(serve, tmp_path) -> None:
+    from distill.data.prompts import pack_responses
+
+    rows = store(tmp_path).build(EndpointGenerator(client(serve().url), SamplingSettings(max_new_tokens=3)), PROMPTS)
+    chosen = [3, 0, 4]  # data.train_tokens keeps a seeded subset of the responses, in its own order
+    packed = pack_responses(rows["prompt_ids"], rows["response_ids"], 7, pad_id=99)
+    train = datasets.Dataset.from_dict({name: values[chosen] for name, values in packed.items()})
+    logit_store = served_logit_store(rows, train, width=7)
+    assert torch.equal(logit_store(torch.tensor([1, 2, 0])).indices, served_row_targets(rows, 7).indices[[0, 4, 3]])
+    assert logit_store.metadata["temperature"] == "1.0" and logit_store.metadata["num_examples"] == "3"
+
+
+def test_the_shards_record_what_the_server_cost(serve, tmp_path) -> None:
+    generations = store(tmp_path)
+    generations.build(EndpointGenerator(client(serve().url), SamplingSettings(max_new_tokens=3)), PROMPTS)
+    stats = generations.statistics()
+    assert stats["server_requests"] == len(PROMPTS) and stats["server_retries"] == 0
+    assert stats["server_completion_tokens"] == stats["tokens"] == 3 * len(PROMPTS)
+    assert stats["server_prompt_tokens"] == sum(map(len, PROMPTS)) and stats["server_seconds"] > 0
+
+
 def test_429_is_retried_then_answered(serve) -> None:
     calls = []
 
@@ -208,8 +230,9 @@ def test_settings_refuse_out_of_range_values() -> None:
 
 def test_teacher_endpoint_checks_the_server_when_the_run_builds_it(serve) -> None:
     with pytest.raises(EndpointError, match=r"GET http://127.0.0.1:9/v1/models failed 1 times"):
-        served_teacher("http://127.0.0.1:9", "fake", max_retries=0)
-    assert served_teacher(serve().url, "fake", top_logprobs=K).settings.top_logprobs == K
+        served_teacher("http://127.0.0.1:9", "fake", "tokenizer", max_retries=0)
+    teacher = served_teacher(serve().url, "fake", "tokenizer", top_logprobs=K)
+    assert teacher.model is None and teacher.path == "tokenizer" and teacher.client.settings.top_logprobs == K
 
 
 @pytest.fixture

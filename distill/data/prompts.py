@@ -33,8 +33,9 @@ from distill.data.base import DataModule
 from distill.data.documents import HELD_OUT, SPLITS
 from distill.data.split_loaders import check_batch_sizes
 from distill.data.text import BLOCK_FEATURES, IGNORE_INDEX, TextDataModule
+from distill.serve.endpoint import EndpointClient
 from distill.serve.generation import Generator, SamplingSettings, end_token_ids
-from distill.stores.generations import GenerationStore, settings_key
+from distill.stores.generations import GenerationStore, served_generator, settings_key
 from distill.utils.keys import EXAMPLE_INDEX, digest, weights_fingerprint
 from distill.utils.settings import settings_of
 
@@ -218,21 +219,22 @@ class PromptResponseDataModule(DataModule):
 
     # The generation stage.
 
-    def attach_teacher(self, teacher: nn.Module) -> dict[str, float]:
+    def attach_teacher(self, teacher: nn.Module | EndpointClient) -> dict[str, float]:
         """Make (or reuse) the teacher's responses to every split's prompts; returns generation statistics."""
         log.info("Generation stage: the teacher answers the prompt pool")
         prompts = self.prompt_ids()
         ordered = [prompt for split in SPLITS for prompt in prompts[split]]
-        key = {
-            "teacher_weights": weights_fingerprint(teacher),
+        identity, generator = served_generator(teacher, self.settings)
+        if generator is None:
+            identity = {"teacher_weights": weights_fingerprint(teacher)}
+            end_ids = end_token_ids(teacher, self.tokenizer)
+            generator = Generator(teacher, self.settings, self.pad_id, end_ids, self.generation_batch_size)
+        key = identity | {
             "tokenizer": self.corpus.tokenizer_key,
             "prompts": digest(ordered),
             "settings": settings_key(self.settings),
         }
         self.store = GenerationStore(self.cache_dir, "responses", key, self.shard_size)
-        generator = Generator(
-            teacher, self.settings, self.pad_id, end_token_ids(teacher, self.tokenizer), self.generation_batch_size
-        )
         rows = self.store.build(generator, ordered)
         per_prompt, start = self.settings.num_return_sequences, 0
         for split in SPLITS:

@@ -106,6 +106,8 @@ def shared_vocabulary(teacher: Teacher, student: PreTrainedModel, tokenizer: Any
     """The leading token ids whose logits teacher and student compare: ``None`` (all) when their
     ``vocab_size`` agree; else the tokenizer's ids, when only the padding of the embedding differs
     (e.g. 151,936 vs 152,064 rows for one tokenizer: the extra rows are no token's)."""
+    if teacher.model is None:  # a served teacher's top-k ids are its tokenizer's ids, which the student shares
+        return None
     teacher_size, student_size = teacher.model.config.vocab_size, student.config.vocab_size
     if teacher_size == student_size:
         return None
@@ -119,9 +121,10 @@ def shared_vocabulary(teacher: Teacher, student: PreTrainedModel, tokenizer: Any
     return tokens
 
 
-def check_context(model: PreTrainedModel, datamodule: DataModule) -> None:
-    """The data's rows must fit the model's positions (models without a fixed window take any length)."""
-    context = getattr(model.config, "max_position_embeddings", None)
+def check_context(model: PreTrainedModel | None, datamodule: DataModule) -> None:
+    """The data's rows must fit the model's positions (models without a fixed window take any length; a served
+    teacher, ``None`` here, has its server refuse what it cannot take)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context is not None:
         datamodule.check_context(context)
 

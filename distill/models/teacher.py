@@ -43,12 +43,16 @@ INFO_FILE = "teacher_info.json"
 @dataclass
 class Teacher:
     """A prepared teacher: the model, where it was loaded from, the task it serves (which the student
-    builders ask for the model class) and its validation score if fine-tuned here, on ``metric``."""
+    builders ask for the model class) and its validation score if fine-tuned here, on ``metric``.
 
-    model: PreTrainedModel
+    A served teacher (``teacher=endpoint``) has no ``model`` in this process: ``client`` asks the server, and
+    ``path`` names its tokenizer (and the weights a student cut from the teacher starts from, if open)."""
+
+    model: PreTrainedModel | None
     path: str
     task: Task
     val_score: float | None = None
+    client: Any = None  # distill.serve.endpoint.EndpointClient; Any keeps the serving client out of this import
 
     @property
     def metric(self) -> str:

@@ -78,8 +78,8 @@ class DistillationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.check_settings(temperature, alpha, divergence, beta, warmup_ratio, hidden_weight)
-        if teacher is None and alpha != 1:
-            raise ValueError(f"alpha={alpha!r} needs a teacher; without one only alpha=1 (fine-tuning) works")
+        if teacher is None and teacher_logits is None and alpha != 1:
+            raise ValueError(f"alpha={alpha!r} needs a teacher or its stored targets; without, only alpha=1 works")
         ignored = ["student", "teacher", "optimizer", "teacher_logits", "task", "teacher_memo", "on_policy"]
         self.save_hyperparameters(ignore=ignored)
         self.task = task if task is not None else ClassificationTask(num_labels)
@@ -138,8 +138,9 @@ class DistillationModule(pl.LightningModule):
         if self.on_policy is not None and self.on_policy.draws(self.global_step):
             batch, labels = self.on_policy.resample(self.student, batch, labels)
             example_index = None  # no stored targets for the student's own samples: the live teacher's
-        # With alpha=1 every teacher term has weight 0: skip the teacher (and the unlabelled copies).
-        uses_teacher = self.teacher is not None and self.loss.alpha < 1
+        # With alpha=1 every teacher term has weight 0: skip the teacher (and the unlabelled copies). A served
+        # teacher has no model here: its store holds every training row's targets.
+        uses_teacher = (self.teacher is not None or self.teacher_logits is not None) and self.loss.alpha < 1
         stored = self._stored_targets(example_index) if uses_teacher else None
         terms = self._fused_terms(batch, labels, stored) if uses_teacher and not copies else None
         if terms is None:

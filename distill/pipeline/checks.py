@@ -32,6 +32,7 @@ from distill.utils.scratch import CACHE_SETTING, remove_stale_scratch
 
 log = logging.getLogger(__name__)
 FLOAT32_BYTES = 4
+SERVED_TEACHER = "distill.serve.endpoint.served_teacher"
 
 
 def model_config(key: str, reference: str) -> PretrainedConfig:
@@ -139,6 +140,8 @@ def check_run(cfg: DictConfig) -> None:
     check_cache(Path(cfg.paths.cache_dir), logit_store_bytes(cfg, vocabulary or 0))
     if cfg.data.get("streaming"):
         check_streaming(cfg)
+    if cfg.teacher._target_ == SERVED_TEACHER:
+        check_served(cfg.distill, cfg.teacher.get("top_logprobs", 0), cfg.data.get("train_on"))
 
 
 def check_streaming(cfg: DictConfig) -> None:
@@ -149,6 +152,29 @@ def check_streaming(cfg: DictConfig) -> None:
         raise ValueError(
             "data.streaming=true has no fixed set of training blocks for distill.teacher_cache=precompute to store"
             " the teacher's logits of: set distill.teacher_cache=none (the live teacher)"
+        )
+
+
+def check_served(settings: DictConfig, served_k: int, train_on: str | None) -> None:
+    """What a served teacher (no logits in this process) cannot do: a logit store other than its top-k along its
+    own responses at temperature 1, or grading the student's on-policy samples."""
+    if settings.get("on_policy", {}).get("probability", 0) > 0:
+        raise ValueError(
+            f"distill.on_policy.probability={settings.on_policy.probability}: a served teacher (teacher=endpoint)"
+            " cannot grade the student's samples; set distill.on_policy.probability=0"
+        )
+    if settings.teacher_cache != "precompute" or settings.alpha >= 1:
+        return
+    if settings.temperature != 1:
+        raise ValueError(
+            f"distill.temperature={settings.temperature}: a served teacher's log-probabilities are at"
+            " temperature 1; set distill.temperature=1"
+        )
+    if served_k == 0 or train_on != "responses":
+        raise ValueError(
+            f"distill.teacher_cache=precompute from a served teacher reads its top-k along its responses: it needs"
+            f" teacher.top_logprobs > 0 (now {served_k}) and data.train_on=responses (now {train_on}); else set"
+            " distill.teacher_cache=none"
         )
 
 

@@ -18,12 +18,10 @@ from distill.utils.run_record import count_parameters
 
 def summarize(teacher: Teacher, module: DistillationModule, results: dict[str, float], started: float) -> dict:
     student_counts = count_parameters(module.student)
-    teacher_counts = count_parameters(teacher.model)
     return {
         **module.task.summary(results),
         finetune_key(teacher): teacher.val_score,
-        "teacher/params": teacher_counts["params"],
-        "teacher/layer_params": transformer_layer_params(teacher.model),
+        **teacher_size(teacher),
         "student/params": student_counts["params"],
         f"student/trained_{module.task.target_unit}": module.trained_targets_all_ranks(),
         "student/nonzero_params": student_counts["nonzero_params"],
@@ -31,6 +29,16 @@ def summarize(teacher: Teacher, module: DistillationModule, results: dict[str, f
         "global_step": module.global_step,
         **(module.on_policy.metrics() if module.on_policy is not None else {}),
         "wall_time_s": round(time.time() - started, 1),
+    }
+
+
+def teacher_size(teacher: Teacher) -> dict[str, int]:
+    """The teacher's parameters; a served teacher's are the server's, not counted here."""
+    if teacher.model is None:
+        return {}
+    return {
+        "teacher/params": count_parameters(teacher.model)["params"],
+        "teacher/layer_params": transformer_layer_params(teacher.model),
     }
 
 

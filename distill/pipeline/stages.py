@@ -18,10 +18,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distill.data.base import DataModule
-from distill.models.teacher import Teacher
+from distill.models.teacher import Teacher, prepare_teacher
 from distill.modules.distillation import DistillationModule
 from distill.modules.on_policy import OnPolicy, OnPolicySettings
 from distill.serve.generation import end_token_ids
+from distill.stores.generations import served_logit_store
 from distill.stores.teacher_logits import TeacherLogitStore, precompute_teacher_logits
 from distill.tasks.base import Task
 from distill.utils.keys import weights_fingerprint
@@ -37,6 +38,8 @@ def teacher_logit_store(
     if not cached:
         return None
     settings = cfg.distill
+    if teacher.client is not None:
+        return served_store(settings, teacher, datamodule)
     # The perturbed copies differ every epoch and rank: the store labels as many epochs as the run
     # trains, drawn by as many ranks.
     epochs = max(cfg.trainer.get("max_epochs") or 1, 1)
@@ -52,9 +55,34 @@ def teacher_logit_store(
     )
 
 
+def served_store(settings: DictConfig, teacher: Teacher, datamodule: DataModule) -> TeacherLogitStore:
+    """The logit store of a served teacher: its top-k log-probabilities along its own responses, stored with
+    them by the generation stage, so no teacher runs here (:func:`distill.pipeline.checks.check_served` has
+    refused the settings it cannot serve)."""
+    served_k = teacher.client.settings.top_logprobs
+    if settings.teacher_cache_topk != served_k:
+        log.warning(
+            "distill.teacher_cache_topk=%s: the served store holds the server's top-%d (teacher.top_logprobs)",
+            settings.teacher_cache_topk,
+            served_k,
+        )
+    datamodule.setup("fit")
+    return served_logit_store(datamodule.responses["train"], datamodule.splits["train"], datamodule.max_length)
+
+
 def generation_stage(datamodule: DataModule, teacher: Teacher) -> dict[str, float]:
     """The teacher's responses to a prompt pool, for data modules that train on them (cached); none for others."""
-    return {f"generation/{key}": value for key, value in datamodule.attach_teacher(teacher.model).items()}
+    answers = teacher.client if teacher.client is not None else teacher.model
+    return {f"generation/{key}": value for key, value in datamodule.attach_teacher(answers).items()}
+
+
+def student_source(teacher: Teacher, student: DictConfig, datamodule: DataModule, task: Task) -> Teacher:
+    """The teacher a student builder reads: a served teacher's weights (``teacher.name_or_path``) are loaded here
+    only for a student cut from them, and dropped with the builder's reference; a pretrained student needs none."""
+    if teacher.model is not None or student._target_ == "distill.models.student.from_pretrained":
+        return teacher
+    log.info("Loading the served teacher's weights %s to cut the student from", teacher.path)
+    return prepare_teacher(teacher.path, datamodule, task)
 
 
 @dataclass
@@ -107,7 +135,7 @@ def build_module(
         num_labels=datamodule.num_labels,
         task=task,
         teacher_logits=teacher_logits,
-        teacher_memo=teacher_memo_file(cfg, teacher, task),
+        teacher_memo=teacher_memo_file(cfg, teacher, task) if teacher.model is not None else None,
         on_policy=on_policy_sampler(cfg, datamodule, teacher),
     )
 

@@ -73,7 +73,8 @@ class Counters:
                 setattr(self, name, getattr(self, name) + amount)
 
     def as_dict(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in ("requests", "retries", "prompt_tokens", "completion_tokens")}
+        names = ("requests", "retries", "prompt_tokens", "completion_tokens", "seconds")
+        return {name: getattr(self, name) for name in names}
 
 
 class EndpointClient:
@@ -204,12 +205,24 @@ class EndpointGenerator:
         finally:  # a failed request ends the shard: the queued ones are not sent
             pool.shutdown(cancel_futures=True)
 
+    def cost(self) -> dict[str, float]:
+        """The client's counters so far, named for the generation statistics (``server_seconds`` sums the
+        requests' own waits, so it exceeds the shard's wall time when requests overlap)."""
+        return {f"server_{name}": value for name, value in self.client.counters.as_dict().items()}
+
+    def store_key(self) -> dict[str, str]:
+        """What decides a served teacher's responses in place of its weights: where it is served, the model it
+        serves and how many top-k log-probabilities each token carries."""
+        served = self.client.settings
+        return {"teacher_url": self.client.url, "teacher_model": served.model, "top_logprobs": str(served.top_logprobs)}
+
 
 def served_teacher(
     base_url: str,
     model: str,
+    name_or_path: str,
     datamodule: object = None,
-    task: object = None,
+    task: Any = None,
     api_key_env: str | None = None,
     max_concurrency: int = 4,
     timeout_s: float = 120.0,
@@ -217,11 +230,14 @@ def served_teacher(
     backoff_s: float = 0.5,
     top_logprobs: int = 0,
 ) -> EndpointClient:
-    """``teacher=endpoint``: a client of the served teacher, checked by one request before any long stage runs.
-    ``datamodule`` and ``task`` are what the run hands every teacher target; a served teacher needs neither."""
+    """``teacher=endpoint``: a teacher without weights in this process, whose client is checked by one request
+    before any long stage runs. ``name_or_path`` is the served model's tokenizer (the prompts are its token ids)
+    and, where a student is cut from the teacher, its weights, loaded only for the cut."""
+    from distill.models.teacher import Teacher  # the serving client alone (tests, benches) needs no model stack
+
     settings = EndpointSettings(
         base_url, model, api_key_env, max_concurrency, timeout_s, max_retries, backoff_s, top_logprobs
     )
     client = EndpointClient(settings)
     client.preflight()
-    return client
+    return Teacher(model=None, path=name_or_path, task=task, client=client)

@@ -29,14 +29,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from filelock import FileLock
 
 from distill.losses.topk import TopKTargets, log1mexp
-from distill.serve.endpoint import EndpointGenerator
+from distill.serve.endpoint import EndpointClient, EndpointGenerator
 from distill.serve.generation import Generator, SamplingSettings
+from distill.stores.teacher_logits import TeacherLogitStore
 from distill.utils.keys import digest
 from distill.utils.scratch import written_whole
 
@@ -102,7 +104,7 @@ class GenerationStore:
         prompts: Sequence[Sequence[int]],
     ) -> None:
         torch.manual_seed(generator.settings.seed * 1_000_003 + shard)  # the same responses, resumed or not
-        started = time.perf_counter()
+        started, spent = time.perf_counter(), server_cost(generator)
         per_prompt = generator.settings.num_return_sequences
         rows = [
             (start + number // per_prompt, number % per_prompt, list(prompts[number // per_prompt]), *response)
@@ -110,7 +112,8 @@ class GenerationStore:
         ]
         seconds = time.perf_counter() - started
         tokens = sum(len(row[3]) for row in rows)
-        self._write_shard(shard, rows, {"tokens": tokens, "seconds": seconds, "responses": len(rows)})
+        cost = {name: value - spent[name] for name, value in server_cost(generator).items()}
+        self._write_shard(shard, rows, {"tokens": tokens, "seconds": seconds, "responses": len(rows), **cost})
         log.info(
             "Generation shard %d/%d: %d responses, %d tokens, %.1f tokens/s",
             shard + 1,
@@ -137,17 +140,17 @@ class GenerationStore:
         return datasets.Dataset(pa.concat_tables(tables))
 
     def statistics(self) -> dict[str, float]:
-        """Generated tokens, seconds and tokens/s summed over the shards (resumed runs included)."""
+        """Generated tokens, seconds and tokens/s summed over the shards (resumed runs included), and a served
+        teacher's requests, retries, tokens and request seconds (``server_*``)."""
         stats = [json.loads(path.read_text()) for path in sorted(self.folder.glob("shard-*.json"))]
-        tokens = sum(entry["tokens"] for entry in stats)
-        seconds = sum(entry["seconds"] for entry in stats)
-        responses = sum(entry["responses"] for entry in stats)
-        return {
-            "responses": responses,
-            "tokens": tokens,
-            "seconds": seconds,
-            "tokens_per_s": tokens / max(seconds, 1e-9),
-        }
+        names = dict.fromkeys(name for entry in stats for name in entry)  # in order: the served counters last
+        totals = {name: sum(entry.get(name, 0) for entry in stats) for name in names}
+        return totals | {"tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9)}
+
+
+def server_cost(generator: Generator | EndpointGenerator) -> dict[str, float]:
+    """A served teacher's counters so far (the shard stores their growth); an in-process one costs no requests."""
+    return generator.cost() if isinstance(generator, EndpointGenerator) else {}
 
 
 def settings_key(settings: SamplingSettings) -> str:
@@ -157,6 +160,17 @@ def settings_key(settings: SamplingSettings) -> str:
     if not settings.do_sample:
         decisive = {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
     return json.dumps(decisive, sort_keys=True)
+
+
+def served_generator(
+    teacher: object, settings: SamplingSettings
+) -> tuple[dict[str, str], EndpointGenerator] | tuple[dict[str, str], None]:
+    """A served teacher's generator and what keys its store (URL, model, top_logprobs), where weights key an
+    in-process teacher's; ``({}, None)`` for an in-process one, which the data module builds its own generator for."""
+    if not isinstance(teacher, EndpointClient):
+        return {}, None
+    generator = EndpointGenerator(teacher, settings)
+    return generator.store_key(), generator
 
 
 def served_topk_targets(top_ids: Sequence[Sequence[int]], top_logprobs: Sequence[Sequence[float]]) -> TopKTargets:
@@ -187,3 +201,19 @@ def served_row_targets(rows: datasets.Dataset, width: int) -> TopKTargets:
             targets.rest_log_mass[:count],
         )
     return TopKTargets(values, indices, rest, 1.0)
+
+
+def served_logit_store(responses: datasets.Dataset, train: datasets.Dataset, width: int) -> TeacherLogitStore:
+    """A top-K teacher-logit store of the served top-k, by training-example index, in memory: the generation store
+    is its cache. The training rows are a seeded subset of the responses (``data.train_tokens``), each matched to
+    its response by its tokens, so the store needs nothing of how the data module chose them."""
+    ids, mask = (np.asarray(train.with_format("numpy")[name]) for name in ("input_ids", "attention_mask"))
+    wanted = [row[: int(length)].tobytes() for row, length in zip(ids, mask.sum(axis=1), strict=True)]
+    pairs = zip(responses["prompt_ids"], responses["response_ids"], strict=True)
+    source = {
+        np.asarray([*prompt, *response], dtype=ids.dtype).tobytes(): number
+        for number, (prompt, response) in enumerate(pairs)
+    }
+    targets = served_row_targets(responses.select([source[row] for row in wanted]), width)
+    tensors = {"values": targets.values, "indices": targets.indices, "rest_log_mass": targets.rest_log_mass}
+    return TeacherLogitStore(tensors, {"num_examples": str(len(wanted)), "temperature": "1.0", "source": "served"})
