@@ -23,6 +23,7 @@ from distill.config.cli import CONFIG_DIR
 from distill.config.schemas import register_schemas
 from distill.data.base import DataModule
 from distill.pipeline.checks import check_saved_model
+from distill.pipeline.harness import eval_harness
 from distill.pipeline.interrupt import ends_on_signal
 from distill.serve.int8_arithmetic import int8_arithmetic
 from distill.serve.latency import latency_ms
@@ -59,6 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "nonzero_params": counts["nonzero_params"],
         "torch_threads": torch.get_num_threads(),
     }
+    results |= eval_harness(cfg)  # lm-evaluation-harness scores, when harness.tasks names any
     if isinstance(model, OnnxModel):
         results["int8_arithmetic"] = int8_arithmetic()
     for batch_size in cfg.latency.batch_sizes:

@@ -14,6 +14,7 @@ the fp32 student), with the teacher's point measured on the same harness.
 
 A folder whose serve benches are a causal LM's (a run folder, or several jobs' folders) gets the LM frontier
 instead: held-out perplexity against decode tokens/s per runtime (:mod:`distill.serve.frontier_lm`).
+Jobs run with ``harness.tasks`` add a table of their lm-evaluation-harness scores to ``frontier.md``.
 """
 
 from __future__ import annotations
@@ -281,8 +282,37 @@ def log_to_wandb(group: tuple[str, str], points: list[Point], png: Path) -> None
 
 
 def report(multirun: Path) -> dict[str, Any]:
-    if frontier_lm.bench_files(multirun):  # causal LMs: perplexity against decode speed, from the serve benches
-        return frontier_lm.report(multirun)
+    """frontier.md (and .png) of a sweep or a causal LM's serve benches, with the harness scores where jobs have any."""
+    # Causal LMs with serve benches: perplexity against decode speed; otherwise the sweep's accuracy frontier.
+    summary = frontier_lm.report(multirun) if frontier_lm.bench_files(multirun) else frontier(multirun)
+    scores = harness_table(job_folders(multirun), multirun)
+    if scores:
+        with (multirun / "frontier.md").open("a") as frontier_md:
+            frontier_md.write(scores)
+    return summary
+
+
+def harness_table(folders: list[Path], multirun: Path) -> str:
+    """A table of the lm-evaluation-harness scores (``harness/<model>/<task>/<metric>``) of the jobs that have
+    them (``harness.tasks``, distill.pipeline.harness): one row per job, one column per score; "" if none."""
+    rows = {}
+    for folder in folders:
+        path = folder / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        scores = {key.removeprefix("harness/"): value for key, value in metrics.items() if key.startswith("harness/")}
+        if scores:
+            rows[str(folder.relative_to(multirun))] = scores
+    columns = sorted({column for scores in rows.values() for column in scores})
+    if not columns:
+        return ""
+    lines = ["| job | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for job, scores in rows.items():
+        lines.append(f"| {job} | " + " | ".join(_optional(scores.get(column), ".4g") for column in columns) + " |")
+    return "\n## Standard evaluation (lm-evaluation-harness, model/task/metric)\n\n" + "\n".join(lines) + "\n"
+
+
+def frontier(multirun: Path) -> dict[str, Any]:
+    """The accuracy-vs-compression frontier of a sweep's job folders."""
     folders = job_folders(multirun)
     if not folders:
         raise FileNotFoundError(f"no Hydra job folders (with .hydra/config.yaml) under {multirun}")

@@ -28,6 +28,7 @@ from distill.models.student import check_context, check_same_tokenizer, shared_v
 from distill.modules.distillation import DistillationModule
 from distill.pipeline.checks import check_run
 from distill.pipeline.export import export_student
+from distill.pipeline.harness import run_harness
 from distill.pipeline.interrupt import LastCheckpointOnSigterm, ends_on_signal, stops_on_signal
 from distill.pipeline.metrics import finetune_key, log_final, store_facts, summarize
 from distill.pipeline.stages import build_module, generation_stage, student_source, teacher_logit_store
@@ -105,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     student, teacher_model = unsharded(module.student), unsharded(teacher.model)  # collectives under FSDP
     if trainer.is_global_zero:
         report, layers = export_student(student, task, datamodule, output_dir, callbacks, teacher_model, cfg.export)
-        metrics |= report
+        metrics |= report | run_harness(cfg, output_dir, teacher)  # lm-evaluation-harness, when harness.tasks is set
         write_json(output_dir / "metrics.json", metrics)
         log_final(loggers, metrics, layers)
     log.info("Metrics: %s", metrics)

@@ -123,3 +123,21 @@ def test_every_point_of_the_plot_is_named_by_its_job(tmp_path: Path, monkeypatch
     report(tmp_path)
     for axis in saved[0].axes:  # size and sparsity
         assert sorted(text.get_text() for text in axis.texts) == ["dense", "sparse"]
+
+
+def test_harness_scores_get_their_own_table(tmp_path: Path) -> None:
+    fake_job(tmp_path, "0", 1.0, None, 0.85, 4e6)
+    fake_job(tmp_path, "1", 1.0, 0.8, 0.84, 1e6)
+    metrics = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    scores = {"harness/student/sonnets/bits_per_byte": 1.23456, "harness/teacher/sonnets/bits_per_byte": 1.0}
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps(metrics | scores))
+    report(tmp_path)
+    table = (tmp_path / "frontier.md").read_text().split("## Standard evaluation (lm-evaluation-harness")[1]
+    assert "| job | student/sonnets/bits_per_byte | teacher/sonnets/bits_per_byte |" in table
+    assert "| 1 | 1.235 | 1 |" in table and "| 0 |" not in table  # only the jobs that ran it
+
+
+def test_no_harness_table_without_harness_scores(tmp_path: Path) -> None:
+    fake_job(tmp_path, "0", 1.0, None, 0.85, 4e6)
+    report(tmp_path)
+    assert "lm-evaluation-harness" not in (tmp_path / "frontier.md").read_text()

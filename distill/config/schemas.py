@@ -349,6 +349,28 @@ class LatencySchema:
 
 
 @dataclass
+class HarnessSchema:
+    """``harness`` of train.yaml and eval.yaml: lm-evaluation-harness tasks on saved models (pipeline/harness.py)."""
+
+    # lm-eval task names: registered ones (downloaded online) or those of the YAMLs in include_path. Empty: off.
+    tasks: list[str] = field(default_factory=list)
+    # A folder of task YAMLs; None = conf/harness_tasks/ (offline tasks over ${DISTILL_DATA_DIR}).
+    include_path: str | None = None
+    # Documents per task (lm-eval's limit); None = all.
+    limit: int | None = None
+    batch_size: int = 8
+    # Which of the run's models are scored: student (the exported student/), teacher (its resolved folder).
+    models: list[str] = field(default_factory=lambda: ["student", "teacher"])
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.models) - {"student", "teacher"})
+        if unknown:
+            raise ValueError(f"models={unknown} unknown: harness.models takes student and teacher")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit={self.limit} must be at least 1, or null for every document")
+
+
+@dataclass
 class EvalSchema(CommandSchema):
     """``python -m distill.eval`` (conf/eval.yaml): dev accuracy, parameter counts and CPU latency of a student."""
 
@@ -357,6 +379,10 @@ class EvalSchema(CommandSchema):
     # A save_pretrained folder (the run folder's student/) or any HF model id of the task's class.
     student_path: str = MISSING
     latency: LatencySchema = field(default_factory=LatencySchema)
+    # Its models: student (student_path) and teacher (teacher_path).
+    harness: HarnessSchema = field(default_factory=HarnessSchema)
+    # The teacher the harness scores beside the student (a folder, hub id or GGUF file); None = none.
+    teacher_path: str | None = None
 
 
 COMMANDS = {
@@ -390,6 +416,7 @@ def register_schemas() -> None:
         store.store(group=group, name=name, node=schema)
     for name, schema in COMMANDS.items():
         store.store(name=name, node=schema)
+    store.store(group="harness", name="harness_schema", node=HarnessSchema)
 
 
 def unset_keys(node: Any, prefix: str = "") -> list[str]:

@@ -26,6 +26,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from distill.config.schemas import check_teacher_cache_topk, validate
 from distill.models.student import check_student
+from distill.pipeline.harness import check_harness
 from distill.pruning.oneshot.sequential import OneShotSettings, check_targets
 from distill.utils.references import converted_path, default_cache_dir, gguf_elements, gguf_file
 from distill.utils.scratch import CACHE_SETTING, remove_stale_scratch
@@ -129,6 +130,7 @@ def check_run(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     validate(cfg)
+    check_harness(cfg)
     config = model_config("teacher.name_or_path", cfg.teacher.name_or_path)
     if cfg.student.get("name_or_path"):
         check_reference("student.name_or_path", cfg.student.name_or_path)
