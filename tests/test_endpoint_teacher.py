@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from distill.losses.topk import topk_log_probs
-from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings, served_teacher
+from distill.models.served_teacher import served_teacher
+from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings
 from distill.serve.generation import SamplingSettings
 from distill.stores.generations import GenerationStore, served_logit_store, served_row_targets, served_topk_targets
 

@@ -37,7 +37,7 @@ MODULE_RUNTIME = ("student", "teacher", "num_labels", "teacher_logits", "task", 
 # the node (objects, not settings: left out), and schema_of's other options.
 DERIVED: dict[tuple[str, str], tuple[str, tuple[str, ...], dict[str, Any]]] = {
     ("teacher", "teacher_schema"): ("distill.models.teacher.prepare_teacher", ("datamodule", "task"), {}),
-    ("teacher", "endpoint_schema"): ("distill.serve.endpoint.served_teacher", ("datamodule", "task"), {}),
+    ("teacher", "endpoint_schema"): ("distill.models.served_teacher.served_teacher", ("datamodule", "task"), {}),
     ("student", "from_teacher_schema"): ("distill.models.student.from_teacher", STUDENT_RUNTIME, {}),
     ("student", "from_config_schema"): ("distill.models.student.from_config", STUDENT_RUNTIME, {}),
     ("student", "pretrained_schema"): ("distill.models.student.from_pretrained", STUDENT_RUNTIME, {}),

@@ -33,7 +33,7 @@ from distill.utils.scratch import CACHE_SETTING, remove_stale_scratch
 
 log = logging.getLogger(__name__)
 FLOAT32_BYTES = 4
-SERVED_TEACHER = "distill.serve.endpoint.served_teacher"
+SERVED_TEACHER = "distill.models.served_teacher.served_teacher"
 
 
 def model_config(key: str, reference: str) -> PretrainedConfig:
