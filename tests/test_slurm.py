@@ -105,7 +105,10 @@ def sbatch(tmp_path: Path, *overrides: str, trainer: str = "ddp_cpu") -> str:
         f"trainer={trainer}",
         *overrides,
     ]
-    env = {**os.environ, "DISTILL_PYTHON": sys.executable}
+    # sbatch exports this environment to the job: a MASTER_PORT left by an earlier in-process DDP test would give
+    # every job the same rendezvous port (two jobs at once: EADDRINUSE), where each job's own id would pick apart.
+    stale = ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+    env = {key: value for key, value in os.environ.items() if key not in stale} | {"DISTILL_PYTHON": sys.executable}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
 
 
