@@ -43,6 +43,12 @@ def test_resume_command_replaces_the_checkpoint_and_quotes() -> None:
     assert resume_command(["+ckpt_path=/a"], None) == "python -m distill.train"
 
 
+def default_sigint() -> None:
+    """In the child, SIGINT as a terminal's Ctrl-C finds it: a test run started in the background (`pytest &`,
+    a CI runner) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted_run(overrides: list[str], tmp_path: Path, signum: signal.Signals) -> tuple[int, list[str]]:
     """Starts `python -m distill.train` with a long fit, sends ``signum`` once last.ckpt exists."""
     long_fit = ["trainer.max_steps=100000", "trainer.max_epochs=1000"]
@@ -52,7 +58,9 @@ def interrupted_run(overrides: list[str], tmp_path: Path, signum: signal.Signals
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
     with output.open("w") as sink:
         command = [sys.executable, "-m", "distill.train", *overrides]
-        process = subprocess.Popen(command, cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=default_sigint
+        )
         last = tmp_path / "run" / "checkpoints" / "last.ckpt"
         deadline = time.monotonic() + 300
         while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
@@ -140,7 +148,9 @@ distill.{command}.cli()
 def stopped_in_stage(command: str, stage: str, signum: signal.Signals, overrides: list[str]) -> tuple[int, list[str]]:
     script = STOPPED_IN_STAGE.format(command=command, stage=stage, name=signum.name)
     command = [sys.executable, "-c", script, *overrides]
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    result = subprocess.run(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, preexec_fn=default_sigint
+    )
     return result.returncode, [line for line in result.stdout.splitlines() if line.startswith("[")]
 
 
