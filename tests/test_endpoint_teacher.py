@@ -122,7 +122,7 @@ def test_served_targets_sit_where_the_packed_rows_predict_each_response_token(se
 
 
 def test_the_served_logit_store_follows_the_training_rows_whatever_subset_and_order(serve, tmp_path) -> None:
-    from distill.data.prompts import pack_responses
+    from distill.data.rows import pack_responses
 
     rows = store(tmp_path).build(EndpointGenerator(client(serve().url), SamplingSettings(max_new_tokens=3)), PROMPTS)
     chosen = [3, 0, 4]  # data.train_tokens keeps a seeded subset of the responses, in its own order
@@ -164,11 +164,13 @@ def test_500_forever_ends_in_one_clear_error_after_the_limit(serve) -> None:
 def test_a_malformed_answer_is_named_and_its_shard_not_stored(serve, tmp_path) -> None:
     def truncated(path: str, body: dict) -> tuple[int, str]:
         if body["prompt"] == PROMPTS[3]:  # the second shard's second prompt
-            return 200, json.dumps({"choices": [{"text": "no logprobs"}]})
+            return 200, json.dumps({"choices": [{"text": "no logprobs", "finish_reason": "length"}]})
         return healthy(path, body)
 
     generations = store(tmp_path)
-    with pytest.raises(EndpointError, match=r"malformed answer \(KeyError: 'logprobs'\).* 1 prompt tokens"):
+    with pytest.raises(
+        EndpointError, match=r"malformed answer \(ValueError: no logprobs in the answer.* 1 prompt tokens"
+    ):
         generations.build(EndpointGenerator(client(serve(truncated).url), SamplingSettings(max_new_tokens=2)), PROMPTS)
     assert generations.shard_path(0).is_file() and not generations.shard_path(1).exists()
 

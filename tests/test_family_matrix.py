@@ -24,7 +24,7 @@ from distill.architectures.layouts import Projection, Sizes, head_dim_is_free, l
 from distill.architectures.linears import block_linear_names, block_stack, linear_weight
 from distill.callbacks.held_masks import HeldMasks
 from distill.callbacks.qat import QuantizationAwareTraining
-from distill.data.prompts import pack_responses
+from distill.data.rows import pack_responses
 from distill.data.text import IGNORE_INDEX
 from distill.kernels.sparsity import is_nm_sparse
 from distill.losses.divergences import DIVERGENCES

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.data.prompts import PromptResponseDataModule, pack_responses, passages
+from distill.data.prompts import PromptResponseDataModule, passages
+from distill.data.rows import pack_responses
 from distill.data.text import IGNORE_INDEX, TextDataModule
 from distill.losses.kd import kd_loss_terms
 from distill.modules.on_policy import OnPolicy, OnPolicySettings

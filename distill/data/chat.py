@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from distill.data.base import DataModule, check_max_length
 from distill.data.documents import DocumentSource, SplitDocuments
-from distill.data.prompts import prompt_lengths
+from distill.data.rows import prompt_lengths
 from distill.data.split_loaders import check_batch_sizes
 from distill.data.text import BLOCK_FEATURES, IGNORE_INDEX, document_separator
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
@@ -150,6 +150,11 @@ class ChatDataModule(DataModule):
                     " use an instruction model's tokenizer (data.tokenizer=...) or a text corpus (data=files)"
                 )
             self._documents = self.source.load()
+
+    def conversations(self, split: str) -> list[list[dict]]:
+        """The conversations of ``split``, as rows of ``messages``: a prompt pool's source (data=chat_prompts)."""
+        self.prepare_data()
+        return list(self._documents[split].texts["text"])
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

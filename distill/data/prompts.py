@@ -20,17 +20,19 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
+import logging
 from typing import Any
 
 import datasets
 import numpy as np
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from distill.data.base import DataModule
+from distill.data.chat import ChatDataModule
 from distill.data.documents import HELD_OUT, SPLITS
+from distill.data.rows import pack_responses
 from distill.data.split_loaders import check_batch_sizes
 from distill.data.text import BLOCK_FEATURES, IGNORE_INDEX, TextDataModule
 from distill.serve.endpoint import EndpointClient
@@ -43,6 +45,19 @@ log = logging.getLogger(__name__)
 TRAIN_SOURCES = ("responses", "corpus")
 # Prompts drawn per split unless `prompts` says otherwise.
 PROMPT_COUNTS = {"train": 1024, "validation": 64, "test": 128}
+
+
+Messages = list[dict[str, str]]
+
+
+def user_turn(instruction: str, passage: str) -> Messages:
+    return [{"role": "user", "content": instruction.format(passage=passage)}]
+
+
+def awaiting(messages: Sequence[dict]) -> Messages | None:
+    """A conversation up to its last user turn (``None`` if it has none): what the teacher answers."""
+    last_user = max((turn for turn, message in enumerate(messages) if message["role"] == "user"), default=None)
+    return None if last_user is None else [dict(message) for message in messages[: last_user + 1]]
 
 
 def passages(text: str, tokenizer: Any, min_tokens: int) -> list[str]:
@@ -61,37 +76,12 @@ def passages(text: str, tokenizer: Any, min_tokens: int) -> list[str]:
     return found
 
 
-def pack_responses(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], width: int, pad_id: int
-) -> dict[str, np.ndarray]:
-    """Right-padded ``prompt + response`` rows of ``width`` tokens with labels on the response only."""
-    input_ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(prompts), width), dtype=np.int64)
-    labels = np.full((len(prompts), width), IGNORE_INDEX, dtype=np.int64)
-    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        end = len(prompt) + len(response)
-        input_ids[row, :end] = [*prompt, *response]
-        attention_mask[row, :end] = 1
-        labels[row, len(prompt) : end] = response
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def prompt_lengths(labels: Tensor, attention_mask: Tensor) -> list[int]:
-    """Where each row's response starts: its first counted label (rows without one: after its last token)."""
-    counted = labels != IGNORE_INDEX
-    first = counted.int().argmax(dim=1).tolist()
-    ends = attention_mask.sum(dim=1).tolist()
-    return [
-        start if any_counted else end
-        for start, any_counted, end in zip(first, counted.any(dim=1).tolist(), ends, strict=True)
-    ]
-
-
 class PromptResponseDataModule(DataModule):
     """Teacher responses to passage-continuation prompts (and, for baselines, the corpus itself).
 
     Args:
-        corpus: the text the prompts are cut from (and the blocks ``train_on=corpus`` trains on).
+        corpus: the text the prompts are cut from (and the blocks ``train_on=corpus`` trains on), or the
+            conversations (a :class:`~distill.data.chat.ChatDataModule`) whose openings are the prompts.
         instruction: the user turn; ``{passage}`` stands for the passage.
         prompts: how many prompts each split draws (``train``, ``validation``, ``test``).
         passage_tokens: the least tokens of a passage.
@@ -108,7 +98,7 @@ class PromptResponseDataModule(DataModule):
 
     def __init__(
         self,
-        corpus: TextDataModule,
+        corpus: TextDataModule | ChatDataModule,
         cache_dir: str,
         instruction: str = "{passage}",
         prompts: dict[str, int] | None = None,
@@ -152,7 +142,7 @@ class PromptResponseDataModule(DataModule):
     @property
     def block_size(self) -> int:
         """Positions per training row (a token store's row): the corpus's blocks, or prompt + response."""
-        return self.corpus.block_size if self.train_on == "corpus" else self.max_length
+        return self.corpus.positions_per_example if self.train_on == "corpus" else self.max_length
 
     @staticmethod
     def check_settings(
@@ -183,29 +173,41 @@ class PromptResponseDataModule(DataModule):
 
     # The prompt pool.
 
-    def prompt_texts(self, split: str) -> list[str]:
-        """``prompts[split]`` passages of ``split``'s documents, drawn with ``pool_seed``, in ``instruction``."""
-        found = [
-            p for text in self.corpus.document_texts(split) for p in passages(text, self.tokenizer, self.passage_tokens)
-        ]
+    def prompt_conversations(self, split: str) -> list[Messages]:
+        """``prompts[split]`` conversations awaiting the assistant, drawn with ``pool_seed``: passages of
+        ``split``'s documents in ``instruction``, each a user turn, or, from a corpus of conversations
+        (``data=chat_prompts``), each conversation up to its last user turn (its last answer is the teacher's
+        to give; earlier answers stay as context)."""
+        if isinstance(self.corpus, ChatDataModule):
+            found = [opening for messages in self.corpus.conversations(split) if (opening := awaiting(messages))]
+            kind = "conversations with a user turn"
+        else:
+            texts = self.corpus.document_texts(split)
+            found = [
+                user_turn(self.instruction, p) for t in texts for p in passages(t, self.tokenizer, self.passage_tokens)
+            ]
+            kind = f"passages of {self.passage_tokens}+ tokens"
         wanted = self.counts[split]
         if len(found) < wanted:
             raise ValueError(
-                f"data.prompts.{split}={wanted} but the {split} documents hold {len(found)} passages of "
-                f"{self.passage_tokens}+ tokens: ask for fewer prompts or shorter passages"
+                f"data.prompts.{split}={wanted} but the {split} documents hold {len(found)} {kind}: ask for fewer"
+                " prompts (or, for passages, shorter ones: data.passage_tokens)"
             )
         picked = np.random.default_rng([self.pool_seed, SPLITS.index(split)]).choice(len(found), wanted, replace=False)
-        return [self.instruction.format(passage=found[i]) for i in sorted(picked)]
+        return [found[i] for i in sorted(picked)]
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, messages: Messages) -> list[int]:
         if self.chat_template:
             if self.tokenizer.chat_template is None:
                 raise ValueError(
                     f"data.chat_template=true but tokenizer {self.tokenizer.name_or_path!r} has no chat "
                     "template: use an instruction model's tokenizer or set data.chat_template=false"
                 )
-            turn = [{"role": "user", "content": text}]
-            text = self.tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        elif len(messages) == 1:
+            text = messages[0]["content"]
+        else:
+            raise ValueError("data.chat_template=false sends a prompt as plain text: a conversation needs the template")
         ids = self.tokenizer(text, add_special_tokens=not self.chat_template)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
             raise ValueError(
@@ -214,17 +216,26 @@ class PromptResponseDataModule(DataModule):
             )
         return ids
 
+    def prompt_set(self) -> dict[str, list[tuple[list[int], Messages]]]:
+        """Each split's prompts as (token ids, the conversation they render)."""
+        return {
+            split: [(self.encode_prompt(messages), messages) for messages in self.prompt_conversations(split)]
+            for split in SPLITS
+        }
+
     def prompt_ids(self) -> dict[str, list[list[int]]]:
-        return {split: [self.encode_prompt(text) for text in self.prompt_texts(split)] for split in SPLITS}
+        return {split: [ids for ids, _ in pool] for split, pool in self.prompt_set().items()}
 
     # The generation stage.
 
     def attach_teacher(self, teacher: nn.Module | EndpointClient) -> dict[str, float]:
         """Make (or reuse) the teacher's responses to every split's prompts; returns generation statistics."""
         log.info("Generation stage: the teacher answers the prompt pool")
-        prompts = self.prompt_ids()
+        pool = self.prompt_set()
+        prompts = {split: [ids for ids, _ in pool[split]] for split in SPLITS}
         ordered = [prompt for split in SPLITS for prompt in prompts[split]]
-        identity, generator = served_generator(teacher, self.settings)
+        conversations = {tuple(ids): messages for split in SPLITS for ids, messages in pool[split]}
+        identity, generator = served_generator(teacher, self.settings, conversations)
         if generator is None:
             identity = {"teacher_weights": weights_fingerprint(teacher)}
             end_ids = end_token_ids(teacher, self.tokenizer)

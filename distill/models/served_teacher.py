@@ -21,13 +21,15 @@ def served_teacher(
     max_retries: int = 5,
     backoff_s: float = 0.5,
     top_logprobs: int = 0,
+    api: str = "completions",
 ) -> Teacher:
     """``teacher=endpoint``: a teacher without weights in this process, whose client is checked by one request
     before any long stage runs. ``name_or_path`` is the served model's tokenizer (the prompts are its token ids)
-    and, where a student is cut from the teacher, its weights, loaded only for the cut."""
+    and, where a student is cut from the teacher, its weights, loaded only for the cut. ``api`` is ``completions``
+    (token-id prompts) or ``chat`` (each prompt's messages, for servers that only chat)."""
     settings = EndpointSettings(
-        base_url, model, api_key_env, max_concurrency, timeout_s, max_retries, backoff_s, top_logprobs
+        base_url, model, api_key_env, max_concurrency, timeout_s, max_retries, backoff_s, top_logprobs, api
     )
-    client = EndpointClient(settings)
+    client = EndpointClient(settings, tokenizer=name_or_path)
     client.preflight()
     return Teacher(model=None, path=name_or_path, task=task, client=client)

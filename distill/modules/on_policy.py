@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from distill.data.prompts import pack_responses, prompt_lengths
+from distill.data.rows import pack_responses, prompt_lengths
 from distill.serve.generation import Generator, SamplingSettings
 
 

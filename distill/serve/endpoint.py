@@ -1,11 +1,14 @@
-"""A served teacher: an OpenAI-compatible completions server (llama.cpp's llama-server, vLLM, ...) answers the
-prompt pool in place of an in-process model.
+"""A served teacher: an OpenAI-compatible server (llama.cpp's llama-server, vLLM, a frontier model's API)
+answers the prompt pool in place of an in-process model.
 
-Why ``/v1/completions`` with token-id prompts: the prompts are token ids already (the data module applied the
-chat template), and a text round trip could re-tokenize them differently from the student's view. The response's
-token ids and, with ``top_logprobs`` > 0, each generated token's top-k log-probabilities come from the
-``logprobs.content`` entries (llama.cpp returns each token's ``id``); an answer without them is malformed, named
-with its request, and nothing of its shard is stored (:class:`~distill.stores.generations.GenerationStore`).
+``api=completions`` (the default) posts token-id prompts to ``/v1/completions``: the prompts are token ids
+already (the data module applied the chat template), and a text round trip could re-tokenize them differently
+from the student's view. ``api=chat`` posts each prompt's messages to ``/v1/chat/completions``, for servers that
+only chat (OpenAI's newer models); the server applies its own template. Either way the answer is read as the
+teacher's token ids by :func:`distill.serve.answers.parse_answer` (ids where the server gives them, else its
+tokens' text looked up in the teacher's vocabulary), with, for ``top_logprobs`` > 0, each generated token's
+top-k log-probabilities. An answer out of contract is malformed, named with its request, and nothing of its
+shard is stored (:class:`~distill.stores.generations.GenerationStore`).
 
 Transient answers (429, 5xx, timeouts, refused connections) are retried with exponential back-off up to
 ``max_retries``; then one error names the URL, the status and the start of the body. The API key is read from
@@ -14,6 +17,7 @@ the environment variable ``api_key_env`` at each request: it never sits in the c
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -24,10 +28,12 @@ from typing import Any
 
 import httpx
 
+from distill.serve.answers import Response, TokenTable, parse_answer
 from distill.serve.generation import SamplingSettings
 
 TRANSIENT = {429, 500, 502, 503, 504}
-Response = tuple[list[int], bool, list[list[int]], list[list[float]]]
+APIS = ("completions", "chat")
+Messages = list[dict[str, str]]
 
 
 class EndpointError(RuntimeError):
@@ -46,8 +52,11 @@ class EndpointSettings:
     max_retries: int = 5
     backoff_s: float = 0.5
     top_logprobs: int = 0
+    api: str = "completions"
 
     def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ValueError(f"teacher.api={self.api!r} must be one of {APIS}")
         if self.max_concurrency < 1:
             raise ValueError(f"teacher.max_concurrency={self.max_concurrency!r} must be >= 1")
         if self.max_retries < 0:
@@ -80,11 +89,25 @@ class Counters:
 class EndpointClient:
     """Requests to one server, retried on transient failures, counted in :attr:`counters`."""
 
-    def __init__(self, settings: EndpointSettings) -> None:
-        self.settings = settings
+    def __init__(self, settings: EndpointSettings, tokenizer: str | None = None) -> None:
+        self.settings, self.tokenizer = settings, tokenizer
+        self._tokens: TokenTable | None = None
+        self._tokens_lock = threading.Lock()
         self.url = settings.base_url.rstrip("/")
         self.counters = Counters()
         self.http = httpx.Client(timeout=settings.timeout_s)
+        # httpx logs every request at INFO: thousands of lines per generation stage, which metrics.json counts.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    def tokens(self) -> TokenTable | None:
+        """The teacher's vocabulary by token text, read on first need: only answers that name their tokens by
+        text (chat APIs, OpenAI's completions) need it."""
+        with self._tokens_lock:
+            if self._tokens is None and self.tokenizer is not None:
+                from distill.utils.references import load_tokenizer
+
+                self._tokens = TokenTable(load_tokenizer(self.tokenizer))
+            return self._tokens
 
     def headers(self) -> dict[str, str]:
         name = self.settings.api_key_env
@@ -136,36 +159,57 @@ class EndpointClient:
         if self.settings.model not in served:
             names = sorted(map(str, served))
             raise EndpointError(f"teacher.model={self.settings.model!r} is not served by {self.url}: it serves {names}")
-        if self.settings.top_logprobs:
+        if self.settings.top_logprobs or self.settings.api == "chat":
             probe = SamplingSettings(max_new_tokens=1)
-            self.complete([1], probe)  # raises, naming the request, when the answer lacks top-k log-probabilities
+            # raises, naming the request, when the answer lacks top-k log-probabilities or cannot be read
+            self.complete([1], probe, messages=[{"role": "user", "content": "Hello"}])
 
-    def complete(self, prompt: Sequence[int], settings: SamplingSettings, seed: int = 0) -> Response:
-        """One response to a token-id prompt: (token ids, finished, top-k ids, top-k log-probabilities)."""
-        body = self.completion_body(prompt, settings, seed)
-        answer = self.request("POST", "/v1/completions", body)
+    def complete(
+        self, prompt: Sequence[int], settings: SamplingSettings, seed: int = 0, messages: Messages | None = None
+    ) -> Response:
+        """One response to a prompt (its token ids; with ``api=chat``, its ``messages``): (token ids, finished,
+        top-k ids, top-k log-probabilities)."""
+        chat = self.settings.api == "chat"
+        if chat and messages is None:
+            raise EndpointError("teacher.api=chat sends each prompt's messages, and this prompt pool gave none")
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        body = self.request_body(prompt, settings, seed, messages)
+        answer = self.request("POST", path, body)
         try:
-            response = parse_completion(answer, self.settings.top_logprobs)
+            response = parse_answer(answer, self.settings.top_logprobs, self.tokens)
         except (KeyError, IndexError, TypeError, ValueError) as error:
             raise EndpointError(
-                f"POST {self.url}/v1/completions: malformed answer ({type(error).__name__}: {error}) to a request "
+                f"POST {self.url}{path}: malformed answer ({type(error).__name__}: {error}) to a request "
                 f"of {len(prompt)} prompt tokens: {str(answer)[:200]!r}"
             ) from error
         self.counters.add(prompt_tokens=len(prompt), completion_tokens=len(response[0]))
         return response
 
-    def completion_body(self, prompt: Sequence[int], settings: SamplingSettings, seed: int) -> dict[str, Any]:
+    def request_body(
+        self, prompt: Sequence[int], settings: SamplingSettings, seed: int, messages: Messages | None
+    ) -> dict[str, Any]:
         sampling = (
             {"temperature": settings.temperature, "top_p": settings.top_p, "seed": seed}
             if settings.do_sample
             else {"temperature": 0.0}
         )
+        top_k = self.settings.top_logprobs
+        if self.settings.api == "chat":
+            # No log-probabilities unless a top-k is stored: some chat models refuse them; the text suffices.
+            scores = {"logprobs": True, "top_logprobs": top_k} if top_k else {}
+            return {
+                "model": self.settings.model,
+                "messages": messages,
+                "max_tokens": settings.max_new_tokens,
+                **scores,
+                **sampling,
+            }
         return {
             "model": self.settings.model,
             "prompt": [int(token) for token in prompt],
             "max_tokens": settings.max_new_tokens,
             # at least 1: the entries carry the generated token ids, which the text alone does not
-            "logprobs": max(1, self.settings.top_logprobs),
+            "logprobs": max(1, top_k),
             **sampling,
         }
 
@@ -173,34 +217,28 @@ class EndpointClient:
         self.http.close()
 
 
-def parse_completion(answer: dict[str, Any], top_logprobs: int) -> Response:
-    """Token ids, finished, and the top-k ids and log-probabilities of each generated token."""
-    choice = answer["choices"][0]
-    entries = choice["logprobs"]["content"]
-    tokens = [int(entry["id"]) for entry in entries]
-    top_ids, top_values = [], []
-    for entry in entries[: len(entries) if top_logprobs else 0]:
-        alternatives = entry["top_logprobs"]
-        if len(alternatives) < top_logprobs:
-            raise ValueError(f"{len(alternatives)} top_logprobs where {top_logprobs} were asked for")
-        top_ids.append([int(item["id"]) for item in alternatives[:top_logprobs]])
-        top_values.append([float(item["logprob"]) for item in alternatives[:top_logprobs]])
-    return tokens, choice["finish_reason"] == "stop", top_ids, top_values
-
-
 class EndpointGenerator:
     """The served teacher's responses to prompts, with :class:`~distill.serve.generation.Generator`'s call
-    contract (``num_return_sequences`` per prompt, in prompt order), ``max_concurrency`` requests at a time."""
+    contract (``num_return_sequences`` per prompt, in prompt order), ``max_concurrency`` requests at a time.
+    ``messages`` holds each prompt's conversation by its token ids, for ``api=chat``."""
 
-    def __init__(self, client: EndpointClient, settings: SamplingSettings) -> None:
-        self.client, self.settings = client, settings
+    def __init__(
+        self,
+        client: EndpointClient,
+        settings: SamplingSettings,
+        messages: dict[tuple[int, ...], Messages] | None = None,
+    ) -> None:
+        self.client, self.settings, self.messages = client, settings, messages or {}
 
     def __call__(self, prompts: Sequence[Sequence[int]]) -> list[Response]:
         per_prompt = self.settings.num_return_sequences
         jobs = [(prompt, self.settings.seed * 1_000_003 + sample) for prompt in prompts for sample in range(per_prompt)]
         pool = ThreadPoolExecutor(self.client.settings.max_concurrency, thread_name_prefix="endpoint")
         try:
-            futures = [pool.submit(self.client.complete, prompt, self.settings, seed) for prompt, seed in jobs]
+            futures = [
+                pool.submit(self.client.complete, prompt, self.settings, seed, self.messages.get(tuple(prompt)))
+                for prompt, seed in jobs
+            ]
             return [future.result() for future in futures]
         finally:  # a failed request ends the shard: the queued ones are not sent
             pool.shutdown(cancel_futures=True)
@@ -212,6 +250,7 @@ class EndpointGenerator:
 
     def store_key(self) -> dict[str, str]:
         """What decides a served teacher's responses in place of its weights: where it is served, the model it
-        serves and how many top-k log-probabilities each token carries."""
+        serves, how many top-k log-probabilities each token carries and, for chat, the API (the server's template)."""
         served = self.client.settings
-        return {"teacher_url": self.client.url, "teacher_model": served.model, "top_logprobs": str(served.top_logprobs)}
+        key = {"teacher_url": self.client.url, "teacher_model": served.model, "top_logprobs": str(served.top_logprobs)}
+        return key | ({"api": served.api} if served.api != "completions" else {})

@@ -163,13 +163,14 @@ def settings_key(settings: SamplingSettings) -> str:
 
 
 def served_generator(
-    teacher: object, settings: SamplingSettings
+    teacher: object, settings: SamplingSettings, messages: dict[tuple[int, ...], list[dict[str, str]]] | None = None
 ) -> tuple[dict[str, str], EndpointGenerator] | tuple[dict[str, str], None]:
     """A served teacher's generator and what keys its store (URL, model, top_logprobs), where weights key an
-    in-process teacher's; ``({}, None)`` for an in-process one, which the data module builds its own generator for."""
+    in-process teacher's; ``({}, None)`` for an in-process one, which the data module builds its own generator for.
+    ``messages`` are the prompts' conversations by token ids, which a chat API is sent instead."""
     if not isinstance(teacher, EndpointClient):
         return {}, None
-    generator = EndpointGenerator(teacher, settings)
+    generator = EndpointGenerator(teacher, settings, messages)
     return generator.store_key(), generator
 
 
@@ -184,7 +185,7 @@ def served_topk_targets(top_ids: Sequence[Sequence[int]], top_logprobs: Sequence
 
 def served_row_targets(rows: datasets.Dataset, width: int) -> TopKTargets:
     """The served top-k of every response in ``rows`` laid out as the packed ``prompt + response`` rows of
-    ``width`` tokens (:func:`distill.data.prompts.pack_responses`) are: ``(N, width, k)``, the targets of the
+    ``width`` tokens (:func:`distill.data.rows.pack_responses`) are: ``(N, width, k)``, the targets of the
     position that predicts each response token (one before it). Prompt and padding positions carry no labels,
     so the loss never reads them; they hold a uniform k-way distribution, finite for the masked sum."""
     k = len(rows[0]["top_ids"][0])
