@@ -3,6 +3,7 @@ text completions vLLM serves by default, text-only chat answers; read as the tea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,11 +12,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from distill.serve.answers import Token, TokenTable, UnknownToken
+from distill.serve.answers import Token, TokenTable, UnknownToken, parse_answer
 from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings
 from distill.serve.generation import SamplingSettings
 from distill.utils.references import load_tokenizer
-from tests.test_endpoint_teacher import serve  # noqa: F401  (the fake server fixture)
+from tests.test_endpoint_teacher import llama_server, serve  # noqa: F401  (the fake and the real server)
 
 TEXT = "Hello, wörld! 日本語 and thee"
 MESSAGES = [{"role": "user", "content": "Continue: Shall I compare thee"}]
@@ -152,3 +153,46 @@ def test_a_chat_api_needs_the_prompts_messages() -> None:
         client.complete([1], SamplingSettings())
     with pytest.raises(ValueError, match=r"teacher.api='responses' must be one of \('completions', 'chat'\)"):
         EndpointSettings(base_url="u", model="m", api="responses")
+
+
+def test_a_character_named_once_for_several_tokens_is_split_back(smollm2_tokenizer) -> None:
+    """llama.cpp names a character split over tokens once, by its last token, with the whole character's bytes."""
+    ids = smollm2_tokenizer("わら", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 4  # two tokens a character
+    named = [entry(smollm2_tokenizer, i, -0.5, [(i, -0.5), (7, -2.0)]) for i in ids]
+    for merged, character in ((named[1], "わ"), (named[3], "ら")):  # the last token's id, the character's bytes
+        merged["bytes"], merged["id"] = list(character.encode()), ids[named.index(merged)]
+    answer = {"choices": [{"text": "わら", "logprobs": {"content": [named[1], named[3]]}, "finish_reason": "length"}]}
+    answer["usage"] = {"completion_tokens": 4}
+    tokens, _, top_ids, top_values = parse_answer(answer, 2, lambda: TokenTable(smollm2_tokenizer))
+    assert tokens == ids and [row[0] for row in top_ids] == ids
+    assert top_values[0] == [0.0, float("-inf")] and top_values[1] == [-0.5, -2.0]  # no distribution: the token
+    answer["usage"] = {"completion_tokens": 5}
+    with pytest.raises(ValueError, match="reports 5 completion tokens, names 2 and its bytes give 4"):
+        parse_answer(answer, 2, lambda: TokenTable(smollm2_tokenizer))
+
+
+@pytest.mark.slow
+def test_the_real_servers_answers_read_as_the_tokens_it_generated(llama_server, smollm2_gguf) -> None:  # noqa: F811
+    """Against llama.cpp's server: split characters are recovered to the very tokens its native endpoint returns,
+    and its chat answers read the same by text (OpenAI's form) as by id."""
+    settings = EndpointSettings(base_url=llama_server, model=str(smollm2_gguf), top_logprobs=5)
+    client = EndpointClient(settings, tokenizer=str(smollm2_gguf))
+    tokenizer = client.tokens().tokenizer
+    ask = [{"role": "user", "content": "Translate 'good morning' into Japanese and Greek."}]
+    prompt = tokenizer.apply_chat_template(ask, add_generation_prompt=True, tokenize=True, return_dict=False)
+    tokens, _, top_ids, _ = client.complete(prompt, SamplingSettings(max_new_tokens=24))
+    native = client.request(
+        "POST", "/completion", {"prompt": prompt, "n_predict": 24, "temperature": 0, "return_tokens": True}
+    )
+    assert tokens == native["tokens"] and len(top_ids) == 24
+    assert len(tokenizer.decode(tokens).encode()) < 2 * len(tokens)  # multi-byte characters, split over tokens
+    chat = EndpointClient(dataclasses.replace(settings, api="chat"), tokenizer=str(smollm2_gguf))
+    for question in ("Write one line of verse about the sea.", "Name three rivers of England."):
+        body = chat.request_body([], SamplingSettings(max_new_tokens=24), 0, [{"role": "user", "content": question}])
+        answer = chat.request("POST", "/v1/chat/completions", body)
+        by_id = parse_answer(answer, 5, chat.tokens)
+        for entry in answer["choices"][0]["logprobs"]["content"]:
+            for named in (entry, *entry["top_logprobs"]):
+                del named["id"]
+        assert parse_answer(answer, 5, chat.tokens) == by_id

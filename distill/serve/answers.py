@@ -55,6 +55,7 @@ class TokenTable:
         byte_level = "ByteLevel" in str(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", ""))
         decoded = {char: value for value, char in bytes_to_unicode().items()}
         self.ids: dict[bytes, int] = {}
+        self.raw: dict[int, bytes] = {}
         for token_id, piece in enumerate(pieces):
             if piece is None:
                 continue
@@ -67,6 +68,18 @@ class TokenTable:
             else:
                 raw = piece.replace("\u2581", " ").encode()
             self.ids.setdefault(raw, token_id)
+            self.raw[token_id] = raw
+
+    def segment(self, raw: bytes) -> list[int]:
+        """``raw`` as tokens, longest match first (a few bytes of one character: one token, or one per byte)."""
+        ids = []
+        while raw:
+            end = next((end for end in range(len(raw), 0, -1) if raw[:end] in self.ids), 0)
+            if not end:
+                raise UnknownToken(f"the bytes {raw!r} are no token of {self.tokenizer.name_or_path!r}")
+            ids.append(self.ids[raw[:end]])
+            raw = raw[end:]
+        return ids
 
     def id_of(self, token: Token) -> int:
         if token.id is not None:
@@ -129,15 +142,54 @@ def parse_answer(answer: dict[str, Any], top_logprobs: int, table: Tables) -> Re
         raise ValueError("no logprobs in the answer, which teacher.top_logprobs > 0 needs")
     else:
         return require(table).encode(text or "", stopped), stopped, [], []
+    chosen, alternatives = split_merged(
+        chosen, alternatives, (answer.get("usage") or {}).get("completion_tokens"), table
+    )
     ids = chosen_ids(chosen, text, stopped, top_logprobs, table)
     top_ids, top_values = [], []
-    for options in alternatives[: len(alternatives) if top_logprobs else 0]:
+    for token, options in zip(chosen, alternatives[: len(alternatives) if top_logprobs else 0], strict=False):
+        if options is None:  # no distribution given: the token itself is the target
+            top_ids.append(one_hot_ids(token.id, top_logprobs))
+            top_values.append([0.0] + [float("-inf")] * (top_logprobs - 1))
+            continue
         if len(options) < top_logprobs:
             raise ValueError(f"{len(options)} top_logprobs where {top_logprobs} were asked for")
         best = sorted(options, key=lambda option: -option.logprob)[:top_logprobs]
         top_ids.append([resolve(option, table) for option in best])
         top_values.append([option.logprob for option in best])
     return ids, stopped, top_ids, top_values
+
+
+def split_merged(
+    chosen: list[Token], alternatives: list[list[Token]], reported: int | None, table: Tables
+) -> tuple[list[Token], list[list[Token] | None]]:
+    """llama.cpp names a character split over several tokens once: by its last token's id, with the whole
+    character's bytes, and no entry (nor distribution) for the tokens before it. Where the answer reports more
+    completion tokens than it names, those tokens are recovered from the bytes, which must account for every
+    reported token; they carry no distribution (``None``)."""
+    if reported is None or reported <= len(chosen):
+        return chosen, alternatives
+    vocab = require(table)
+    tokens: list[Token] = []
+    options: list[list[Token] | None] = []
+    for token, given in zip(chosen, alternatives, strict=True):
+        own = vocab.raw.get(resolve(token, table), b"") if token.utf8 else b""
+        if token.utf8 and own and len(token.utf8) > len(own) and token.utf8.endswith(own):
+            for prefix in vocab.segment(token.utf8[: -len(own)]):
+                tokens.append(Token(prefix, None, vocab.raw[prefix], 0.0))
+                options.append(None)
+        tokens.append(Token(resolve(token, table), token.text, own or token.utf8, token.logprob))
+        options.append(given)
+    if len(tokens) != reported:
+        raise ValueError(
+            f"the answer reports {reported} completion tokens, names {len(chosen)} and its bytes give {len(tokens)}"
+        )
+    return tokens, options
+
+
+def one_hot_ids(token_id: int, k: int) -> list[int]:
+    """``token_id`` first, then ``k - 1`` other distinct ids (log-probability -inf): the top-k of a certainty."""
+    return [token_id, *[other for other in range(k) if other != token_id][: k - 1]]
 
 
 def chosen_ids(chosen: list[Token], text: str | None, stopped: bool, top_logprobs: int, table: Tables) -> list[int]:
