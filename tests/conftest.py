@@ -56,6 +56,21 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tiny_student(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """A random 2-layer Llama with SmolLM2's own tokenizer (read from the GGUF), saved like a hub model: a
+    student=pretrained that shares the served teacher's tokenizer and needs none of its weights."""
+    from distill.utils.references import load_tokenizer
+
+    tokenizer = load_tokenizer(str(smollm2_gguf))
+    model = tiny_llama(len(tokenizer), layers=2)
+    model.config.max_position_embeddings = 256  # a prompt and its response: up to 128 + 16 tokens in debug=smoke
+    path = tmp_path_factory.mktemp("smollm2_tiny_student")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def hf_teacher_available() -> str:
     from huggingface_hub import try_to_load_from_cache
 

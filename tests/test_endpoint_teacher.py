@@ -1,25 +1,35 @@
 """A served teacher (distill.serve.endpoint): retries, faults, preflight, and the generation store it fills,
-against a fake OpenAI-compatible server in a thread and (slow) llama.cpp's real server on 127.0.0.1."""
+against a fake OpenAI-compatible server in a thread and (slow) llama.cpp's real server on 127.0.0.1: in this
+process, or as ``python -m distill.serve.endpoint_server`` in its own, killed and restarted, and serving a whole
+``python -m distill.train`` run."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import datasets
+import httpx
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from distill.losses.topk import topk_log_probs
 from distill.models.served_teacher import served_teacher
-from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings
+from distill.serve.endpoint import EndpointClient, EndpointError, EndpointGenerator, EndpointSettings, Response
 from distill.serve.generation import SamplingSettings
 from distill.stores.generations import GenerationStore, served_logit_store, served_row_targets, served_topk_targets
 
+REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]]
 K = 3
 SERVED_COLUMNS = ("prompt_ids", "response_ids", "top_ids", "top_logprobs")
@@ -260,8 +270,6 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_the_served_top_k_agrees_with_the_in_process_teacher(llama_server, smollm2_gguf, tmp_path) -> None:
-    from transformers import AutoModelForCausalLM
-
     from distill.utils.references import resolve
 
     served = EndpointClient(EndpointSettings(base_url=llama_server, model=str(smollm2_gguf), top_logprobs=5))
@@ -281,3 +289,182 @@ def test_the_served_top_k_agrees_with_the_in_process_teacher(llama_server, smoll
     )
     # measured 2026-12: 48/48 top-1 ids agree, the gap at most 0.21 nats (Q4 weights times llama.cpp's Q8 activations)
     assert sum(same) >= 0.9 * len(same) and max(gaps) < 0.3 and sum(gaps) / len(gaps) < 0.1
+
+
+class ServerProcess:
+    """``python -m distill.serve.endpoint_server`` in its own process on one port for the test's life: a restarted
+    server answers at the same URL, which a served store's key holds (``EndpointGenerator.store_key``)."""
+
+    def __init__(self, gguf: Path, log: Path) -> None:
+        self.gguf, self.log, self.url = gguf, log, f"http://127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen | None = None
+        self.killed_at = math.inf
+
+    def start(self, timeout_s: float = 120.0) -> str:
+        """The URL, once the server lists its model (it answers 503 while the model loads)."""
+        port = self.url.rsplit(":", 1)[1]
+        command = [sys.executable, "-m", "distill.serve.endpoint_server", str(self.gguf), "--port", port]
+        with self.log.open("a") as sink:  # --threads 1 --parallel 2 --context 2048: the module's defaults
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2.0).status_code == 200:
+                    return self.url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        pytest.fail(f"the server did not start in {timeout_s:.0f} s: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, its answers in flight are cut off."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.killed_at = time.monotonic()
+        if self.process is not None:
+            self.process.wait()
+
+
+@pytest.fixture
+def server_process(smollm2_gguf, tmp_path) -> Iterator[ServerProcess]:
+    """The real server as a child process, killed at teardown whatever the test did."""
+    pytest.importorskip("xllamacpp", reason="llama.cpp runtime missing (pip install xllamacpp)")
+    server = ServerProcess(smollm2_gguf, tmp_path / "server.log")
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+# Short prompts in SmolLM2's ids ("The king rode", "Once upon a time", ...) after its BOS: three shards of three.
+REAL_PROMPTS = [
+    [1, 504, 4197, 28775],
+    [1, 6403, 1980, 253, 655],
+    [1, 2068, 325, 355, 441],
+    [1, 504, 4626, 7674],
+    [1, 5965, 21723, 28, 260],
+    [1, 32155, 553, 1690],
+    [1, 1780, 314, 260, 3575, 282],
+    [1, 10345, 8055, 827, 314],
+    [1, 504, 10576, 28, 17],
+]
+SHARD_0 = ["shard-00000.json", "shard-00000.parquet"]
+
+
+class RecordingClient(EndpointClient):
+    """A client that notes each prompt it is asked to complete (its requests are in :attr:`counters`)."""
+
+    def __init__(self, settings: EndpointSettings) -> None:
+        super().__init__(settings)
+        self.prompts: list[list[int]] = []
+
+    def complete(self, prompt: Sequence[int], settings: SamplingSettings, seed: int = 0) -> Response:
+        self.prompts.append(list(prompt))
+        return super().complete(prompt, settings, seed)
+
+
+class KilledDuringShard(EndpointGenerator):
+    """An :class:`EndpointGenerator` whose server is SIGKILLed shortly after it starts shard ``shard``'s
+    requests: with three prompts a shard and two in flight, while that shard is being answered."""
+
+    def __init__(self, client: EndpointClient, settings: SamplingSettings, server: ServerProcess, shard: int) -> None:
+        super().__init__(client, settings)
+        self.server, self.shard, self.calls = server, shard, 0
+        self.killer = threading.Timer(0.05, server.kill)
+
+    def __call__(self, prompts: Sequence[Sequence[int]]) -> list[Response]:
+        if self.calls == self.shard:
+            self.killer.start()
+        self.calls += 1
+        return super().__call__(prompts)
+
+
+@pytest.mark.slow
+def test_the_real_server_killed_mid_generation_resumes_from_the_finished_shards(server_process, tmp_path) -> None:
+    url, model = server_process.start(), str(server_process.gguf)
+    settings = SamplingSettings(max_new_tokens=16)
+
+    def endpoint(**overrides: object) -> RecordingClient:
+        options = {"top_logprobs": 5, "max_concurrency": 2, "timeout_s": 60.0, "max_retries": 1, "backoff_s": 0.01}
+        return RecordingClient(EndpointSettings(base_url=url, model=model, **options | overrides))
+
+    def generations(folder: Path, generator: EndpointGenerator) -> GenerationStore:
+        return GenerationStore(folder, "served", generator.store_key(), shard_size=3)
+
+    straight = EndpointGenerator(endpoint(), settings)
+    expected = generations(tmp_path / "straight", straight).build(straight, REAL_PROMPTS)
+
+    dying = KilledDuringShard(endpoint(), settings, server_process, shard=1)
+    resumed = generations(tmp_path / "resumed", dying)
+    with pytest.raises(EndpointError, match=rf"^POST {re.escape(url)}/v1/completions failed 2 times, last: "):
+        resumed.build(dying, REAL_PROMPTS)
+    dying.killer.join()
+    # One retry 10 ms after a refused connection: the error comes at once, not after the 60 s request timeout.
+    assert time.monotonic() - server_process.killed_at < 5.0
+    # The finished shard stays; the cut-off one left nothing, not even a partial file.
+    assert sorted(path.name for path in resumed.folder.iterdir()) == ["key.json", *SHARD_0]
+
+    server_process.start()  # the same port: the store's key, and so its folder, holds the URL
+    again = EndpointGenerator(endpoint(max_retries=0), settings)
+    assert generations(tmp_path / "resumed", again).folder == resumed.folder
+    rows = resumed.build(again, REAL_PROMPTS)
+    assert sorted(again.client.prompts) == sorted(REAL_PROMPTS[3:])  # only the unfinished shards' prompts
+    assert again.client.counters.requests == 6 and again.client.counters.retries == 0
+    # Greedy on one thread: llama.cpp answers bit for bit as before its restart, top-k log-probabilities included
+    # (measured so with two requests in its two slots at once, and with one at a time).
+    assert rows[:] == expected[:]
+    assert resumed.statistics()["responses"] == len(REAL_PROMPTS)
+
+
+@pytest.mark.slow
+def test_seqkd_soft_smoke_runs_from_the_real_server(
+    server_process, smollm2_tiny_student, compose_train, tmp_path, monkeypatch
+) -> None:
+    """``python -m distill.train experiment=smollm2_seqkd recipe=seqkd_soft teacher=endpoint debug=smoke`` (in this
+    process) with llama.cpp's server as the teacher and a tiny student of SmolLM2's tokenizer in place of the pruned
+    one (about 50 s instead of 140-230 s): the smoke's prompts and responses, the real tokenizer and server."""
+    from distill.pipeline import stages
+    from distill.train import train
+
+    url, model = server_process.start(), str(server_process.gguf)
+    served = {"DISTILL_TEACHER_URL": url, "DISTILL_TEACHER_MODEL": model, "DISTILL_LM_TEACHER": model}
+    for name, value in {**served, "WANDB_MODE": "offline"}.items():  # what conf/teacher/endpoint.yaml reads
+        monkeypatch.setenv(name, value)
+    # No teacher weights in this process: a pretrained student is not cut from them, and the student is the
+    # only model loaded (the GGUF's de-quantized folder serves its tokenizer only).
+    monkeypatch.setattr(stages, "prepare_teacher", lambda *args: pytest.fail("the served teacher's weights loaded"))
+    loaded, load = [], AutoModelForCausalLM.from_pretrained
+
+    def loading(path: str, *args: object, **kwargs: object) -> AutoModelForCausalLM:
+        loaded.append(Path(path))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loading)
+    run = tmp_path / "run"
+    cfg = compose_train(
+        "experiment=smollm2_seqkd",
+        "recipe=seqkd_soft",
+        "teacher=endpoint",
+        "debug=smoke",
+        "student=pretrained",
+        f"student.name_or_path={smollm2_tiny_student}",
+        f"paths.output_dir={run}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "distill.teacher_cache_topk=20",  # the served K (teacher.top_logprobs), not the recipe's 64
+    )
+    metrics = train(cfg)
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["complete"] is True and written["generation/responses"] == metrics["generation/responses"]
+    assert loaded == [smollm2_tiny_student]
+    assert "teacher/params" not in metrics and metrics.get("teacher/test_ppl") is None
+    prompts = sum(cfg.data.prompts.values())  # 32 + 8 + 8: one request each, the preflight probe not counted
+    assert written["generation/responses"] == written["generation/server_requests"] == prompts
+    assert written["generation/server_retries"] == 0
+    assert 0 < written["generation/server_completion_tokens"] == written["generation/tokens"] <= prompts * 16
+    assert written["generation/server_prompt_tokens"] > prompts and written["generation/server_seconds"] > 0
+    for key in ("student/test_ppl", "student/corpus_test_ppl", "student/rougeL"):
+        assert math.isfinite(written[key]), key
+    assert written["global_step"] > 0 and written["student/params"] == written["compression/params"]
+    assert cfg.data.train_tokens <= written["student/trained_tokens"] < cfg.data.train_tokens + 16
+    assert written["teacher_store/bytes_per_token"] > 0
