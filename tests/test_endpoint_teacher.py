@@ -145,11 +145,25 @@ def test_the_served_logit_store_follows_the_training_rows_whatever_subset_and_or
 
 def test_the_shards_record_what_the_server_cost(serve, tmp_path) -> None:
     generations = store(tmp_path)
-    generations.build(EndpointGenerator(client(serve().url), SamplingSettings(max_new_tokens=3)), PROMPTS)
+    prices = {"prompt_price_per_million": 2.5, "completion_price_per_million": 10.0}
+    generations.build(EndpointGenerator(client(serve().url, **prices), SamplingSettings(max_new_tokens=3)), PROMPTS)
     stats = generations.statistics()
     assert stats["server_requests"] == len(PROMPTS) and stats["server_retries"] == 0
     assert stats["server_completion_tokens"] == stats["tokens"] == 3 * len(PROMPTS)
     assert stats["server_prompt_tokens"] == sum(map(len, PROMPTS)) and stats["server_seconds"] > 0
+    assert stats["server_cost"] == pytest.approx((sum(map(len, PROMPTS)) * 2.5 + 3 * len(PROMPTS) * 10.0) / 1e6)
+
+
+def test_billed_tokens_are_the_servers_usage_where_it_reports_them(serve) -> None:
+    def billed(path: str, body: dict) -> tuple[int, str]:
+        answer = json.loads(healthy(path, body)[1])
+        return 200, json.dumps(answer | {"usage": {"prompt_tokens": 100, "completion_tokens": 2}})
+
+    served = client(serve(billed).url, prompt_price_per_million=1.0)
+    served.complete([5, 6], SamplingSettings(max_new_tokens=2))
+    assert served.counters.prompt_tokens == 100 and served.counters.cost == pytest.approx(100 / 1e6)
+    with pytest.raises(ValueError, match=r"teacher.completion_price_per_million=-1.0 must be >= 0"):
+        client("u", completion_price_per_million=-1.0)
 
 
 def test_429_is_retried_then_answered(serve) -> None:

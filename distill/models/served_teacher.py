@@ -22,13 +22,26 @@ def served_teacher(
     backoff_s: float = 0.5,
     top_logprobs: int = 0,
     api: str = "completions",
+    prompt_price_per_million: float = 0.0,
+    completion_price_per_million: float = 0.0,
 ) -> Teacher:
     """``teacher=endpoint``: a teacher without weights in this process, whose client is checked by one request
     before any long stage runs. ``name_or_path`` is the served model's tokenizer (the prompts are its token ids)
     and, where a student is cut from the teacher, its weights, loaded only for the cut. ``api`` is ``completions``
-    (token-id prompts) or ``chat`` (each prompt's messages, for servers that only chat)."""
+    (token-id prompts) or ``chat`` (each prompt's messages, for servers that only chat). The prices (per million
+    tokens) make ``generation/server_cost`` the provider's bill."""
     settings = EndpointSettings(
-        base_url, model, api_key_env, max_concurrency, timeout_s, max_retries, backoff_s, top_logprobs, api
+        base_url,
+        model,
+        api_key_env,
+        max_concurrency,
+        timeout_s,
+        max_retries,
+        backoff_s,
+        top_logprobs,
+        api,
+        prompt_price_per_million,
+        completion_price_per_million,
     )
     client = EndpointClient(settings, tokenizer=name_or_path)
     client.preflight()

@@ -53,8 +53,14 @@ class EndpointSettings:
     backoff_s: float = 0.5
     top_logprobs: int = 0
     api: str = "completions"
+    # What the provider bills per million tokens (0: a local server): the run's cost, counted as it generates.
+    prompt_price_per_million: float = 0.0
+    completion_price_per_million: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("prompt_price_per_million", "completion_price_per_million"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"teacher.{name}={getattr(self, name)!r} must be >= 0")
         if self.api not in APIS:
             raise ValueError(f"teacher.api={self.api!r} must be one of {APIS}")
         if self.max_concurrency < 1:
@@ -67,13 +73,15 @@ class EndpointSettings:
 
 @dataclass
 class Counters:
-    """What the server cost, for metrics.json: requests (retries included), tokens, seconds waited."""
+    """What the server cost, for metrics.json: requests (retries included), tokens (as the server bills them,
+    ``usage``, where it reports it), seconds waited, and the bill at the configured prices."""
 
     requests: int = 0
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    cost: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **amounts: float) -> None:
@@ -82,7 +90,7 @@ class Counters:
                 setattr(self, name, getattr(self, name) + amount)
 
     def as_dict(self) -> dict[str, float]:
-        names = ("requests", "retries", "prompt_tokens", "completion_tokens", "seconds")
+        names = ("requests", "retries", "prompt_tokens", "completion_tokens", "seconds", "cost")
         return {name: getattr(self, name) for name in names}
 
 
@@ -182,7 +190,12 @@ class EndpointClient:
                 f"POST {self.url}{path}: malformed answer ({type(error).__name__}: {error}) to a request "
                 f"of {len(prompt)} prompt tokens: {str(answer)[:200]!r}"
             ) from error
-        self.counters.add(prompt_tokens=len(prompt), completion_tokens=len(response[0]))
+        usage = answer.get("usage") or {}
+        prompt_tokens = usage.get("prompt_tokens", len(prompt))
+        completion_tokens = usage.get("completion_tokens", len(response[0]))
+        price = self.settings.prompt_price_per_million, self.settings.completion_price_per_million
+        cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+        self.counters.add(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost)
         return response
 
     def request_body(
