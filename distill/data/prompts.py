@@ -20,8 +20,8 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
