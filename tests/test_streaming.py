@@ -1,22 +1,162 @@
 """A streamed training corpus (distill/data/streaming.py): blocks packed as read, never materialized, from a
-generator, local files or a hub dataset."""
+generator, local files or a hub dataset, and a resume that is exact: the checkpoint holds the epoch, the batches
+trained and the random streams."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import random
+import warnings
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoTokenizer
 
 from distill.data.documents import DocumentSource
+from distill.data.streaming import PackedStream, StreamLoader, lightning_read_ahead
 from distill.data.text import TextDataModule, pack_blocks, token_stream
 from distill.pipeline.checks import check_run
+from distill.pipeline.interrupt import Interrupted
 from distill.train import train
 from distill.utils.keys import EXAMPLE_INDEX
+from tests.conftest import tiny_llama
+from tests.test_exact_resume import Noisy, SaveAt, TermAt, assert_same_run, into, loader_state, quiet_trainer
 from tests.test_user_data import TOPICS, write_jsonl
+
+BLOCK = 4
+
+
+def numbered_blocks(count: int) -> list[dict[str, str]]:
+    """Documents that encode (:func:`as_block`) to one block each: block ``i`` is ``[i] * BLOCK``."""
+    return [{"text": str(row)} for row in range(count)]
+
+
+def as_block(text: str) -> list[int]:
+    return [int(text)] * BLOCK
+
+
+def stream(count: int, shard: tuple[int, int] = (0, 1)) -> PackedStream:
+    return PackedStream(numbered_blocks(count), as_block, BLOCK, shard)
+
+
+def draws() -> list[float]:
+    return [torch.rand(1).item(), float(np.random.rand()), random.random()]
+
+
+def test_a_loader_state_resumes_its_epoch_place_and_random_streams() -> None:
+    loader = StreamLoader(stream(40), batch_size=2)  # read_ahead=0: a plain loop trains what it reads
+    loader.epochs.set_epoch(2)
+    iterator = iter(loader)
+    trained = [next(iterator) for _ in range(3)]
+    state = loader.state_dict()
+    assert (state["epoch"], state["batches"], len(state["ranks"])) == (2, 3, 1)
+    expected = [next(iterator)[EXAMPLE_INDEX].tolist(), draws()]
+
+    torch.manual_seed(5)  # what a resumed process draws before its first batch does not count
+    resumed = StreamLoader(stream(40), batch_size=2)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["epoch"] == 2  # a loaded state is the place until the epoch starts
+    assert [next(iter(resumed))[EXAMPLE_INDEX].tolist(), draws()] == expected
+    assert trained[0][EXAMPLE_INDEX].tolist() == [0, 1]
+
+
+def test_a_loader_reading_ahead_counts_the_batch_in_hand_as_untrained() -> None:
+    """As under Lightning's fit loop: a batch is trained once the next one is asked for, or the stream ended."""
+    loader = StreamLoader(stream(6), batch_size=2, read_ahead=1)
+    batches = iter(loader)
+    next(batches), next(batches)  # [0, 1] trained, [2, 3] in hand
+    state = loader.state_dict()
+    expected = draws()
+    assert (state["epoch"], state["batches"]) == (0, 1)
+    next(batches)
+    assert loader.position() == (0, 2)
+    assert next(batches, None) is None and loader.position() == (1, 0)  # the stream ended: the next epoch's start
+
+    resumed = StreamLoader(stream(6), batch_size=2, read_ahead=1)
+    resumed.load_state_dict(state)
+    batches = iter(resumed)
+    assert next(batches)[EXAMPLE_INDEX].tolist() == [2, 3]
+    torch.manual_seed(5)  # drawn between reading ahead and the first resumed step: does not count
+    assert next(batches)[EXAMPLE_INDEX].tolist() == [4, 5]
+    assert draws() == expected
+    # A state that comes after the batch in hand was read (trainer=fsdp restores after setup) cannot be exact.
+    late = StreamLoader(stream(6), batch_size=2, read_ahead=1)
+    next(iter(late))
+    with pytest.raises(ValueError, match=r"after it had read the batch Lightning trains first .* trainer=ddp"):
+        late.load_state_dict(state)
+
+
+def two_ranks_state(rank: int, folder: Path) -> None:
+    """One rank of two: reads 3 batches, saves, then resumes a fresh loader from the gathered state."""
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # each rank's streams are its own
+    batches = iter(loader := StreamLoader(stream(40, shard=(rank, 2)), batch_size=2))
+    for _ in range(3):
+        next(batches)
+    state = loader.state_dict()
+    expected = [next(batches)[EXAMPLE_INDEX].tolist(), draws()]
+    torch.manual_seed(99)
+    resumed = StreamLoader(stream(40, shard=(rank, 2)), batch_size=2)
+    resumed.load_state_dict(state)
+    actual = [next(iter(resumed))[EXAMPLE_INDEX].tolist(), draws()]
+    torch.save({"ranks": len(state["ranks"]), "expected": expected, "actual": actual}, folder / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_every_rank_saves_and_resumes_its_own_streams(tmp_path: Path) -> None:
+    mp.spawn(two_ranks_state, args=(tmp_path,), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert all(rank["ranks"] == 2 and rank["actual"] == rank["expected"] for rank in ranks)
+    assert ranks[0]["expected"] != ranks[1]["expected"]  # other blocks, other draws
+
+
+class StreamedNoisy(Noisy):
+    """Noisy on streamed blocks (dropout, numpy and Python draws each step); records the blocks it trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trained: list[int] = []
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.trained += batch[EXAMPLE_INDEX].tolist()
+        return super().training_step(batch["input_ids"][:, :3].float(), batch_idx)
+
+
+def fit_stream(tmp_path: Path, limit: int | None, callbacks: list, ckpt_path: Path | None = None) -> StreamedNoisy:
+    trainer = quiet_trainer(tmp_path, callbacks, limit_train_batches=limit)
+    module = StreamedNoisy()
+    torch.manual_seed(123)  # a resumed process's own draws before fit must not matter
+    loader = StreamLoader(stream(20), batch_size=2, read_ahead=lightning_read_ahead(trainer))
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("limit", "stop_at", "place"),
+    [(None, 12, (1, 2)), (None, 10, (1, 0)), (4, 6, (1, 2)), (4, 8, (1, 4))],
+    ids=["read_ahead_mid_epoch", "read_ahead_epoch_end", "epoch_limit_mid_epoch", "epoch_limit_epoch_end"],
+)
+def test_a_resumed_stream_trains_what_an_uninterrupted_one_does(
+    tmp_path: Path, limit: int | None, stop_at: int, place: tuple[int, int]
+) -> None:
+    """20 blocks in batches of 2 (10 a stream's epoch, or limit_train_batches=4), 13 steps."""
+    checkpoint = tmp_path / "stopped.ckpt"
+    straight = fit_stream(tmp_path, limit, [SaveAt(stop_at, str(checkpoint))])
+    state = loader_state(checkpoint)
+    assert (state["epoch"], state["batches"]) == place
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not resumable.*")
+        resumed = fit_stream(tmp_path, limit, [], ckpt_path=checkpoint)
+    assert resumed.trained == straight.trained[stop_at * 2 :]
+    assert torch.equal(straight.layer.weight, resumed.layer.weight)
+    assert torch.equal(straight.layer.bias, resumed.layer.bias)
 
 
 def generated_documents(count: int, drawn: list[int]) -> datasets.IterableDataset:
@@ -52,11 +192,12 @@ def test_a_stream_packs_blocks_as_read_and_resumes(corpus: Path, tmp_path: Path,
     expected = pack_blocks(token_stream(streamed_tokens(streamed, len(drawn))), 8, 0, keep_tail=False)["input_ids"]
     assert torch.equal(torch.cat([batch["input_ids"] for batch in batches]), torch.from_numpy(expected[:6]))
     assert torch.cat([batch[EXAMPLE_INDEX] for batch in batches]).tolist() == list(range(6))
-    # A resumed loader starts after the batches the checkpoint counted.
+    # A resumed loader starts after the batches the checkpoint counted (all those read: no trainer reads ahead).
+    state = loader.state_dict()
+    assert (state["epoch"], state["batches"]) == (0, 3)
     resumed = streamed.dataloader("train", 2, shuffle=True)
-    resumed.load_state_dict({"batches": 2})
+    resumed.load_state_dict(state | {"batches": 2})
     assert torch.equal(next(iter(resumed))["input_ids"], batches[2]["input_ids"])
-    assert loader.state_dict() == {"batches": 3}
 
 
 def streamed_tokens(data: TextDataModule, count: int) -> datasets.Dataset:
@@ -77,10 +218,10 @@ def test_a_generated_stream_trains_without_materializing(
     assert metrics["student/trained_tokens"] == 4 * 2 * 15 and len(drawn) < 100
 
 
-def stream_run(tmp_path: Path, teacher: Path, corpus: Path) -> list[str]:
+def stream_run(tmp_path: Path, teacher: Path, corpus: Path, output: str = "run") -> list[str]:
     return [
         *("task=causal_lm", "teacher=smollm2", "student=smollm2_half", "data=files", "debug=smoke", "logger=csv"),
-        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.output_dir={tmp_path / output}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"teacher.name_or_path={teacher}",
         f"data.data_dir={corpus}",
@@ -143,3 +284,40 @@ def test_a_stream_is_read_once_whatever_the_loader_workers(
     )  # fmt: skip
     indices = torch.cat([batch[EXAMPLE_INDEX] for batch in data.dataloader("train", 2, shuffle=True, shard=(0, 1))])
     assert sorted(indices.tolist()) == list(range(len(indices)))
+
+
+@pytest.fixture
+def dropout_teacher_dir(tmp_path: Path, hf_teacher_available: str) -> Path:
+    """The tiny Llama teacher with attention dropout, which the pruned student keeps: every step draws."""
+    tokenizer = AutoTokenizer.from_pretrained(hf_teacher_available)
+    model = tiny_llama(len(tokenizer))
+    model.config.attention_dropout = 0.25
+    path = tmp_path / "dropout_teacher"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_stream_with_dropout_resumes_exactly(
+    compose_train, dropout_teacher_dir: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """The corpus files streamed, two epochs of 6 batches validated every 2 steps;
+    SIGTERMed after step 7 (epoch 1, batch 1) and resumed from last.ckpt: it ends as the straight run."""
+    overrides = [
+        *stream_run(tmp_path, dropout_teacher_dir, corpus),
+        *("distill.teacher_cache=none", "data.train_limit_blocks=12"),
+        *("trainer.max_steps=10", "trainer.max_epochs=2", "trainer.val_check_interval=2"),
+    ]
+    train(compose_train(*overrides, *into(tmp_path / "straight")))
+    run = tmp_path / "stopped"
+    stop = [f"+callbacks.stop_at._target_={TermAt.__module__}.TermAt", "+callbacks.stop_at.step=7"]
+    with pytest.raises(Interrupted):
+        train(compose_train(*overrides, *into(run), *stop))
+    last = run / "checkpoints" / "last.ckpt"
+    state = loader_state(last)
+    assert (state["epoch"], state["batches"]) == (1, 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not resumable.*")
+        train(compose_train(*overrides, *into(run), f"ckpt_path={last}"))
+    assert_same_run(tmp_path / "straight", run)

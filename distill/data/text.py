@@ -38,7 +38,7 @@ from distill.data.base import DataModule
 from distill.data.documents import HELD_OUT, SPLITS, DocumentSource, SplitDocuments
 from distill.data.sampler import data_parallel_rank
 from distill.data.split_loaders import check_batch_sizes
-from distill.data.streaming import PackedStream, StreamLoader
+from distill.data.streaming import PackedStream, StreamLoader, lightning_read_ahead
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 from distill.utils.references import load_tokenizer
 
@@ -277,7 +277,7 @@ class TextDataModule(DataModule):
         blocks = PackedStream(stream, self._encode_streamed, self.block_size, shard, self.limits["train"])
         # Read in this process, whatever data.num_workers: loader workers would each read the whole stream (or,
         # for a `datasets` stream, whole shards of it, leaving all but one idle on a one-shard source).
-        return StreamLoader(blocks, batch_size=batch_size)
+        return StreamLoader(blocks, batch_size, read_ahead=lightning_read_ahead(self.trainer))
 
     def _encode_streamed(self, text: str | None) -> list[int]:
         if text is None:
