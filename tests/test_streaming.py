@@ -1,6 +1,6 @@
-"""A streamed training corpus (distill/data/streaming.py): blocks packed as read, never materialized, from a
-generator, local files or a hub dataset, and a resume that is exact: the checkpoint holds the epoch, the batches
-trained and the random streams."""
+"""A streamed training corpus (distill/data/streaming.py): blocks packed as read, a seeded shuffle buffer whose
+order is a function of (seed, epoch, stream) and the same on every rank, and a resume that is exact: the
+checkpoint holds the epoch, the batches trained and the random streams."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoTokenizer
 
+from distill.config.schemas import validate
 from distill.data.documents import DocumentSource
-from distill.data.streaming import PackedStream, StreamLoader, lightning_read_ahead
+from distill.data.streaming import PackedStream, StreamLoader, lightning_read_ahead, shuffled
 from distill.data.text import TextDataModule, pack_blocks, token_stream
 from distill.pipeline.checks import check_run
 from distill.pipeline.interrupt import Interrupted
@@ -41,8 +42,48 @@ def as_block(text: str) -> list[int]:
     return [int(text)] * BLOCK
 
 
-def stream(count: int, shard: tuple[int, int] = (0, 1)) -> PackedStream:
-    return PackedStream(numbered_blocks(count), as_block, BLOCK, shard)
+def stream(count: int, shard: tuple[int, int] = (0, 1), buffer: int | None = 8, seed: int = 0) -> PackedStream:
+    return PackedStream(numbered_blocks(count), as_block, BLOCK, shard, shuffle_buffer=buffer, seed=seed)
+
+
+def order(blocks: PackedStream, epoch: int = 0) -> list[int]:
+    return [index for index, _ in blocks.order(epoch)]
+
+
+def indices(loader: StreamLoader) -> list[int]:
+    return [index for batch in loader for index in batch[EXAMPLE_INDEX].tolist()]
+
+
+def test_the_shuffle_buffer_permutes_within_its_window() -> None:
+    out = list(shuffled(range(100), 8, np.random.default_rng(0)))
+    assert sorted(out) == list(range(100)) and out != list(range(100))
+    # An item leaves the buffer only once read: at most 7 places early (late, any number).
+    assert all(item < place + 8 for place, item in enumerate(out))
+    assert list(shuffled(range(5), 8, np.random.default_rng(0))) != list(range(5))  # shorter than the buffer
+
+
+def test_an_epochs_order_is_a_function_of_seed_epoch_and_stream() -> None:
+    first = order(stream(60))
+    assert sorted(first) == list(range(60)) and first == order(stream(60))
+    assert order(stream(60), epoch=1) != first
+    assert order(stream(60, seed=1)) != first
+    assert order(stream(60, seed=-1)) != first  # any int seed
+    for unshuffled in (None, 0):
+        assert order(stream(60, buffer=unshuffled), epoch=3) == list(range(60))
+    # The blocks themselves travel with their place in the stream.
+    assert all((block == index).all() for index, block in stream(60).order(2))
+
+
+def test_ranks_take_disjoint_blocks_of_one_shuffled_order() -> None:
+    def rank(number: int) -> list[int]:
+        loader = StreamLoader(stream(40, shard=(number, 2)), batch_size=2)
+        loader.epochs.set_epoch(1)
+        return indices(loader)
+
+    ranks = [rank(0), rank(1)]
+    assert not set(ranks[0]) & set(ranks[1])
+    dealt = [index for pair in zip(*ranks, strict=True) for index in pair]
+    assert dealt == order(stream(40), epoch=1) and dealt != list(range(40))
 
 
 def draws() -> list[float]:
@@ -63,12 +104,12 @@ def test_a_loader_state_resumes_its_epoch_place_and_random_streams() -> None:
     resumed.load_state_dict(state)
     assert resumed.state_dict()["epoch"] == 2  # a loaded state is the place until the epoch starts
     assert [next(iter(resumed))[EXAMPLE_INDEX].tolist(), draws()] == expected
-    assert trained[0][EXAMPLE_INDEX].tolist() == [0, 1]
+    assert trained[0][EXAMPLE_INDEX].tolist() == order(stream(40), epoch=2)[:2]
 
 
 def test_a_loader_reading_ahead_counts_the_batch_in_hand_as_untrained() -> None:
     """As under Lightning's fit loop: a batch is trained once the next one is asked for, or the stream ended."""
-    loader = StreamLoader(stream(6), batch_size=2, read_ahead=1)
+    loader = StreamLoader(stream(6, buffer=None), batch_size=2, read_ahead=1)
     batches = iter(loader)
     next(batches), next(batches)  # [0, 1] trained, [2, 3] in hand
     state = loader.state_dict()
@@ -78,7 +119,7 @@ def test_a_loader_reading_ahead_counts_the_batch_in_hand_as_untrained() -> None:
     assert loader.position() == (0, 2)
     assert next(batches, None) is None and loader.position() == (1, 0)  # the stream ended: the next epoch's start
 
-    resumed = StreamLoader(stream(6), batch_size=2, read_ahead=1)
+    resumed = StreamLoader(stream(6, buffer=None), batch_size=2, read_ahead=1)
     resumed.load_state_dict(state)
     batches = iter(resumed)
     assert next(batches)[EXAMPLE_INDEX].tolist() == [2, 3]
@@ -86,7 +127,7 @@ def test_a_loader_reading_ahead_counts_the_batch_in_hand_as_untrained() -> None:
     assert next(batches)[EXAMPLE_INDEX].tolist() == [4, 5]
     assert draws() == expected
     # A state that comes after the batch in hand was read (trainer=fsdp restores after setup) cannot be exact.
-    late = StreamLoader(stream(6), batch_size=2, read_ahead=1)
+    late = StreamLoader(stream(6, buffer=None), batch_size=2, read_ahead=1)
     next(iter(late))
     with pytest.raises(ValueError, match=r"after it had read the batch Lightning trains first .* trainer=ddp"):
         late.load_state_dict(state)
@@ -133,7 +174,7 @@ def fit_stream(tmp_path: Path, limit: int | None, callbacks: list, ckpt_path: Pa
     trainer = quiet_trainer(tmp_path, callbacks, limit_train_batches=limit)
     module = StreamedNoisy()
     torch.manual_seed(123)  # a resumed process's own draws before fit must not matter
-    loader = StreamLoader(stream(20), batch_size=2, read_ahead=lightning_read_ahead(trainer))
+    loader = StreamLoader(stream(20, buffer=4, seed=3), batch_size=2, read_ahead=lightning_read_ahead(trainer))
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     return module
 
@@ -146,7 +187,7 @@ def fit_stream(tmp_path: Path, limit: int | None, callbacks: list, ckpt_path: Pa
 def test_a_resumed_stream_trains_what_an_uninterrupted_one_does(
     tmp_path: Path, limit: int | None, stop_at: int, place: tuple[int, int]
 ) -> None:
-    """20 blocks in batches of 2 (10 a stream's epoch, or limit_train_batches=4), 13 steps."""
+    """20 blocks in batches of 2 (10 a stream's epoch, or limit_train_batches=4), 13 steps, shuffled each epoch."""
     checkpoint = tmp_path / "stopped.ckpt"
     straight = fit_stream(tmp_path, limit, [SaveAt(stop_at, str(checkpoint))])
     state = loader_state(checkpoint)
@@ -155,6 +196,8 @@ def test_a_resumed_stream_trains_what_an_uninterrupted_one_does(
         warnings.filterwarnings("error", message=".*not resumable.*")
         resumed = fit_stream(tmp_path, limit, [], ckpt_path=checkpoint)
     assert resumed.trained == straight.trained[stop_at * 2 :]
+    epoch = 2 * (limit or 10)
+    assert straight.trained[epoch : epoch + 6] != straight.trained[:6]  # each epoch is shuffled anew
     assert torch.equal(straight.layer.weight, resumed.layer.weight)
     assert torch.equal(straight.layer.bias, resumed.layer.bias)
 
@@ -286,6 +329,34 @@ def test_a_stream_is_read_once_whatever_the_loader_workers(
     assert sorted(indices.tolist()) == list(range(len(indices)))
 
 
+def test_a_streamed_data_module_shuffles_with_its_seed_and_the_epoch(
+    corpus: Path, tmp_path: Path, hf_teacher_available: str
+) -> None:
+    def streamed(seed: int, epoch: int = 0) -> list[int]:
+        data = TextDataModule(
+            str(corpus), str(tmp_path / "cache"), hf_teacher_available, val_files=["work_3.txt"],
+            test_files=["work_4.txt"], block_size=8, train_stream=generated_documents(30, []), shuffle_buffer=16,
+            seed=seed,
+        )  # fmt: skip
+        loader = data.train_dataloader()
+        loader.epochs.set_epoch(epoch)
+        return indices(loader)
+
+    first = streamed(0)
+    assert sorted(first) == list(range(len(first))) and first != sorted(first)
+    assert all(index < place + 16 for place, index in enumerate(first))
+    assert streamed(0) == first and streamed(0, epoch=1) != first and streamed(1) != first
+
+
+def test_a_bad_shuffle_buffer_fails_when_the_config_is_checked(
+    compose_train, lm_teacher_dir: Path, corpus: Path, tmp_path: Path
+) -> None:
+    cfg = compose_train(*stream_run(tmp_path, lm_teacher_dir, corpus), "data.shuffle_buffer=-2")
+    with pytest.raises(ValueError, match=r"^data.shuffle_buffer=-2 must be a number of blocks >= 0 \(0 or null: "):
+        validate(cfg)
+    validate(compose_train(*stream_run(tmp_path, lm_teacher_dir, corpus), "data.shuffle_buffer=0"))
+
+
 @pytest.fixture
 def dropout_teacher_dir(tmp_path: Path, hf_teacher_available: str) -> Path:
     """The tiny Llama teacher with attention dropout, which the pruned student keeps: every step draws."""
@@ -299,14 +370,14 @@ def dropout_teacher_dir(tmp_path: Path, hf_teacher_available: str) -> Path:
 
 
 @pytest.mark.slow
-def test_a_stream_with_dropout_resumes_exactly(
+def test_a_shuffled_stream_with_dropout_resumes_exactly(
     compose_train, dropout_teacher_dir: Path, corpus: Path, tmp_path: Path
 ) -> None:
-    """The corpus files streamed, two epochs of 6 batches validated every 2 steps;
+    """The corpus files streamed through a shuffle buffer, two epochs of 6 batches validated every 2 steps;
     SIGTERMed after step 7 (epoch 1, batch 1) and resumed from last.ckpt: it ends as the straight run."""
     overrides = [
         *stream_run(tmp_path, dropout_teacher_dir, corpus),
-        *("distill.teacher_cache=none", "data.train_limit_blocks=12"),
+        *("distill.teacher_cache=none", "data.train_limit_blocks=12", "data.shuffle_buffer=4"),
         *("trainer.max_steps=10", "trainer.max_epochs=2", "trainer.val_check_interval=2"),
     ]
     train(compose_train(*overrides, *into(tmp_path / "straight")))

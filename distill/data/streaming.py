@@ -4,8 +4,15 @@ loader asks for them, for corpora larger than memory or disk.
 The stream is any iterable of ``{"text": ...}`` rows (a ``datasets.IterableDataset``: ``load_dataset(...,
 streaming=True)`` or ``IterableDataset.from_generator``). Blocks are the same non-overlapping ``block_size``
 windows of the documents' token stream that :func:`~distill.data.text.pack_blocks` cuts (the tail dropped),
-numbered by their place in the stream (the batches' :data:`~distill.utils.keys.EXAMPLE_INDEX`), in the
-stream's order (no shuffling: shuffle the source), dealt round-robin to the data-parallel ranks.
+numbered by their place in the stream (the batches' :data:`~distill.utils.keys.EXAMPLE_INDEX`).
+
+Order: the stream's, or with ``shuffle_buffer`` blocks that of a shuffle buffer, as
+``datasets.IterableDataset.shuffle(buffer_size=...)``: the buffer fills from the stream, then each block read
+takes the place of one drawn at random, which is yielded (a block comes out at most ``shuffle_buffer - 1``
+places early, any number late). Its generator is seeded with the data seed and the epoch, never the rank: an
+epoch's order is a function of (seed, epoch, stream), each epoch draws another, and every rank draws the same
+and takes every ``replicas``-th block of it from its own rank on (round-robin), so ranks see disjoint blocks.
+A resumed epoch refills the buffer from the same seed: it replays the interrupted epoch's order.
 
 Resume: a checkpoint holds the epoch, the batches trained in it and, per data-parallel rank, the global
 generators (:mod:`distill.utils.random_state`: dropout, on-policy samples). A resumed loader re-reads its epoch
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,11 +40,28 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from distill.utils import random_state
 from distill.utils.keys import EXAMPLE_INDEX
 
+T = TypeVar("T")
+
+
+def shuffled(items: Iterable[T], size: int, generator: np.random.Generator) -> Iterator[T]:
+    """``items`` through a shuffle buffer of ``size``: once it is full, each item read takes the place of one
+    drawn at random, which is yielded; what is left in the buffer at the end comes out in random order."""
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        drawn = int(generator.integers(size))
+        yield buffer[drawn]
+        buffer[drawn] = item
+    generator.shuffle(buffer)
+    yield from buffer
+
 
 class PackedStream(IterableDataset):
     """Blocks of ``block_size`` tokens packed on the fly from ``documents``; ``encode`` tokenises one document
-    (its separator included). Yields this rank's blocks of epoch ``epoch``, ``skip`` of them dropped, at most
-    ``limit`` in all."""
+    (its separator included). Of the first ``limit`` blocks, in the order of epoch ``epoch`` (``shuffle_buffer``
+    blocks, drawn with ``seed``; 0 or None: the stream's), yields this rank's, ``skip`` of them dropped."""
 
     def __init__(
         self,
@@ -46,10 +70,12 @@ class PackedStream(IterableDataset):
         block_size: int,
         shard: tuple[int, int],
         limit: int | None = None,
+        shuffle_buffer: int | None = None,
+        seed: int = 0,
     ) -> None:
         self.documents, self.encode, self.block_size = documents, encode, block_size
         self.rank, self.replicas = shard
-        self.limit = limit
+        self.limit, self.shuffle_buffer, self.seed = limit, shuffle_buffer, seed
         # Where the next iterator starts (StreamLoader sets them).
         self.epoch = self.skip = 0
 
@@ -63,8 +89,13 @@ class PackedStream(IterableDataset):
             del buffer[:full]
 
     def order(self, epoch: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Every rank's blocks with their place in the stream, in epoch ``epoch``'s order (the stream's)."""
-        return enumerate(itertools.islice(self.blocks(), self.limit))
+        """Every rank's blocks with their place in the stream, in epoch ``epoch``'s order."""
+        numbered = enumerate(itertools.islice(self.blocks(), self.limit))
+        if not self.shuffle_buffer:
+            return numbered
+        # One generator per (seed, epoch); SeedSequence takes no negative seed, hence the modulo.
+        generator = np.random.default_rng([self.seed % 2**64, epoch])
+        return shuffled(numbered, self.shuffle_buffer, generator)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self._rows(self.epoch, self.skip)
