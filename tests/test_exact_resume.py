@@ -67,8 +67,9 @@ def rows_loader(grouped: bool) -> ResumableLoader:
     return ResumableLoader(rows, batch_size=BATCH, sampler=sampler)
 
 
-def fit(tmp_path: Path, grouped: bool, callbacks: list, ckpt_path: Path | None = None) -> Noisy:
-    trainer = pl.Trainer(
+def quiet_trainer(tmp_path: Path, callbacks: list, **settings) -> pl.Trainer:
+    """13 steps (up to 10 epochs) without logger, checkpoints or progress bar; ``settings`` go to the trainer."""
+    return pl.Trainer(
         default_root_dir=tmp_path,
         max_steps=13,
         max_epochs=10,
@@ -77,7 +78,12 @@ def fit(tmp_path: Path, grouped: bool, callbacks: list, ckpt_path: Path | None =
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
+        **settings,
     )
+
+
+def fit(tmp_path: Path, grouped: bool, callbacks: list, ckpt_path: Path | None = None) -> Noisy:
+    trainer = quiet_trainer(tmp_path, callbacks)
     module = Noisy()
     torch.manual_seed(123)  # a resumed process's own draws before fit must not matter
     trainer.fit(module, train_dataloaders=rows_loader(grouped), ckpt_path=ckpt_path)

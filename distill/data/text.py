@@ -38,7 +38,7 @@ from distill.data.base import DataModule
 from distill.data.documents import HELD_OUT, SPLITS, DocumentSource, SplitDocuments
 from distill.data.sampler import data_parallel_rank
 from distill.data.split_loaders import check_batch_sizes
-from distill.data.streaming import PackedStream, StreamLoader
+from distill.data.streaming import PackedStream, StreamLoader, lightning_read_ahead
 from distill.utils.keys import EXAMPLE_INDEX, digest, tokenizer_fingerprint
 from distill.utils.references import load_tokenizer
 
@@ -104,6 +104,8 @@ class TextDataModule(DataModule):
         streaming: read the training documents as they are trained on (``train_limit_blocks``: the first ones).
         train_stream: (from code) the training documents as an iterable of ``{"text": ...}`` rows, such as a
             ``datasets.IterableDataset``; implies ``streaming``.
+        shuffle_buffer: a streamed corpus's blocks pass through a shuffle buffer of this many blocks, drawn
+            with ``seed`` and the epoch; 0 or None: the stream's order. (A materialized corpus is shuffled whole.)
     """
 
     task = "causal_lm"
@@ -133,11 +135,13 @@ class TextDataModule(DataModule):
         test_limit_blocks: int | None = None,
         streaming: bool = False,
         train_stream: Iterable[dict[str, str]] | None = None,
+        shuffle_buffer: int | None = None,
     ) -> None:
         super().__init__()
         self.streaming, self.train_stream = streaming or train_stream is not None, train_stream
         limits = (train_limit_blocks, val_limit_blocks, test_limit_blocks)
-        self.check_settings(block_size, batch_size, eval_batch_size, *limits)
+        self.check_settings(block_size, batch_size, eval_batch_size, *limits, shuffle_buffer)
+        self.shuffle_buffer = shuffle_buffer
         self.limits = {"train": train_limit_blocks, "validation": val_limit_blocks, "test": test_limit_blocks}
         self.cache_dir = Path(cache_dir).expanduser()
         self.source = DocumentSource(
@@ -169,6 +173,7 @@ class TextDataModule(DataModule):
         train_limit_blocks: int | None,
         val_limit_blocks: int | None,
         test_limit_blocks: int | None,
+        shuffle_buffer: int | None = None,
     ) -> None:
         """The constructor's range checks, which :func:`distill.config.schemas.validate` also runs on ``data``."""
         if block_size < 2:
@@ -176,6 +181,10 @@ class TextDataModule(DataModule):
         check_limit("train_limit_blocks", train_limit_blocks)
         check_limit("val_limit_blocks", val_limit_blocks)
         check_limit("test_limit_blocks", test_limit_blocks)
+        if shuffle_buffer is not None and shuffle_buffer < 0:
+            raise ValueError(
+                f"shuffle_buffer={shuffle_buffer!r} must be a number of blocks >= 0 (0 or null: the stream's order)"
+            )
         check_batch_sizes(batch_size, eval_batch_size)
 
     def _load_tokenizer(self, name: str, add_bos: bool) -> None:
@@ -274,10 +283,13 @@ class TextDataModule(DataModule):
             return super().dataloader(split, batch_size, shuffle, shard)
         stream = self.train_stream if self.train_stream is not None else self.source.stream()
         shard = shard or data_parallel_rank(self)
-        blocks = PackedStream(stream, self._encode_streamed, self.block_size, shard, self.limits["train"])
+        buffer = self.shuffle_buffer if shuffle else None
+        blocks = PackedStream(
+            stream, self._encode_streamed, self.block_size, shard, self.limits["train"], buffer, self.seed
+        )
         # Read in this process, whatever data.num_workers: loader workers would each read the whole stream (or,
         # for a `datasets` stream, whole shards of it, leaving all but one idle on a one-shard source).
-        return StreamLoader(blocks, batch_size=batch_size)
+        return StreamLoader(blocks, batch_size, read_ahead=lightning_read_ahead(self.trainer))
 
     def _encode_streamed(self, text: str | None) -> list[int]:
         if text is None:
