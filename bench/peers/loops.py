@@ -18,6 +18,8 @@ The loop's facts (:class:`bench.peers.common.FitFacts`) go to ``--facts``, the t
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 from pathlib import Path
 
 import datasets
@@ -33,6 +35,8 @@ from distill.modules.optimization import optimizer_with_schedule
 from distill.utils.devices import to_device
 from distill.utils.keys import EXAMPLE_INDEX
 from distill.utils.references import load_causal_lm
+
+log = logging.getLogger("bench.peers")
 
 
 def plain(cfg: DictConfig, datamodule: DataModule, student: PreTrainedModel, teacher: PreTrainedModel,
@@ -71,7 +75,11 @@ def trl(cfg: DictConfig, datamodule: DataModule, student: PreTrainedModel, teach
         facts: FitFacts, scratch: Path) -> PreTrainedModel:  # fmt: skip
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    recipe = Recipe.of(cfg)
+    asked = Recipe.of(cfg)
+    recipe = dataclasses.replace(asked, alpha=0.0, temperature=1.0)  # what GKD's loss computes, whatever is asked
+    if recipe != asked:
+        log.warning("TRL's GKD loss has no CE term and T = 1: training alpha=0, T=1, not alpha=%s, T=%s",
+                    asked.alpha, asked.temperature)  # fmt: skip
     total = recipe.steps(datamodule)
     # Distill's batches, epoch after epoch, become one dataset that TRL reads in order (its sampler sequential).
     batches = list(training_batches(datamodule, recipe.epochs))
@@ -100,7 +108,7 @@ def trl(cfg: DictConfig, datamodule: DataModule, student: PreTrainedModel, teach
         beta=0.0,  # generalized JSD at beta 0: forward KL(teacher || student)
         bf16=False,  # TRL's default is bf16 and gradient checkpointing; distill's recipe is fp32 without
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # (transformers 5 name of gradient_checkpointing)
         save_strategy="no",
         report_to="none",
         logging_steps=10,
@@ -113,7 +121,8 @@ def trl(cfg: DictConfig, datamodule: DataModule, student: PreTrainedModel, teach
     )  # fmt: skip
     facts.start()
     trainer.train()
-    facts.end(loss="trl GKDTrainer generalized_jsd_loss, beta=0: KL(teacher || student), T=1, no CE term")
+    loss = "trl GKDTrainer generalized_jsd_loss, beta=0: KL(teacher || student), T=1, no CE term"
+    facts.end(loss=loss, recipe=dataclasses.asdict(recipe))
     return trainer.model
 
 

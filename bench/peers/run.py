@@ -138,7 +138,7 @@ def run(arm: str, seed: int, blocks: int | None, eval_blocks: int | None, out: P
         **measured(facts, process),
         **heldout(AutoModelForCausalLM.from_pretrained(trained).to(device), datamodule),
         "loss": facts.get("loss", "distill: alpha * CE + (1 - alpha) * T^2 * KL against the stored top-64 + rest"),
-        "recipe": asdict(Recipe.of(cfg)),
+        "recipe": facts.get("recipe", asdict(Recipe.of(cfg))),  # TRL's says what its loss can do
         "student_init": str(student),
         "command": shlex.join(command),
         "versions": versions(),
