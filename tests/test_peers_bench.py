@@ -1,0 +1,90 @@
+"""The peer bench (bench/peers/) on tiny random Llamas: the plain loop and TRL's GKDTrainer train two steps on
+the same blocks in the same order, and each writes the record the bench's tables are made from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from transformers import AutoTokenizer
+
+from bench.peers.common import compose_experiment, order_digest, size_overrides, training_batches
+from bench.peers.run import run
+from distill.utils.keys import EXAMPLE_INDEX
+from tests.conftest import tiny_llama
+
+FIELDS = {
+    "arm", "seed", "size", "steps", "tokens", "order_digest", "wall_s", "train_s", "train_tokens_per_s",
+    "wall_tokens_per_s", "peak_rss_mb", "process_s", "peak_rss_process_mb", "heldout_ppl", "eval_s", "loss",
+    "recipe", "student_init", "command", "versions", "cpu",
+}  # fmt: skip
+
+
+@pytest.fixture
+def tiny_bench(tmp_path: Path, lm_teacher_dir: Path, corpus: Path) -> tuple[list[str], Path]:
+    """Overrides that point the experiment at the tiny teacher and corpus, and a 2-layer student beside it."""
+    student = tmp_path / "student"
+    tokenizer = AutoTokenizer.from_pretrained(lm_teacher_dir)
+    tiny_llama(len(tokenizer), layers=2, seed=1).save_pretrained(student)
+    tokenizer.save_pretrained(student)
+    overrides = [
+        f"teacher.name_or_path={lm_teacher_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"data.data_dir={corpus}",
+        "data.pattern=*.txt",
+        "data.val_files=[work_3.txt]",
+        "data.test_files=[work_4.txt]",
+        "data.block_size=16",
+    ]
+    return overrides, student
+
+
+def check_record(out: Path, arm: str) -> dict:
+    record = json.loads((out / f"{arm}-seed7.json").read_text())
+    assert record.keys() >= FIELDS
+    assert (record["arm"], record["seed"], record["size"]) == (arm, 7, "smoke")
+    assert (record["steps"], record["tokens"]) == (2, 8 * 15)  # 8 blocks of 16 tokens, batches of 4
+    assert 0 < record["train_s"] <= record["wall_s"] <= record["process_s"]
+    assert record["peak_rss_mb"] > 0 and record["heldout_ppl"] > 1
+    assert record["versions"]["torch"] and "commit" in record["versions"]["distill"]
+    assert record["recipe"]["batch_size"] == 4 and record["cpu"]["threads"] >= 1
+    assert not list((out / "work" / f"{arm}-seed7").rglob("model.safetensors"))  # the trained student is not kept
+    return record
+
+
+def test_plain_and_trl_arms_train_the_same_blocks_and_write_their_records(tiny_bench, tmp_path: Path) -> None:
+    """Two steps each; TRL, fed distill's batches through its sequential sampler, trains them in the plain loop's
+    order (distill's training loader's)."""
+    overrides, student = tiny_bench
+    out = tmp_path / "results"
+    arms = ["plain", "trl"] if importlib.util.find_spec("trl") else ["plain"]
+    for arm in arms:
+        # With no CE term the plain loop's loss is GKD's (forward KL, T = 1): the same optimizer, schedule and
+        # blocks must then give the same student.
+        run(arm, 7, blocks=8, eval_blocks=2, out=out, overrides=[*overrides, "distill.alpha=0"], student=student)
+    records = [check_record(out, arm) for arm in arms]
+    assert len({record["order_digest"] for record in records}) == 1
+    assert records[0]["heldout_ppl"] == pytest.approx(records[-1]["heldout_ppl"], rel=1e-4)
+    if len(arms) == 1:
+        pytest.skip("trl is not installed (pip install -e .[peers]): only the plain arm ran")
+
+
+@pytest.mark.slow
+def test_distill_arm_trains_the_loaders_blocks_and_scores_as_distill_does(tiny_bench, tmp_path: Path) -> None:
+    """`python -m distill.train` with the bench's callback: distill's training loader's blocks, in its order,
+    the store built in the run, and the bench's held-out score equal to the run's own test perplexity."""
+    overrides, student = tiny_bench
+    out = tmp_path / "results"
+    run("distill", 7, blocks=8, eval_blocks=2, out=out, overrides=overrides, student=student)
+    record = check_record(out, "distill")
+    datamodule = instantiate(compose_experiment(7, [*size_overrides(8, 2), *overrides]).data)
+    datamodule.setup("fit")
+    order = [row for batch in training_batches(datamodule, 1) for row in batch[EXAMPLE_INDEX].tolist()]
+    assert record["order_digest"] == order_digest(order)
+    metrics = record["distill_metrics"]
+    assert record["heldout_ppl"] == pytest.approx(metrics["student/test_ppl"], rel=1e-6)
+    assert metrics["energy/logit_store_seconds"] > 0 and metrics["teacher_store/bytes_per_token"] > 0
+    assert not (out / "work" / "distill-seed7" / "cache").exists()  # the run's own store is not kept
