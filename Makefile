@@ -8,7 +8,7 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "%-10s %s\n", $$1, $$2}'
 
 install:  ## editable install with dev tools
-	pip install -e ".[dev,gguf,harness]"
+	pip install -e ".[dev,gguf,harness,peers]"
 
 test:  ## the full suite, as CI runs it
 	$(OFFLINE) python -m pytest
