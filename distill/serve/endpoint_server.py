@@ -5,6 +5,9 @@
         python -m distill.train teacher=endpoint ...
 
 It serves the file under its path as the model name (what GET /v1/models lists), on 127.0.0.1 only, until killed.
+On cores shared with other work keep ``--threads 1`` and raise ``--parallel``: llama.cpp's threads meet at a
+barrier every token, so one preempted thread stalls the rest (27 tokens/s with two threads on two busy cores,
+about 95 with one; docs/results/served-teacher.md).
 """
 
 from __future__ import annotations
