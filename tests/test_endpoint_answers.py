@@ -102,7 +102,8 @@ def test_a_chat_api_gets_the_messages_and_its_answer_reads_as_token_ids(serve, s
     generator.messages = {tuple(prompt): MESSAGES}
     [(tokens, finished, top_ids, top_values)] = generator([prompt])
     assert tokens == [*ids, smollm2_tokenizer.eos_token_id] and finished  # the end token the server stopped on
-    assert [row[0] for row in top_ids] == ids and top_ids[0][1:] == [1, 2] and top_values[0] == [-0.5, -2.01, -2.02]
+    assert [row[0] for row in top_ids] == tokens and top_ids[0][1:] == [1, 2] and top_values[0] == [-0.5, -2.01, -2.02]
+    assert top_values[-1] == [0.0, float("-inf"), float("-inf")]  # the end token the answer left out: itself
     body = server.requests[-1][1]
     assert body["messages"] == MESSAGES and body["logprobs"] is True and body["top_logprobs"] == 3
     assert generator.store_key()["api"] == "chat"

@@ -147,9 +147,11 @@ def parse_answer(answer: dict[str, Any], top_logprobs: int, table: Tables) -> Re
     )
     ids = chosen_ids(chosen, text, stopped, top_logprobs, table)
     top_ids, top_values = [], []
-    for token, options in zip(chosen, alternatives[: len(alternatives) if top_logprobs else 0], strict=False):
-        if options is None:  # no distribution given: the token itself is the target
-            top_ids.append(one_hot_ids(token.id, top_logprobs))
+    for position, token_id in enumerate(ids if top_logprobs else []):
+        # None: no distribution given (a merged character's leading tokens, an end token the answer left out)
+        options = alternatives[position] if position < len(alternatives) else None
+        if options is None:
+            top_ids.append(one_hot_ids(token_id, top_logprobs))
             top_values.append([0.0] + [float("-inf")] * (top_logprobs - 1))
             continue
         if len(options) < top_logprobs:
@@ -195,7 +197,7 @@ def one_hot_ids(token_id: int, k: int) -> list[int]:
 def chosen_ids(chosen: list[Token], text: str | None, stopped: bool, top_logprobs: int, table: Tables) -> list[int]:
     """The generated tokens' ids; named by text, they must spell the answer (the same tokenizer)."""
     if all(token.id is not None for token in chosen):
-        return [token.id for token in chosen]
+        return ended([token.id for token in chosen], stopped, table)
     try:
         ids = [require(table).id_of(token) for token in chosen]
     except UnknownToken:
@@ -209,8 +211,17 @@ def chosen_ids(chosen: list[Token], text: str | None, stopped: bool, top_logprob
             f"the server's tokens spell {spelled[:60]!r} where its text reads {text[:60]!r}: teacher.name_or_path "
             f"{tokenizer.name_or_path!r} is not the served model's tokenizer"
         )
-    eos = tokenizer.eos_token_id
-    return [*ids, eos] if stopped and eos is not None and ids[-1:] != [eos] else ids
+    return ended(ids, stopped, table)
+
+
+def ended(ids: list[int], stopped: bool, table: Tables) -> list[int]:
+    """``ids`` with the end-of-sequence token the server stopped on, which chat answers leave out and llama.cpp's
+    completions keep (as the in-process generator does); unknown without the teacher's tokenizer."""
+    vocab = table() if stopped else None
+    if vocab is None or (ids and ids[-1] in vocab.tokenizer.all_special_ids):
+        return ids
+    eos = vocab.tokenizer.eos_token_id
+    return ids if eos is None else [*ids, eos]
 
 
 def resolve(token: Token, table: Tables) -> int:
