@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -178,3 +179,33 @@ def test_a_signal_during_prune_exits_non_zero_and_says_how_to_go_on(
     assert metrics == {"complete": False, "reason": f"{signum.name} during prune"}
     assert lines[-1].split("run again: ", 1)[1].startswith("python -m distill.prune paths.output_dir="), lines[-1]
     assert not (tmp_path / "run" / "model").exists()
+
+
+class SigtermOnRankOne(pl.Callback):
+    """Rank 1 alone gets SIGTERM before step ``at``: a signal reaches ranks apart, one mid-step while another
+    is inside a collective."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tiny_run_overrides: list[str], tmp_path: Path) -> None:
+    """Lightning's handler broadcasts from inside the signal handler, which meets the other rank's gradient
+    all-reduce or checkpoint all-gather and hangs the job; the ranks agree at the batch end instead."""
+    overrides = [o for o in tiny_run_overrides if not o.startswith("trainer.max_steps=")]
+    signal_rank_one = [f"+callbacks.sigterm._target_={__name__}.SigtermOnRankOne", "+callbacks.sigterm.at=4"]
+    command = [sys.executable, "-m", "distill.train", *overrides, "trainer=ddp_cpu", "trainer.max_steps=40", "trainer.max_epochs=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([*command, *signal_rank_one], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == exit_code(signal.SIGTERM), done.stderr[-4000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["reason"] == "SIGTERM during fit at step 5", metrics
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 5

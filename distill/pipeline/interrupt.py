@@ -17,6 +17,7 @@ import logging
 import os
 import shlex
 import signal
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,26 +140,74 @@ def _stopped_outside_fit(error: BaseException, command: str, output_dir: Path) -
 
 
 class LastCheckpointOnSigterm(pl.Callback):
-    """On SIGTERM during ``fit``, saves ``last.ckpt`` at the step the run stopped at.
+    """On SIGTERM during ``fit``, every rank stops at the same step and ``last.ckpt`` is saved there.
 
-    Lightning raises ``SIGTERMException`` only at a batch boundary, so the state is a consistent one, like
-    ModelCheckpoint's own saves. The file is written beside ``last.ckpt`` and renamed over it: a second kill
-    during the save leaves the previous ``last.ckpt`` whole. Single process only: under DDP the ranks need not
-    stop at the same step, and the save's barrier would hang; there the last ModelCheckpoint save stands.
+    Lightning's own SIGTERM handler broadcasts from inside the handler. A Python handler runs between two
+    bytecodes of whatever the main thread was doing, so under DDP one rank's handler broadcast can meet
+    another rank's gradient all-reduce or checkpoint all-gather: the collectives never pair up and the job
+    hangs until the scheduler kills it (seen in our 2-rank SLURM test). From the start of training to its end
+    the handler here only records the signal; at each training-batch end the ranks agree, with one tiny
+    all-reduce, whether any of them got it, and all of them set Lightning's flag together, so Lightning raises
+    ``SIGTERMException`` on every rank after the same step. The save is then a consistent one, like
+    ModelCheckpoint's own: written beside ``last.ckpt`` and renamed over it, so a second kill during the save
+    leaves the previous ``last.ckpt`` whole.
     """
 
+    def __init__(self) -> None:
+        self.signalled = False
+        self._previous_handler: Any = None
+        self._installed = False
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = True  # nothing else: the main thread may be anywhere, even inside a collective
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.signalled = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._record)
+            self._installed = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._agree(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._agree(trainer)  # every rank runs the same number of validation batches (the sampler pads)
+
+    def _agree(self, trainer: pl.Trainer) -> None:
+        if not self._installed:
+            return
+        agreed = self.signalled
+        if trainer.world_size > 1:
+            agreed = trainer.strategy.reduce_boolean_decision(self.signalled, all=False)
+        if agreed and not trainer.received_sigterm:
+            log.info("SIGTERM: every rank stops after step %d", trainer.global_step)
+            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException after this hook
+
+    def _restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
         callback = trainer.checkpoint_callback
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        if trainer.world_size != 1 or callback is None or callback.dirpath is None:
+        if callback is None or callback.dirpath is None:
             return
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        if trainer.world_size > 1:
+            partial = trainer.strategy.broadcast(partial)  # one file, written by rank 0
         try:
-            trainer.save_checkpoint(partial)
-            os.replace(partial, path)
+            trainer.save_checkpoint(partial)  # every rank takes part; ends with a barrier
+            if trainer.is_global_zero:
+                os.replace(partial, path)
         finally:
-            partial.unlink(missing_ok=True)  # left only by a failed save
+            if trainer.is_global_zero:
+                partial.unlink(missing_ok=True)  # left only by a failed save
         log.info("SIGTERM: saved %s at step %d", path, trainer.global_step)
