@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
+import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 
 from distill.modules.frozen_teacher import FrozenTeacher
+from distill.train import train
 
 
 class Counting(nn.Module):
@@ -55,3 +59,62 @@ def test_key_tensors_part_the_memo_and_plain_keys_stay_as_memo_files_have_them(t
     memo = tmp_path / "memo.pt"
     torch.save({written_before.hexdigest(): torch.tensor([7, 7])}, memo)
     assert torch.equal(FrozenTeacher(Counting(), memo).predictions(inputs), torch.tensor([7, 7]))
+
+
+class TiedHead(nn.Module):
+    """Input embedding and output head share one weight, as in most causal LMs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+        self.calls = 0
+
+    def forward(self, x, output_hidden_states=False):
+        self.calls += 1
+        return type("Out", (), {"logits": self.head(self.embed(x))})()
+
+
+def test_release_frees_the_weights_and_the_next_use_reads_them_back_tied(tmp_path: Path) -> None:
+    model, inputs = TiedHead(), {"x": torch.arange(6).reshape(2, 3)}
+    teacher = FrozenTeacher(model, tmp_path / "teacher_eval" / "memo.pt")
+    before, predictions = teacher(inputs).logits, teacher.predictions(inputs)
+    teacher.release()
+    assert teacher.released and sum(p.numel() for p in model.parameters()) == 0
+    assert torch.equal(teacher.predictions(inputs), predictions) and teacher.released  # the memo answers
+    assert torch.equal(teacher(inputs).logits, before) and not teacher.released
+    assert model.head.weight is model.embed.weight and not model.embed.weight.requires_grad
+    teacher.release()
+    teacher.release()  # twice is once
+    teacher.read_back()
+    assert torch.equal(teacher.model(**inputs).logits, before)
+    assert not list((tmp_path / "teacher_eval").iterdir())  # the scratch file has no name
+
+
+class RecordTeacherState(pl.Callback):
+    """Writes whether the teacher's weights were in memory at each training step and after fit."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.steps = Path(path), []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.steps.append(module.teacher.released)
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.path.write_text(json.dumps({"steps": self.steps, "after_fit": module.teacher.released}))
+
+
+@pytest.mark.parametrize(("cache", "released"), [("precompute", True), ("none", False)])
+def test_fit_frees_the_teacher_only_when_every_target_is_stored(
+    compose_train, tiny_run_overrides, tmp_path: Path, cache: str, released: bool
+) -> None:
+    record = tmp_path / "teacher_state.json"
+    recorder = [
+        f"+callbacks.teacher_state._target_={__name__}.RecordTeacherState",
+        f"+callbacks.teacher_state.path={record}",
+    ]
+    metrics = train(compose_train(*tiny_run_overrides, f"distill.teacher_cache={cache}", *recorder))
+    state = json.loads(record.read_text())
+    assert state == {"steps": [released] * 6, "after_fit": False}
+    assert 0 <= metrics["teacher/val_acc"] <= 1  # tested after fit, the weights read back

@@ -195,12 +195,22 @@ class SigtermOnRankOne(pl.Callback):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tiny_run_overrides: list[str], tmp_path: Path) -> None:
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(
+    tiny_run_overrides: list[str], tmp_path: Path
+) -> None:
     """Lightning's handler broadcasts from inside the signal handler, which meets the other rank's gradient
     all-reduce or checkpoint all-gather and hangs the job; the ranks agree at the batch end instead."""
     overrides = [o for o in tiny_run_overrides if not o.startswith("trainer.max_steps=")]
     signal_rank_one = [f"+callbacks.sigterm._target_={__name__}.SigtermOnRankOne", "+callbacks.sigterm.at=4"]
-    command = [sys.executable, "-m", "distill.train", *overrides, "trainer=ddp_cpu", "trainer.max_steps=40", "trainer.max_epochs=100"]
+    command = [
+        sys.executable,
+        "-m",
+        "distill.train",
+        *overrides,
+        "trainer=ddp_cpu",
+        "trainer.max_steps=40",
+        "trainer.max_epochs=100",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([*command, *signal_rank_one], cwd=repo, env=env, capture_output=True, text=True, timeout=300)

@@ -164,6 +164,8 @@ class DistillationModule(pl.LightningModule):
         self.loss_guard.raise_if_seen(self.all_gather)
 
     def on_train_end(self) -> None:
+        if self.teacher is not None:
+            self.teacher.read_back()  # the test and the export after fit find the teacher whole
         self.loss_guard.raise_if_seen(self.all_gather)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -242,9 +244,21 @@ class DistillationModule(pl.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.task.evaluate(self, batch, "test")
 
+    def on_train_start(self) -> None:
+        self._release_idle_teacher()
+
     def on_validation_end(self) -> None:
         if self.teacher is not None and self.trainer.is_global_zero:
             self.teacher.save_memo()
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self._release_idle_teacher()  # a validation whose answers the memo lacked read it back
+
+    def _release_idle_teacher(self) -> None:
+        """Training that takes every target from the store (or has no teacher term) never calls the teacher:
+        its weights leave memory for the fit (:meth:`FrozenTeacher.release`)."""
+        stored_only = self.teacher_logits is not None and self.hidden_loss is None and self.on_policy is None
+        if self.teacher is not None and (stored_only or self.loss.alpha == 1):
+            self.teacher.release()
 
     def on_test_end(self) -> None:
         self.on_validation_end()
