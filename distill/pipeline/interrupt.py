@@ -185,7 +185,9 @@ class LastCheckpointOnSigterm(pl.Callback):
 
     def _restore(self) -> None:
         if self._installed:
-            signal.signal(signal.SIGTERM, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
+            signal.signal(
+                signal.SIGTERM, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL
+            )
             self._installed = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
