@@ -105,6 +105,7 @@ class RecordTeacherState(pl.Callback):
         self.path.write_text(json.dumps({"steps": self.steps, "after_fit": module.teacher.released}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("cache", "released"), [("precompute", True), ("none", False)])
 def test_fit_frees_the_teacher_only_when_every_target_is_stored(
     compose_train, tiny_run_overrides, tmp_path: Path, cache: str, released: bool
