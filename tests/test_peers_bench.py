@@ -11,8 +11,9 @@ import pytest
 from hydra.utils import instantiate
 from transformers import AutoTokenizer
 
-from bench.peers.common import compose_experiment, order_digest, size_overrides, training_batches
+from bench.peers.common import compose_experiment, order_digest, size_overrides, training_batches, write_record
 from bench.peers.run import run
+from bench.peers.summary import records, seed_table, sweep_line
 from distill.utils.keys import EXAMPLE_INDEX
 from tests.conftest import tiny_llama
 
@@ -88,3 +89,24 @@ def test_distill_arm_trains_the_loaders_blocks_and_scores_as_distill_does(tiny_b
     assert record["heldout_ppl"] == pytest.approx(metrics["student/test_ppl"], rel=1e-6)
     assert metrics["energy/logit_store_seconds"] > 0 and metrics["teacher_store/bytes_per_token"] > 0
     assert not (out / "work" / "distill-seed7" / "cache").exists()  # the run's own store is not kept
+
+
+def test_summary_gives_each_arm_its_ratio_to_trl_and_a_sweep_its_trl_total(tmp_path: Path) -> None:
+    def record(arm: str, seed: int, wall: float, overrides: tuple[str, ...] = ()) -> dict:
+        figures = {"wall_s": wall, "train_s": wall / 2, "train_tokens_per_s": 100.0, "peak_rss_mb": 1000.0}
+        return {"arm": arm, "seed": seed, "overrides": list(overrides), "heldout_ppl": 110.0, **figures}
+
+    folder, sweep = tmp_path / "peers", tmp_path / "sweep"
+    for name, value in [("trl-seed42", record("trl", 42, 600.0)), ("trl-seed43", record("trl", 43, 640.0)),
+                        ("distill-seed42", record("distill", 42, 300.0))]:  # fmt: skip
+        write_record(folder / f"{name}.json", value)
+    write_record(sweep / "a.json", record("distill", 43, 500.0))
+    write_record(sweep / "b.json", record("distill", 43, 250.0, ("distill.alpha=0.3",)))
+    table = seed_table(records(folder))
+    assert table[2] == "| 42 | distill | 300.0 (0.50x) | 150.0 (0.50x) | 100.0 (1.00x) | 1,000.0 (1.00x) | 110.0 |"
+    assert table[4].startswith("| 43 | trl | 640.0 (1.00x)")
+    runs = [json.loads(path.read_text()) for path in sorted(sweep.glob("*.json"))]
+    line = sweep_line(runs, records(folder))
+    assert line.endswith("distill 750.0 s, TRL 1,280.0 s (0.59x)") and "seed 43 distill.alpha=0.3" in line
+    with pytest.raises(SystemExit, match=r"seed\(s\) \[44\]"):
+        sweep_line([record("distill", 44, 1.0)], records(folder))
