@@ -171,7 +171,10 @@ class LastCheckpointOnSigterm(pl.Callback):
         self._agree(trainer)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._agree(trainer)  # every rank runs the same number of validation batches (the sampler pads)
+        # One process stops mid-validation. Ranks may run different numbers of validation batches (a streamed
+        # split), where a collective per batch would hang them: they agree at the next training batch instead.
+        if trainer.world_size == 1:
+            self._agree(trainer)
 
     def _agree(self, trainer: pl.Trainer) -> None:
         if not self._installed:
