@@ -140,7 +140,7 @@ def test_the_served_logit_store_follows_the_training_rows_whatever_subset_and_or
     train = datasets.Dataset.from_dict({name: values[chosen] for name, values in packed.items()})
     logit_store = served_logit_store(rows, train, width=7)
     assert torch.equal(logit_store(torch.tensor([1, 2, 0])).indices, served_row_targets(rows, 7).indices[[0, 4, 3]])
-    assert logit_store.metadata["temperature"] == "1.0" and logit_store.metadata["num_examples"] == "3"
+    assert logit_store.temperatures == (1.0,) and logit_store.metadata["num_examples"] == "3"
 
 
 def test_the_shards_record_what_the_server_cost(serve, tmp_path) -> None:

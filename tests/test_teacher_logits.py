@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification
 
 from distill.losses.topk import TopKTargets, topk_targets
 from distill.modules.distillation import DistillationModule
+from distill.pipeline.stages import StageSettings
 from distill.stores import teacher_logits
 from distill.stores.teacher_logits import TeacherLogitStore, precompute_teacher_logits
 from distill.train import train
@@ -106,6 +107,46 @@ def test_top_k_store_holds_the_live_teachers_top_k_and_has_its_own_key(data_and_
     assert torch.allclose(cached.rest_log_mass, live.rest_log_mass, atol=1e-5)
     with pytest.raises(ValueError, match=r"distill.teacher_cache_topk=3 must be in \[1, 2\]"):
         precompute_teacher_logits(teacher, datamodule, str(tmp_path / "cache"), topk=3, temperature=2.0)
+
+
+def live_top_k(teacher, datamodule, k: int, temperature: float) -> tuple[torch.Tensor, TopKTargets]:
+    batch = next(iter(datamodule.dataloader("train", 16, shuffle=False)))
+    index = batch.pop(EXAMPLE_INDEX)
+    batch.pop("labels")
+    with torch.no_grad():
+        return index, topk_targets(teacher(**batch).logits, k, temperature)
+
+
+@pytest.mark.slow
+def test_one_top_k_store_serves_each_temperature_it_lists_and_grows_for_another(
+    data_and_teacher, tmp_path: Path
+) -> None:
+    datamodule, teacher = data_and_teacher
+    cache = str(tmp_path / "cache")
+    store = precompute_teacher_logits(teacher, datamodule, cache, topk=1, temperature=1.0, temperatures=[2.0])
+    (path,) = (tmp_path / "cache" / "teacher_logits").glob("*.safetensors")
+    stamp = path.stat().st_mtime_ns
+    assert store.temperatures == (1.0, 2.0) and store.tensors["rest_log_mass"].shape == (96, 2)
+    at_two = precompute_teacher_logits(teacher, datamodule, cache, topk=1, temperature=2.0)
+    assert path.stat().st_mtime_ns == stamp  # the run at T = 2 reuses the first run's teacher pass
+    index, live = live_top_k(teacher, datamodule, 1, 2.0)
+    cached = at_two(index)
+    assert cached.temperature == 2.0 and torch.equal(cached.indices, live.indices)
+    assert torch.allclose(cached.rest_log_mass, live.rest_log_mass, atol=1e-5)
+    assert not torch.allclose(store(index).rest_log_mass, live.rest_log_mass, atol=1e-3)  # T = 1's mass differs
+
+    at_four = precompute_teacher_logits(teacher, datamodule, cache, topk=1, temperature=4.0)
+    assert at_four.temperatures == (1.0, 2.0, 4.0)  # rebuilt for the union, in place
+    assert list((tmp_path / "cache" / "teacher_logits").glob("*.safetensors")) == [path]
+    _, live = live_top_k(teacher, datamodule, 1, 4.0)
+    assert torch.allclose(at_four(index).rest_log_mass, live.rest_log_mass, atol=1e-5)
+    with pytest.raises(ValueError, match=r"distill.temperature=3.0: .* T in \[1.0, 2.0, 4.0\] only"):
+        at_four.at(3.0)
+
+
+def test_store_temperatures_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"teacher_cache_temperatures has 0.0; temperatures must be > 0"):
+        StageSettings(teacher_cache="precompute", teacher_cache_topk=8, teacher_cache_temperatures=[1.0, 0.0])
 
 
 @pytest.mark.slow

@@ -42,18 +42,34 @@ class TopKTargets(NamedTuple):
 
 def topk_targets(teacher_logits: Tensor, k: int, temperature: float) -> TopKTargets:
     """Keep the ``k`` largest teacher logits per position and the log of the mass they leave out."""
+    values, indices = largest_logits(teacher_logits, k)
+    (rest,) = outside_log_masses(teacher_logits.float(), indices, (temperature,)).unbind(-1)
+    return TopKTargets(values, indices, rest, temperature)
+
+
+def largest_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest fp32 logits per position and their indices: the same at every temperature, which
+    only rescales the logits and so keeps their order."""
     if not 0 < k <= teacher_logits.shape[-1]:
         raise ValueError(f"k={k!r} must be in [1, vocabulary size {teacher_logits.shape[-1]}]")
-    scaled = teacher_logits.float() / temperature
-    _, indices = scaled.topk(k, dim=-1)
-    values = teacher_logits.float().gather(-1, indices)
-    return TopKTargets(values, indices, outside_log_mass(scaled, indices), temperature)
+    values, indices = teacher_logits.float().topk(k, dim=-1)
+    return values, indices
+
+
+def outside_log_masses(logits: Tensor, indices: Tensor, temperatures: tuple[float, ...]) -> Tensor:
+    """``(..., len(temperatures))``: log of the softmax mass at each temperature outside ``indices``."""
+    outside = logits.scatter(-1, indices, float("-inf"))
+    return torch.stack([outside_log_mass_of(outside, logits, t) for t in temperatures], dim=-1)
 
 
 def outside_log_mass(scaled_logits: Tensor, indices: Tensor) -> Tensor:
     """log of the softmax mass outside ``indices``, summed directly (exactly -inf when nothing is outside)."""
-    outside = scaled_logits.scatter(-1, indices, float("-inf"))
-    return outside.logsumexp(-1) - scaled_logits.logsumexp(-1)
+    return outside_log_mass_of(scaled_logits.scatter(-1, indices, float("-inf")), scaled_logits, 1.0)
+
+
+def outside_log_mass_of(outside: Tensor, logits: Tensor, temperature: float) -> Tensor:
+    """The mass of ``outside`` (``logits`` with the kept classes at -inf) in ``softmax(logits / temperature)``."""
+    return (outside / temperature).logsumexp(-1) - (logits / temperature).logsumexp(-1)
 
 
 def log1mexp(x: Tensor) -> Tensor:

@@ -120,8 +120,9 @@ def logit_store_bytes(cfg: DictConfig, vocabulary: int) -> int:
     topk = settings.teacher_cache_topk
     if topk is None:
         per_position = (data.get("num_labels") or vocabulary) * value_bytes
-    else:  # values, indices and the rest mass
-        per_position = topk * (value_bytes + (2 if vocabulary < 2**16 else 4)) + 4
+    else:  # values, indices and the rest mass at each temperature
+        temperatures = {settings.temperature, *(settings.get("teacher_cache_temperatures") or ())}
+        per_position = topk * (value_bytes + (2 if vocabulary < 2**16 else 4)) + 4 * len(temperatures)
     return rows * positions * per_position
 
 

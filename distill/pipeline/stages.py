@@ -52,6 +52,7 @@ def teacher_logit_store(
         epochs,
         world_size,
         settings.teacher_cache_dtype,
+        settings.teacher_cache_temperatures,
     )
 
 
@@ -96,11 +97,15 @@ class StageSettings:
     logits per example and the mass they leave out at the module's temperature (:mod:`distill.losses.topk`),
     for output spaces too large to store (``None``: all logits); ``teacher_cache_dtype`` ``float16`` halves
     the stored top-K logits (offsets from each position's largest), for token-level stores.
+    ``teacher_cache_temperatures``: more temperatures a top-K store keeps the rest mass at (4 bytes per
+    position each), so that the runs of a sweep over ``distill.temperature`` that lists its values here
+    share one teacher pass; a run at a temperature its store lacks rebuilds the store.
     """
 
     teacher_cache: str = "none"
     teacher_cache_topk: int | None = None
     teacher_cache_dtype: str = "float32"
+    teacher_cache_temperatures: list[float] = field(default_factory=list)
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
 
     def __post_init__(self) -> None:
@@ -110,6 +115,9 @@ class StageSettings:
             raise ValueError(
                 f"distill.teacher_cache_dtype={self.teacher_cache_dtype!r} needs distill.teacher_cache_topk"
             )
+        for value in self.teacher_cache_temperatures:
+            if not value > 0:
+                raise ValueError(f"distill.teacher_cache_temperatures has {value!r}; temperatures must be > 0")
         if self.teacher_cache_topk is not None and self.teacher_cache != "precompute":
             raise ValueError(
                 f"distill.teacher_cache_topk={self.teacher_cache_topk!r} needs distill.teacher_cache=precompute"

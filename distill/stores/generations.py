@@ -216,5 +216,6 @@ def served_logit_store(responses: datasets.Dataset, train: datasets.Dataset, wid
         for number, (prompt, response) in enumerate(pairs)
     }
     targets = served_row_targets(responses.select([source[row] for row in wanted]), width)
-    tensors = {"values": targets.values, "indices": targets.indices, "rest_log_mass": targets.rest_log_mass}
-    return TeacherLogitStore(tensors, {"num_examples": str(len(wanted)), "temperature": "1.0", "source": "served"})
+    rest = targets.rest_log_mass.unsqueeze(-1)  # at one temperature, 1
+    tensors = {"values": targets.values, "indices": targets.indices, "rest_log_mass": rest}
+    return TeacherLogitStore(tensors, {"num_examples": str(len(wanted)), "temperatures": "1.0", "source": "served"})

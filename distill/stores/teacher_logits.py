@@ -8,9 +8,12 @@ training examples (source file, tokenizer, ``max_length``, slice). Its metadata 
 and a store whose metadata or shape disagrees with the run is refused, never silently used.
 
 With ``topk`` set the store holds, per example, the teacher's K largest logits, their indices and
-the log of the softmax mass they leave out at the run's temperature (:mod:`distill.losses.topk`), computed
-batch by batch: the full ``N x C`` logits never exist, which is what a language-model vocabulary
-needs. Such a store is keyed by K and the temperature too.
+the log of the softmax mass they leave out (:mod:`distill.losses.topk`), computed batch by batch: the
+full ``N x C`` logits never exist, which is what a language-model vocabulary needs. Such a store is
+keyed by K too. The logits and indices are the same at every temperature; the rest mass is not, so
+the store keeps it at each of a list of temperatures (the run's and ``distill.teacher_cache_temperatures``)
+and its metadata names them. A run at a temperature the store lacks rebuilds it for the union, so the
+runs of a temperature sweep that lists its values share one teacher pass.
 
 Token-level stores (causal LMs: one row per block of packed text, ``(L, K)`` per row) keep the
 class indices in the narrowest integer type the output space allows (``uint16`` below 65,536
@@ -28,7 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +43,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distill.losses.topk import TopKTargets, topk_targets
+from distill.losses.topk import TopKTargets, largest_logits, outside_log_masses
 from distill.utils.devices import on_gpu_if_any, to_device
 from distill.utils.keys import COPY_FINGERPRINT, EXAMPLE_INDEX, pop_copies, weights_fingerprint
 from distill.utils.scratch import written_whole
@@ -55,23 +58,37 @@ MODES = ("none", "precompute")
 class TeacherLogitStore:
     """Teacher targets by training-example index: ``logits`` ``(N, C)`` fp32, or top-K tensors.
 
-    Top-K stores hold ``values`` ``(N, K)``, ``indices`` ``(N, K)`` and ``rest_log_mass`` ``(N,)``,
-    returned as :class:`distill.losses.topk.TopKTargets` at the temperature in the metadata.
+    Top-K stores hold ``values`` ``(N, K)``, ``indices`` ``(N, K)`` and ``rest_log_mass`` ``(N, len(T))``
+    at the temperatures ``T`` the metadata lists, returned as :class:`distill.losses.topk.TopKTargets` at
+    the one :meth:`at` picked (the first by default).
     """
 
     def __init__(self, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
         self.tensors = tensors
         self.metadata = metadata
+        self.temperatures = listed_temperatures(metadata)
+        self.column = 0
         # The targets on the training loader's perturbed copies, when the run has copies and they replay.
         self.copies: CopyLogitStore | None = None
+
+    def at(self, temperature: float) -> TeacherLogitStore:
+        """Serve the targets at ``temperature``, which must be one the store holds."""
+        if float(temperature) not in self.temperatures:
+            raise ValueError(
+                f"distill.temperature={temperature!r}: this teacher-logit store holds the rest mass at T in "
+                f"{list(self.temperatures)} only"
+            )
+        self.column = self.temperatures.index(float(temperature))
+        if self.copies is not None:
+            self.copies.at(temperature)
+        return self
 
     def __call__(self, example_index: Tensor) -> Tensor | TopKTargets:
         rows = {name: tensor[example_index.cpu()].to(example_index.device) for name, tensor in self.tensors.items()}
         if "logits" in rows:
             return rows["logits"]
-        return TopKTargets(
-            rows["values"].float(), rows["indices"].long(), rows["rest_log_mass"], float(self.metadata["temperature"])
-        )
+        rest = rows["rest_log_mass"][..., self.column]
+        return TopKTargets(rows["values"].float(), rows["indices"].long(), rest, self.temperatures[self.column])
 
     def bytes_per_position(self, positions_per_row: int = 1) -> float:
         """Stored bytes per example (classification) or per token (``positions_per_row`` = block length)."""
@@ -118,6 +135,17 @@ class CopyLogitStore(TeacherLogitStore):
 
 
 SIGNED_VIEW = {torch.uint16: torch.int16}
+TEMPERATURES = "temperatures"
+
+
+def listed_temperatures(metadata: dict[str, str]) -> tuple[float, ...]:
+    """The temperatures a top-K store's metadata lists (none for a store of full logits)."""
+    listed = metadata.get(TEMPERATURES)
+    return tuple(float(value) for value in listed.split(",")) if listed else ()
+
+
+def temperature_metadata(temperatures: tuple[float, ...]) -> dict[str, str]:
+    return {TEMPERATURES: ",".join(repr(float(value)) for value in temperatures)} if temperatures else {}
 
 
 def index_dtype(classes: int) -> torch.dtype:
@@ -128,15 +156,16 @@ def index_dtype(classes: int) -> torch.dtype:
     return torch.int64
 
 
-def compact_targets(targets: TopKTargets, classes: int, value_dtype: torch.dtype) -> dict[str, Tensor]:
-    values = targets.values
+def compact_targets(
+    logits: Tensor, topk: int, temperatures: tuple[float, ...], value_dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """The stored top-K rows of ``logits``: the K largest, their indices, the rest mass at each temperature."""
+    values, indices = largest_logits(logits, topk)
+    rest = outside_log_masses(logits.float(), indices, temperatures)
     if value_dtype != torch.float32:  # offsets from the largest logit keep half precision where it matters
         values = values - values.amax(dim=-1, keepdim=True)
-    return {
-        "values": values.to(value_dtype),
-        "indices": targets.indices.to(index_dtype(classes)),
-        "rest_log_mass": targets.rest_log_mass,
-    }
+    indices = indices.to(index_dtype(logits.shape[-1]))
+    return {"values": values.to(value_dtype), "indices": indices, "rest_log_mass": rest}
 
 
 def write_targets(
@@ -145,14 +174,13 @@ def write_targets(
     logits: Tensor,
     count: int,
     topk: int | None,
-    temperature: float,
+    temperatures: tuple[float, ...],
     value_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Put the targets of ``logits`` (full, or top-K at ``temperature``) at ``rows`` of ``count``-row tensors."""
-    if topk is None:
-        targets = {"logits": logits.float()}
-    else:
-        targets = compact_targets(topk_targets(logits, topk, temperature), logits.shape[-1], value_dtype)
+    """Put the targets of ``logits`` (full, or top-K with the rest mass at ``temperatures``) at ``rows`` of
+    ``count``-row tensors."""
+    full = topk is None
+    targets = {"logits": logits.float()} if full else compact_targets(logits, topk, temperatures, value_dtype)
     for name, value in targets.items():
         if isinstance(value, Tensor):
             value = value.cpu()  # the store is written from host memory, wherever the teacher ran
@@ -171,9 +199,9 @@ def compute_targets(
     datamodule: DataModule,
     batch_size: int,
     topk: int | None = None,
-    temperature: float = 1.0,
     value_dtype: torch.dtype = torch.float32,
     classes: int | None = None,
+    temperatures: tuple[float, ...] = (),
 ) -> dict[str, Tensor]:
     """The store's tensors, filled batch by batch; top-K rows when ``topk`` is set; the first ``classes``
     logits only (``None``: all)."""
@@ -186,7 +214,7 @@ def compute_targets(
             index = batch.pop(EXAMPLE_INDEX)
             batch.pop("labels")
             logits = teacher(**to_device(batch, device)).logits[..., :classes]
-            write_targets(tensors, index, logits, count, topk, temperature, value_dtype)
+            write_targets(tensors, index, logits, count, topk, temperatures, value_dtype)
             filled[index] = True
     if not filled.all():
         raise RuntimeError(f"the teacher pass left {int((~filled).sum())} examples without logits")
@@ -199,8 +227,8 @@ def compute_copy_targets(
     datamodule: DataModule,
     epochs: int,
     topk: int | None = None,
-    temperature: float = 1.0,
     replicas: int = 1,
+    temperatures: tuple[float, ...] = (),
 ) -> dict[str, Tensor]:
     """Replay ``epochs`` epochs of the training loader of each of ``replicas`` data-parallel ranks
     and label every perturbed copy they draw, on the device the main pass uses (:func:`compute_targets`)."""
@@ -216,7 +244,7 @@ def compute_copy_targets(
             for epoch, batch in replay(loader, epochs):
                 rows = copy_rows(epoch, batch[EXAMPLE_INDEX], copies, count)
                 logits = teacher(**to_device(pop_copies(batch), device)).logits
-                write_targets(tensors, rows, logits, total, topk, temperature)
+                write_targets(tensors, rows, logits, total, topk, temperatures)
                 tensors["fingerprint"][rows] = batch[COPY_FINGERPRINT]
                 filled[rows] = True
     # Data parallelism trims the batches that do not divide among the ranks: their rows stay empty.
@@ -240,22 +268,39 @@ def copies_replay(datamodule: DataModule) -> bool:
 
 
 def load_or_build(
-    store_type: type[TeacherLogitStore], path: Path, expected: dict[str, str], build: Callable[[], dict[str, Tensor]]
+    store_type: type[TeacherLogitStore],
+    path: Path,
+    expected: dict[str, str],
+    build: Callable[..., dict[str, Tensor]],
+    temperatures: tuple[float, ...] = (),
 ) -> TeacherLogitStore:
-    """Load the store at ``path``, first building it with ``build()`` (one process at a time) if absent."""
+    """Load the store at ``path``, first building it with ``build(temperatures=...)`` (one process at a time)
+    if absent or short of one of ``temperatures``: then for those and the ones it held."""
     with FileLock(str(path) + ".lock"):
-        if not path.is_file():
+        held = stored_temperatures(path)
+        if held is None or not set(temperatures) <= set(held):
+            wanted = tuple(sorted({*temperatures, *(held or ())}))
             examples = f"{expected['num_examples']} training examples"
             if "copies" in expected:
                 examples = f"{expected['copies']} perturbed copies of {examples}, {expected['epochs']} epoch(s)"
+            if held is not None:
+                log.info("The teacher logits %s hold the rest mass at T in %s: rebuilding for %s", path, held, wanted)
             log.info("Computing teacher logits for %s -> %s", examples, path)
-            tensors = {name: tensor.contiguous() for name, tensor in build().items()}
+            tensors = {name: tensor.contiguous() for name, tensor in build(temperatures=wanted).items()}
             with written_whole(path) as unfinished:
-                save_file(tensors, str(unfinished), metadata=expected)
+                save_file(tensors, str(unfinished), metadata=expected | temperature_metadata(wanted))
                 unfinished.chmod(0o644)  # readable by every job of a shared cache
         else:
             log.info("Reusing teacher logits %s", path)
     return store_type.load(path, expected)
+
+
+def stored_temperatures(path: Path) -> tuple[float, ...] | None:
+    """The temperatures of the store at ``path``; ``None`` when there is none."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        return listed_temperatures(handle.metadata() or {})
 
 
 def store_path(cache_dir: str, name: str, expected: dict[str, str]) -> Path:
@@ -274,9 +319,11 @@ def precompute_teacher_logits(
     epochs: int = 1,
     replicas: int = 1,
     value_dtype: str = "float32",
+    temperatures: Sequence[float] = (),
 ) -> TeacherLogitStore:
     """Load the stores for this teacher and training set, building them if absent; the copies' store
-    holds the copies ``replicas`` data-parallel ranks draw in ``epochs`` epochs."""
+    holds the copies ``replicas`` data-parallel ranks draw in ``epochs`` epochs. A top-K store serves
+    ``temperature`` and also holds the rest mass at ``temperatures``, for later runs at those."""
     # Token stores cover the tokenizer's ids: rows that only pad the teacher's embedding are no token's.
     classes = datamodule.num_labels or min(teacher.config.vocab_size, len(datamodule.tokenizer))
     if topk is not None and not 0 < topk <= classes:
@@ -289,20 +336,21 @@ def precompute_teacher_logits(
         "num_examples": str(len(datamodule.splits["train"])),
         "num_labels": str(classes),
     }
+    wanted: tuple[float, ...] = ()
     if topk is not None:  # full-logit stores keep their key: top-K adds its own fields
-        expected |= {"topk": str(topk), "temperature": repr(float(temperature))}
+        expected["topk"] = str(topk)
+        wanted = tuple(sorted({float(temperature), *(float(value) for value in temperatures)}))
     if value_dtype != "float32":  # float32 stores keep their key
         expected["value_dtype"] = value_dtype
     path = store_path(cache_dir, datamodule.task, expected)
-    dtype = getattr(torch, value_dtype)
-    build = partial(compute_targets, teacher, datamodule, datamodule.eval_batch_size, topk, temperature, dtype, classes)
-    store = load_or_build(TeacherLogitStore, path, expected, build)
+    build = partial(compute_targets, teacher, datamodule, datamodule.eval_batch_size, topk, getattr(torch, value_dtype))
+    store = load_or_build(TeacherLogitStore, path, expected, partial(build, classes=classes), wanted)
     if copies_replay(datamodule):
         copy_expected = expected | copies_key(datamodule, epochs, replicas)
         path = store_path(cache_dir, f"{datamodule.task}-copies", copy_expected)
-        build = partial(compute_copy_targets, teacher, datamodule, epochs, topk, temperature, replicas)
-        store.copies = load_or_build(CopyLogitStore, path, copy_expected, build)
-    return store
+        build = partial(compute_copy_targets, teacher, datamodule, epochs, topk, replicas)
+        store.copies = load_or_build(CopyLogitStore, path, copy_expected, build, wanted)
+    return store.at(temperature) if topk is not None else store
 
 
 def copies_key(datamodule: DataModule, epochs: int, replicas: int = 1) -> dict[str, str]:
