@@ -5,6 +5,8 @@ and not one another."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,8 @@ def chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) -
     with the rest bucket). In place wherever a temporary can be reused: each chunk-sized fp32 buffer is
     a full pass of memory traffic, and the peak is a handful of them."""
     s32 = s.float()
+    if isinstance(t, TopKTargets) and temperature == 1 and alpha < 1:
+        return _topk_kl_and_ce_at_unit_temperature(s32, t, y, keep, alpha, scale)
     loss = s32.new_zeros(())
     grad = s32.new_zeros(s32.shape)
     if alpha > 0:
@@ -70,17 +74,18 @@ def _add_soft_kl(grad: Tensor, s32: Tensor, t: Tensor, keep: Tensor, temperature
     return loss
 
 
-def _add_topk_kl(
-    grad: Tensor, s32: Tensor, targets: TopKTargets, keep: Tensor, temperature: float, alpha: float
-) -> Tensor:
-    """The same against top-K targets with their rest bucket, the (K + 1)-way KL of :mod:`distill.losses.topk`.
+class _TopKTerms(NamedTuple):
+    kl: Tensor  # per row, the (K + 1)-way KL
+    top_grad: Tensor  # (rows, K): p_k - q_k, the KL's gradient on the top K times T
+    outside_factor: Tensor  # per row: 1 - q_r / p_r, the gradient outside the top K is p_j times it (times 1/T)
 
-    With ``p = softmax(s / T)`` and the rest masses ``p_r = 1 - sum_K p``, ``q_r``: the gradient of the KL
+
+def _topk_terms(log_p: Tensor, targets: TopKTargets, temperature: float) -> _TopKTerms:
+    """With ``p = softmax(s / T)`` and the rest masses ``p_r = 1 - sum_K p``, ``q_r``: the gradient of the KL
     with respect to ``s_j`` is ``(p_j - q_j) / T`` for ``j`` in the top K and ``p_j (1 - q_r / p_r) / T``
     outside it."""
     if not targets.rest:
         raise ValueError("the fused top-K loss compares (K + 1)-way distributions: targets need rest=True")
-    log_p = torch.log_softmax(s32 / temperature, dim=-1)
     log_p_k = log_p.gather(1, targets.indices)
     log_p_rest = log1mexp(log_p_k.logsumexp(-1))
     log_q_rest = targets.rest_log_mass.float()
@@ -90,10 +95,42 @@ def _add_topk_kl(
     kl = torch.where(q_k > 0, q_k * (log_q_k - log_p_k), 0.0).sum(-1)
     kl = kl + torch.where(q_rest > 0, q_rest * (log_q_rest - log_p_rest), 0.0)
     ratio = torch.where(q_rest > 0, torch.exp(log_q_rest - log_p_rest), 0.0)
-    soft = log_p.exp_().mul_(1 - ratio[:, None])
-    soft.scatter_(1, targets.indices, log_p_k.exp() - q_k)
+    return _TopKTerms(kl, log_p_k.exp() - q_k, 1 - ratio)
+
+
+def _add_topk_kl(
+    grad: Tensor, s32: Tensor, targets: TopKTargets, keep: Tensor, temperature: float, alpha: float
+) -> Tensor:
+    """The same against top-K targets with their rest bucket, the (K + 1)-way KL of :mod:`distill.losses.topk`
+    (gradient: :func:`_topk_terms`)."""
+    log_p = torch.log_softmax(s32 / temperature, dim=-1)
+    terms = _topk_terms(log_p, targets, temperature)
+    soft = log_p.exp_().mul_(terms.outside_factor[:, None])
+    soft.scatter_(1, targets.indices, terms.top_grad)
     grad.add_(soft, alpha=(1 - alpha) * temperature)
-    return (1 - alpha) * temperature**2 * (kl * keep).sum()
+    return (1 - alpha) * temperature**2 * (terms.kl * keep).sum()
+
+
+def _topk_kl_and_ce_at_unit_temperature(
+    s32: Tensor, targets: TopKTargets, y: Tensor | None, keep: Tensor, alpha: float, scale: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`chunk_terms` against top-K targets at T = 1, where CE and the KL read one softmax ``p``: the gradient
+    of ``alpha CE + (1 - alpha) KL`` is ``p_j (alpha + (1 - alpha)(1 - q_r / p_r))`` outside the top K,
+    ``p_k - (1 - alpha) q_k`` on it, less ``alpha`` at the label. One exponential pass over the vocabulary
+    instead of two, and the gradient is built in the softmax's buffer."""
+    log_p = torch.log_softmax(s32, dim=-1)
+    terms = _topk_terms(log_p, targets, 1.0)
+    loss = (1 - alpha) * (terms.kl * keep).sum()
+    row_scale = (keep * scale).to(s32.dtype)[:, None]
+    top_grad = (1 - alpha) * terms.top_grad + alpha * log_p.gather(1, targets.indices).exp()  # p_k - (1 - alpha) q_k
+    if alpha > 0:
+        safe = torch.where(keep, y, 0)[:, None]
+        loss = loss + alpha * (-log_p.gather(1, safe).squeeze(1) * keep).sum()
+    grad = log_p.exp_().mul_((alpha + (1 - alpha) * terms.outside_factor)[:, None] * row_scale)
+    grad.scatter_(1, targets.indices, top_grad * row_scale)
+    if alpha > 0:
+        grad.scatter_add_(1, safe, -alpha * row_scale)
+    return loss * scale, grad
 
 
 def scaled_gradients(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:

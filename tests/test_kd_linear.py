@@ -130,7 +130,8 @@ def test_liger_fused_linear_jsd_at_beta_0_is_this_contract() -> None:
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
-def test_topk_targets_through_the_head_equal_the_reference(alpha: float) -> None:
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # at 1, CE and the KL share one softmax (kd_rows)
+def test_topk_targets_through_the_head_equal_the_reference(alpha: float, temperature: float) -> None:
     """kd_loss_linear_topk: the student's logits in chunks against stored top-K targets (with the rest bucket)."""
     from distill.kernels.kd_loss_linear import kd_loss_linear_topk
     from distill.losses.kd import kd_loss
@@ -138,16 +139,16 @@ def test_topk_targets_through_the_head_equal_the_reference(alpha: float) -> None
 
     torch.manual_seed(0)
     hidden, weight = torch.randn(3, 5, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
-    targets = topk_targets(torch.randn(3, 5, 40) * 3, 6, 2.0)
+    targets = topk_targets(torch.randn(3, 5, 40) * 3, 6, temperature)
     labels = torch.randint(0, 40, (3, 5))
     labels[0, :2] = -100
     results = []
     for impl in ("chunked", "reference"):
         loss = kd_loss_linear_topk(
-            hidden, weight, targets, labels, temperature=2.0, alpha=alpha, impl=impl, chunk_size=4
+            hidden, weight, targets, labels, temperature=temperature, alpha=alpha, impl=impl, chunk_size=4
         )
         results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
-    expected = kd_loss(hidden @ weight.T, targets, labels, temperature=2.0, alpha=alpha)
+    expected = kd_loss(hidden @ weight.T, targets, labels, temperature=temperature, alpha=alpha)
     torch.testing.assert_close(results[1][0], expected.detach())
     for fused, reference in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
