@@ -47,6 +47,19 @@ def test_presets_compose_and_validate(compose_train, overrides: list[str]) -> No
         assert "_target_" in cfg[group]
 
 
+@pytest.mark.parametrize("sweep", sorted(path.stem for path in (CONF_DIR / "sweep").glob("*.yaml")))
+def test_sweeps_compose_with_the_lm_experiment(compose_train, sweep: str) -> None:
+    """Every sweep applies to the causal-LM preset too; its temperatures, if it sweeps any, share one store."""
+    cfg = compose_train("experiment=smollm2_to_small", f"sweep={sweep}", "paths.output_dir=/tmp/unused")
+    validate(cfg)
+    module_partial(cfg.distill)  # the stages' keys, the store's temperatures among them, are not the module's
+    sweep_file = OmegaConf.load(CONF_DIR / "sweep" / f"{sweep}.yaml")
+    temperatures = str(sweep_file.hydra.sweeper.params.get("distill.temperature", ""))
+    if temperatures and "interval" not in temperatures:
+        listed = {float(value) for value in temperatures.split(",")}
+        assert listed <= set(map(float, cfg.distill.teacher_cache_temperatures))
+
+
 def test_experiment_only_overrides(compose_train) -> None:
     base = compose_train("paths.output_dir=/tmp/unused")
     experiment = compose_train("experiment=bert_to_tiny", "paths.output_dir=/tmp/unused")
