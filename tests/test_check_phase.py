@@ -121,7 +121,7 @@ def test_a_full_disk_during_a_store_write_names_the_entry_and_leaves_no_scratch(
     path = tmp_path / "teacher_logits" / "sst2-key.safetensors"
     path.parent.mkdir()
     with pytest.raises(OSError, match=rf"cannot write cache entry {path} \(No space left on device\): set paths.cache"):
-        load_or_build(TeacherLogitStore, path, {"num_examples": "2"}, lambda: {"logits": torch.zeros(2, 2)})
+        load_or_build(TeacherLogitStore, path, {"num_examples": "2"}, lambda **_: {"logits": torch.zeros(2, 2)})
     assert list(path.parent.glob("*.tmp-*")) == []
 
 
