@@ -76,12 +76,8 @@ def outside_log_masses(logits: Tensor, indices: Tensor, temperatures: tuple[floa
 
 def outside_log_mass(scaled_logits: Tensor, indices: Tensor) -> Tensor:
     """log of the softmax mass outside ``indices``, summed directly (exactly -inf when nothing is outside)."""
-    return outside_log_mass_of(scaled_logits.scatter(-1, indices, float("-inf")), scaled_logits, 1.0)
-
-
-def outside_log_mass_of(outside: Tensor, logits: Tensor, temperature: float) -> Tensor:
-    """The mass of ``outside`` (``logits`` with the kept classes at -inf) in ``softmax(logits / temperature)``."""
-    return (outside / temperature).logsumexp(-1) - (logits / temperature).logsumexp(-1)
+    outside = scaled_logits.scatter(-1, indices, float("-inf"))
+    return outside.logsumexp(-1) - scaled_logits.logsumexp(-1)
 
 
 def log1mexp(x: Tensor) -> Tensor:

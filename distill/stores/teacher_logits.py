@@ -160,8 +160,9 @@ def compact_targets(
     logits: Tensor, topk: int, temperatures: tuple[float, ...], value_dtype: torch.dtype
 ) -> dict[str, Tensor]:
     """The stored top-K rows of ``logits``: the K largest, their indices, the rest mass at each temperature."""
+    logits = logits.float()  # once, for both: a bf16 teacher's logits
     values, indices = largest_logits(logits, topk)
-    rest = outside_log_masses(logits.float(), indices, temperatures)
+    rest = outside_log_masses(logits, indices, temperatures)
     if value_dtype != torch.float32:  # offsets from the largest logit keep half precision where it matters
         values = values - values.amax(dim=-1, keepdim=True)
     indices = indices.to(index_dtype(logits.shape[-1]))
