@@ -268,7 +268,10 @@ class DistillationModule(pl.LightningModule):
         if self.hidden_loss is not None:
             trainable += list(self.hidden_loss.named_parameters())
         total = int(self.trainer.estimated_stepping_batches)
-        return optimizer_with_schedule(self.optimizer_factory, trainable, self.hparams.warmup_ratio, total)
+        unscaled = str(self.trainer.precision).endswith("-true")  # no mixed-precision plugin unscaling gradients
+        return optimizer_with_schedule(
+            self.optimizer_factory, trainable, self.hparams.warmup_ratio, total, may_fuse=unscaled
+        )
 
     @property
     def trained_targets(self) -> int:
