@@ -17,7 +17,7 @@ import torch
 from distill.pipeline.checks import check_cache, check_run
 from distill.prune import prune
 from distill.stores.teacher_logits import TeacherLogitStore, load_or_build
-from distill.utils.references import resolve
+from distill.utils.references import converted_path, resolve
 from distill.utils.scratch import OTHER_HOST_STALE_AFTER_S, remove_stale_scratch, written_whole
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +172,24 @@ def test_a_truncated_gguf_is_named_and_leaves_no_lock(truncated_gguf: Path, tmp_
         resolve(str(truncated_gguf), cache_dir=cache)
     assert time.perf_counter() - started < FAST_S
     assert not cache.exists() or litter(cache) == []
+
+
+def test_a_gguf_already_de_quantized_is_checked_from_its_copy_without_parsing_it_again(
+    smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import LlamaConfig
+
+    from distill.pipeline import checks
+
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path))
+    parsed = []
+    monkeypatch.setattr(checks, "gguf_elements", parsed.append)
+    checks.model_config("teacher.name_or_path", str(smollm2_gguf))  # no copy yet: the file itself is read
+    assert parsed == [smollm2_gguf]
+    copy = converted_path(smollm2_gguf, "bfloat16")
+    LlamaConfig(num_hidden_layers=3, vocab_size=49152).save_pretrained(copy)
+    config = checks.model_config("teacher.name_or_path", str(smollm2_gguf))
+    assert parsed == [smollm2_gguf] and config.num_hidden_layers == 3  # the copy's config, the file not parsed
 
 
 def test_cli_truncated_gguf_fails_fast_in_one_line(truncated_gguf: Path, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from distill.config.schemas import check_teacher_cache_topk, validate
 from distill.models.student import check_student
 from distill.pipeline.harness import check_harness
 from distill.pruning.oneshot.sequential import OneShotSettings, check_targets
-from distill.utils.references import converted_path, default_cache_dir, gguf_elements, gguf_file
+from distill.utils.references import converted_copy, converted_path, default_cache_dir, gguf_elements, gguf_file
 from distill.utils.scratch import CACHE_SETTING, remove_stale_scratch
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,18 @@ def model_config(key: str, reference: str) -> PretrainedConfig:
     with named(key, reference):
         if source is None:
             return AutoConfig.from_pretrained(reference)
+        copy = converted_copy(source)
+        if copy is not None:
+            return AutoConfig.from_pretrained(copy)
         return AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
 
 
 def check_reference(key: str, reference: str) -> Path | None:
     """A path-like reference must exist and a GGUF file be whole (a truncated one is refused here, not after
-    minutes of loading); returns the GGUF file, if it is one."""
+    minutes of loading; one already de-quantized is known whole); returns the GGUF file, if it is one."""
     with named(key, reference):
         source = gguf_file(reference)
-        if source is not None:
+        if source is not None and converted_copy(source) is None:
             gguf_elements(source)
         return source
 
