@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill.losses.kd import kd_loss, kd_loss_topk
-from distill.losses.topk import log1mexp, topk_targets
+from distill.losses.topk import MASS_ROWS, largest_logits, log1mexp, outside_log_mass, outside_log_masses, topk_targets
 
 
 def logits(shape=(4, 6, 50), seed=0, scale=3.0):
@@ -66,3 +66,18 @@ def test_log1mexp_is_stable() -> None:
     x = torch.tensor([0.0, -1e-9, -0.5, -5.0, -50.0, float("-inf")])
     expected = torch.log(-torch.expm1(x.double())).float()
     assert torch.allclose(log1mexp(x)[1:], expected[1:], rtol=1e-5) and log1mexp(x)[0] == float("-inf")
+
+
+def test_rest_masses_at_several_temperatures_equal_the_direct_sum_at_each() -> None:
+    """The store's rest masses (rows through a cache-sized buffer, more rows than it holds and not a multiple of
+    it) against the plain log-sum-exp at each temperature; a row whose outside mass is below fp32's smallest
+    exponential (here exp(-10,000)) gets -inf."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, MASS_ROWS + 5, 50) * 4
+    logits[0, 0, 8:] = -1e4  # all of this row's mass, to fp32, lies in its 8 largest logits
+    _, indices = largest_logits(logits, 8)
+    masses = outside_log_masses(logits, indices, (1.0, 2.0, 0.5))
+    for column, temperature in enumerate((1.0, 2.0, 0.5)):
+        expected = outside_log_mass(logits / temperature, indices)
+        torch.testing.assert_close(masses[..., column].flatten()[1:], expected.flatten()[1:], rtol=1e-5, atol=1e-5)
+    assert (masses[0, 0] == float("-inf")).all() and masses.flatten(0, 1)[1:].isfinite().all()

@@ -47,6 +47,10 @@ def topk_targets(teacher_logits: Tensor, k: int, temperature: float) -> TopKTarg
     return TopKTargets(values, indices, rest, temperature)
 
 
+# Rows of the vocabulary-wide buffer :func:`outside_log_masses` works in: 32 x 49,152 fp32 logits are 6 MB.
+MASS_ROWS = 32
+
+
 def largest_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` largest fp32 logits per position and their indices: the same at every temperature, which
     only rescales the logits and so keeps their order."""
@@ -60,18 +64,23 @@ def outside_log_masses(logits: Tensor, indices: Tensor, temperatures: tuple[floa
     """``(..., len(temperatures))``: log of the softmax mass at each temperature outside ``indices``, which hold
     each row's largest logit (:func:`largest_logits`).
 
-    Summed directly, as :func:`outside_log_mass` does, but in one exponential pass per temperature over the
-    vocabulary, shifted by that largest logit: the store's teacher pass computes these for every position at
-    several temperatures. A mass below ``exp(-87)`` of the largest class's is 0 (log -inf), as none is in fp32."""
-    shifted = logits - logits.gather(-1, indices).amax(-1, keepdim=True)
-    kept_logits = shifted.gather(-1, indices)
-    masses = []
-    for temperature in temperatures:
-        weights = shifted.exp() if temperature == 1 else shifted.div(temperature).exp_()
-        kept = kept_logits.div(temperature).exp_().sum(-1)
-        outside = weights.scatter_(-1, indices, 0.0).sum(-1)
-        masses.append(outside.log() - (outside + kept).log())
-    return torch.stack(masses, dim=-1)
+    Summed directly, as :func:`outside_log_mass` does, shifted by that largest logit; the store's teacher pass
+    computes these for every position at several temperatures, so rows go a few at a time through one buffer
+    that stays in cache (one pass over it for the shift and scale, one for the exponential, one for the sum).
+    A mass below ``exp(-87)`` of the largest class's is 0 (log -inf), as none is in fp32."""
+    vocabulary, kept_count = logits.shape[-1], indices.shape[-1]
+    rows, kept_indices = logits.reshape(-1, vocabulary).float(), indices.reshape(-1, kept_count)
+    masses = rows.new_empty(rows.shape[0], len(temperatures), dtype=torch.float32)
+    buffer = rows.new_empty(min(MASS_ROWS, rows.shape[0]), vocabulary, dtype=torch.float32)
+    for start in range(0, rows.shape[0], MASS_ROWS):
+        block, kept_index = rows[start : start + MASS_ROWS], kept_indices[start : start + MASS_ROWS]
+        peak = block.gather(-1, kept_index).amax(-1, keepdim=True)
+        for column, temperature in enumerate(temperatures):
+            weights = torch.add(peak / -temperature, block, alpha=1 / temperature, out=buffer[: len(block)]).exp_()
+            kept = weights.gather(-1, kept_index).sum(-1)
+            outside = weights.scatter_(-1, kept_index, 0.0).sum(-1)
+            masses[start : start + len(block), column] = outside.log() - (outside + kept).log()
+    return masses.reshape(*indices.shape[:-1], len(temperatures))
 
 
 def outside_log_mass(scaled_logits: Tensor, indices: Tensor) -> Tensor:
