@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from bench.peers.common import compose_experiment, order_digest, size_overrides, training_batches, write_record
 from bench.peers.run import run
 from bench.peers.summary import records, seed_table, sweep_line
+from bench.peers.sweep import sweep
 from distill.utils.keys import EXAMPLE_INDEX
 from tests.conftest import tiny_llama
 
@@ -89,6 +90,27 @@ def test_distill_arm_trains_the_loaders_blocks_and_scores_as_distill_does(tiny_b
     assert record["heldout_ppl"] == pytest.approx(metrics["student/test_ppl"], rel=1e-6)
     assert metrics["energy/logit_store_seconds"] > 0 and metrics["teacher_store/bytes_per_token"] > 0
     assert not (out / "work" / "distill-seed7" / "cache").exists()  # the run's own store is not kept
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_its_jobs_in_one_process_over_one_store_and_times_each(tiny_bench, tmp_path: Path) -> None:
+    """`python -m distill.train -m` over alpha: the first job builds the store, the second reads it; each job's
+    record holds its own alpha, its own score, and a wall time that starts when the job before it was done."""
+    overrides, student = tiny_bench
+    out, store = tmp_path / "results", tmp_path / "store"
+    found = sweep(7, 8, 2, out, [*overrides, "distill.alpha=0.5,0.2"], student=student, store=store)
+    assert [record["sweep_job"] for record in found] == [0, 1]
+    assert [record["overrides"][-1] for record in found] == ["distill.alpha=0.5", "distill.alpha=0.2"]
+    for record in found:
+        assert record["heldout_ppl"] == pytest.approx(record["distill_metrics"]["student/test_ppl"], rel=1e-6)
+        assert 0 < record["train_s"] <= record["wall_s"] < record["process_s"]
+    assert found[0]["heldout_ppl"] != found[1]["heldout_ppl"]
+    assert len(list((store / "teacher_logits").glob("*.safetensors"))) == 1
+    assert found[1]["distill_metrics"]["energy/logit_store_seconds"] < found[0]["distill_metrics"][
+        "energy/logit_store_seconds"]  # fmt: skip
+    assert found[0]["wall_s"] + found[1]["wall_s"] < found[0]["process_s"]  # the first test and export left out
+    with pytest.raises(SystemExit, match="no swept override"):
+        sweep(7, 8, 2, out, overrides, student=student, store=store)
 
 
 def test_summary_gives_each_arm_its_ratio_to_trl_and_a_sweep_its_trl_total(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def trl(cfg: DictConfig, datamodule: DataModule, student: PreTrainedModel, teach
         train_sampling_strategy="sequential",
         learning_rate=recipe.lr,
         weight_decay=recipe.weight_decay,
-        optim="adamw_torch",  # torch.optim.AdamW, as distill (TRL's default is its fused variant)
+        optim="adamw_torch_fused",  # TRL's default, torch.optim.AdamW(fused=True), as distill's on the CPU
         lr_scheduler_type="linear",
         warmup_steps=recipe.warmup_steps(total),
         max_grad_norm=recipe.max_grad_norm,

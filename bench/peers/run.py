@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
 from bench.peers.common import (
@@ -58,10 +59,17 @@ DISTILL_METRICS = (
 
 
 def distill_command(
-    seed: int, student: Path, work: Path, store: Path, data_cache: str, overrides: list[str]
+    seed: int, student: Path, work: Path, store: Path, data_cache: str, overrides: list[str], sweep: bool = False
 ) -> list[str]:
+    """The distill arm's command; with ``sweep``, one ``-m`` process whose jobs run in ``<work>/sweep/<k>`` and
+    write ``<work>/facts-<k>.json``."""
+    folders = (
+        (f"hydra.sweep.dir={work / 'sweep'}", f"+callbacks.bench_facts.path={work}/facts-${{hydra:job.num}}.json")
+        if sweep
+        else (f"hydra.run.dir={work / 'run'}", f"+callbacks.bench_facts.path={work / 'facts.json'}")
+    )
     return [
-        *(sys.executable, "-m", "distill.train", f"experiment={EXPERIMENT}", f"seed={seed}"),
+        *(sys.executable, "-m", "distill.train", *(["-m"] * sweep), f"experiment={EXPERIMENT}", f"seed={seed}"),
         *("student=pretrained", f"student.name_or_path={student}"),
         # Scored, as the other arms, after every block: no mid-run validation, no best-checkpoint pick, no
         # checkpoint writes, no test before fit.
@@ -69,9 +77,9 @@ def distill_command(
         *("+trainer.enable_checkpointing=false", "logger=csv", "trainer.enable_progress_bar=false"),
         *overrides,
         # The store lives in paths.cache_dir; the tokenized corpus stays in the shared cache, as for the others.
-        *(f"hydra.run.dir={work / 'run'}", f"paths.cache_dir={store}", f"data.cache_dir={data_cache}"),
+        *(f"paths.cache_dir={store}", f"data.cache_dir={data_cache}"),
         "+callbacks.bench_facts._target_=bench.peers.fit_timer.FitTimer",
-        f"+callbacks.bench_facts.path={work / 'facts.json'}",
+        *folders,
     ]
 
 
@@ -126,14 +134,27 @@ def run(arm: str, seed: int, blocks: int | None, eval_blocks: int | None, out: P
     process = launch(command)
     facts = json.loads((work / "facts.json").read_text())
     trained = work / "run" / "student" if arm == "distill" else work / "student"
+    size = {"blocks": blocks, "eval_blocks": eval_blocks}
+    record = scored(arm, seed, size, overrides, cfg, facts, process, trained, command, student)
+    write_record(out / f"{arm}-seed{seed}.json", record)
+    if not keep:  # the trained students (330 MB each) and a store of the run's own
+        shutil.rmtree(trained, ignore_errors=True)
+        shutil.rmtree(work / "cache", ignore_errors=True)
+    return record
+
+
+def scored(arm: str, seed: int, size: dict[str, int | None], overrides: list[str], cfg: DictConfig,
+           facts: dict[str, Any], process: dict[str, float], trained: Path, command: list[str],
+           student: Path) -> dict[str, Any]:  # fmt: skip
+    """The record of one trained student (distill's in ``trained``, beside its run's metrics.json): what its
+    training process reported, timed from ``process["launched"]``, and its held-out perplexity."""
     datamodule = instantiate(cfg.data)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {
         "arm": arm,
         "seed": seed,
-        "size": "experiment" if blocks is None and eval_blocks is None else "smoke",
-        "blocks": blocks,
-        "eval_blocks": eval_blocks,
+        "size": "experiment" if set(size.values()) == {None} else "smoke",
+        **size,
         "overrides": overrides,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **measured(facts, process),
@@ -146,12 +167,8 @@ def run(arm: str, seed: int, blocks: int | None, eval_blocks: int | None, out: P
         "cpu": cpu(),
     }
     if arm == "distill":
-        metrics = json.loads((work / "run" / "metrics.json").read_text())
+        metrics = json.loads((trained.parent / "metrics.json").read_text())
         record["distill_metrics"] = {key: metrics.get(key) for key in DISTILL_METRICS}
-    write_record(out / f"{arm}-seed{seed}.json", record)
-    if not keep:  # the trained students (330 MB each) and a store of the run's own
-        shutil.rmtree(trained, ignore_errors=True)
-        shutil.rmtree(work / "cache", ignore_errors=True)
     return record
 
 
