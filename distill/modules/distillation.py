@@ -20,22 +20,23 @@ from torch.distributed.fsdp import fully_shard
 from transformers import PreTrainedModel
 
 from distill.losses.hidden import HiddenStateLoss
-from distill.losses.kd import KDLoss, KDLossTerms, check_kd_args
-from distill.losses.topk import TopKTargets
+from distill.losses.kd import KDLoss, check_kd_args
 from distill.modules.copy_targets import CopyTargets
 from distill.modules.frozen_teacher import FrozenTeacher
 from distill.modules.loss_guard import NonFiniteLossGuard
 from distill.modules.on_policy import OnPolicy
 from distill.modules.optimization import optimizer_with_schedule
+from distill.modules.run_counts import RunCounts
 from distill.modules.step_mean import StepMean
-from distill.modules.student_checkpoint import describe_student, load_student, set_asp_masks_aside
+from distill.modules.student_checkpoint import load_student
+from distill.modules.teacher_terms import TeacherTerms
 from distill.tasks import ClassificationTask
-from distill.tasks.base import FusedStep, Task
+from distill.tasks.base import Task
 from distill.utils.keys import COPY_FINGERPRINT, EXAMPLE_INDEX, pop_copies
 from distill.utils.sharding import is_sharded, shard
 
 
-class DistillationModule(pl.LightningModule):
+class DistillationModule(TeacherTerms, RunCounts, pl.LightningModule):
     """Trains ``student`` on ``alpha * CE + (1 - alpha) * (T^2 * KL + hidden_weight * hidden)``.
 
     Args:
@@ -171,67 +172,6 @@ class DistillationModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.step_mean.rescale(self._trainer, self.student.parameters(), self.device)
 
-    def _stored_targets(self, example_index: Tensor | None) -> Tensor | TopKTargets | None:
-        """The store's teacher targets for the batch; ``None`` without a store or for the student's own samples."""
-        if self.teacher_logits is None or example_index is None:
-            return None
-        return self.teacher_logits(example_index)
-
-    def _fused_terms(
-        self, batch: dict[str, Tensor], labels: Tensor, stored: Tensor | TopKTargets | None
-    ) -> KDLossTerms | None:
-        """The task's fused loss, where it has one. The fused kernels read the output heads' weights outside a
-        forward, where FSDP holds only shards, and compute no hidden-state term."""
-        if self.hidden_loss is not None or is_sharded(self.student):
-            return None
-        settings = self.loss
-        step = FusedStep(self.student, self.teacher, stored, settings.temperature, settings.alpha, settings.divergence)
-        return self.task.fused_terms(step, batch, labels)
-
-    def _loss_terms(
-        self,
-        batch: dict[str, Tensor],
-        labels: Tensor,
-        stored: Tensor | TopKTargets | None,
-        uses_teacher: bool,
-        example_index: Tensor | None,
-        copies: dict[str, Tensor],
-        copy_fingerprint: Tensor | None,
-    ) -> KDLossTerms:
-        with_hidden = uses_teacher and self.hidden_loss is not None
-        student_out = self.student(**batch, output_hidden_states=with_hidden)
-        teacher_logits, teacher_hidden = (
-            self._teacher_outputs(batch, stored, with_hidden) if uses_teacher else (None, None)
-        )
-        terms = self.loss(*self.task.align(student_out.logits, teacher_logits, labels))
-        loss, kd, size = terms.loss, terms.kd, labels.shape[0]
-        if uses_teacher and copies:
-            # The KL is averaged over the whole transfer set: the examples and their perturbed copies.
-            copies_size = copies["input_ids"].shape[0]
-            copies_kd = self._copies_kd(copies, example_index, copy_fingerprint)
-            kd = (size * kd + copies_size * copies_kd) / (size + copies_size)
-            loss = self.loss.alpha * terms.ce + (1 - self.loss.alpha) * kd
-        if with_hidden:
-            hidden = self.hidden_loss(student_out.hidden_states, teacher_hidden, batch["attention_mask"])
-            loss = loss + (1 - self.loss.alpha) * self.hparams.hidden_weight * hidden
-            self.log("train/loss_hidden", hidden, batch_size=size)
-        return KDLossTerms(loss=loss, ce=terms.ce, kd=kd)
-
-    def _copies_kd(self, copies: dict[str, Tensor], example_index: Tensor | None, fingerprint: Tensor | None) -> Tensor:
-        """T^2 * D on the unlabelled perturbed copies (:mod:`distill.data.augment`)."""
-        epoch, step = self.current_epoch, self.global_step
-        teacher_targets = self.copy_targets(self.teacher, copies, epoch, step, example_index, fingerprint)
-        return self.loss.soft(self.student(**copies).logits, teacher_targets)
-
-    def _teacher_outputs(
-        self, batch: dict[str, Tensor], stored: Tensor | TopKTargets | None, with_hidden: bool
-    ) -> tuple[Tensor | TopKTargets, tuple[Tensor, ...] | None]:
-        """Teacher logits (the store's when it has the batch) and hidden states if asked."""
-        if stored is not None:
-            return stored, None
-        out = self.teacher(batch, output_hidden_states=with_hidden)
-        return out.logits, out.hidden_states
-
     def update_metric(self, name: str, batch_size: int, *values: Tensor) -> None:
         """Update the metric ``name`` (``<stage>/<metric>``) with ``values`` and log it for the epoch."""
         metric = self.metrics[name.replace("/", "_")]
@@ -272,45 +212,6 @@ class DistillationModule(pl.LightningModule):
         return optimizer_with_schedule(
             self.optimizer_factory, trainable, self.hparams.warmup_ratio, total, may_fuse=unscaled
         )
-
-    @property
-    def trained_targets(self) -> int:
-        """Examples or tokens this rank trained on, resumes included (reading it waits for the device)."""
-        return int(self._trained_targets)
-
-    @trained_targets.setter
-    def trained_targets(self, count: int) -> None:
-        self._trained_targets = count
-
-    def trained_targets_all_ranks(self) -> int:
-        """Examples or tokens trained on, summed over data-parallel ranks (collective: every rank calls it)."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return self.trained_targets
-        return int(self.trainer.strategy.reduce(torch.tensor(self.trained_targets), reduce_op="sum"))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.loss_guard.raise_if_seen(self.all_gather)  # before the weights of a bad step are written
-        # The count of every rank (each rank's own differ; every rank saves, so the collective pairs up): a resumed
-        # rank 0 goes on from the total and the others from zero, which sums to the same whatever the world size.
-        checkpoint["trained_targets"] = self.trained_targets_all_ranks()
-        checkpoint["step_mean"] = self.step_mean.state_dict()
-        if self.on_policy is not None:
-            checkpoint["on_policy"] = self.on_policy.state_dict()
-        describe_student(checkpoint, self.student)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Resuming fit continues the count; testing a best checkpoint keeps the count of the whole fit.
-        if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
-            self.trained_targets = checkpoint.get("trained_targets", 0) if self.global_rank == 0 else 0
-            self.resume_counts(checkpoint)
-        set_asp_masks_aside(checkpoint)
-
-    def resume_counts(self, checkpoint: dict[str, Any]) -> None:
-        """The step-mean reference and the on-policy counts of a checkpoint (older ones have neither)."""
-        if "step_mean" in checkpoint:
-            self.step_mean.load_state_dict(checkpoint["step_mean"])
-        if self.on_policy is not None and "on_policy" in checkpoint:
-            self.on_policy.load_state_dict(checkpoint["on_policy"])
 
     @staticmethod
     def load_student(checkpoint_path: str) -> PreTrainedModel:
