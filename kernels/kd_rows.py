@@ -5,6 +5,7 @@ and not one another."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -74,6 +75,11 @@ def _add_soft_kl(grad: Tensor, s32: Tensor, t: Tensor, keep: Tensor, temperature
     return loss
 
 
+# Top-K log mass above which the student's rest is summed directly (a top-K mass above 1 - 1e-3).
+CONFIDENT_KEPT_LOG_MASS = math.log1p(-1e-3)
+MAX_LOG_RATIO = 80.0
+
+
 class _TopKTerms(NamedTuple):
     kl: Tensor  # per row, the (K + 1)-way KL
     top_grad: Tensor  # (rows, K): p_k - q_k, the KL's gradient on the top K times T
@@ -87,15 +93,32 @@ def _topk_terms(log_p: Tensor, targets: TopKTargets, temperature: float) -> _Top
     if not targets.rest:
         raise ValueError("the fused top-K loss compares (K + 1)-way distributions: targets need rest=True")
     log_p_k = log_p.gather(1, targets.indices)
-    log_p_rest = log1mexp(log_p_k.logsumexp(-1))
+    log_p_rest = _student_rest_log_mass(log_p, targets.indices, log_p_k)
     log_q_rest = targets.rest_log_mass.float()
     scaled = targets.values.float() / temperature
     log_q_k = scaled - scaled.logsumexp(-1, keepdim=True) + log1mexp(log_q_rest)[:, None]
     q_k, q_rest = log_q_k.exp(), log_q_rest.exp()
     kl = torch.where(q_k > 0, q_k * (log_q_k - log_p_k), 0.0).sum(-1)
     kl = kl + torch.where(q_rest > 0, q_rest * (log_q_rest - log_p_rest), 0.0)
-    ratio = torch.where(q_rest > 0, torch.exp(log_q_rest - log_p_rest), 0.0)
+    # q_r / p_r multiplies p_j <= p_r outside the top K: capped where it would overflow, so that an outside p_j
+    # that underflowed to 0 gives 0, not 0 * inf. Such a row's outside gradient then falls short of its exact
+    # value only below exp(-80) of the teacher's rest mass.
+    ratio = torch.where(q_rest > 0, torch.exp((log_q_rest - log_p_rest).clamp(max=MAX_LOG_RATIO)), 0.0)
     return _TopKTerms(kl, log_p_k.exp() - q_k, 1 - ratio)
+
+
+def _student_rest_log_mass(log_p: Tensor, indices: Tensor, log_p_k: Tensor) -> Tensor:
+    """log of the student's mass outside its top-K slots. ``1 - sum_K p`` loses a rest below about 1e-6 to fp32
+    cancellation (and one below 6e-8 to -inf, which made the KL and its gradient inf and NaN once a student
+    grew confident); rows whose top K hold more than ``1 - 1e-3`` sum their outside directly, as the
+    reference (:func:`distill.losses.topk.outside_log_mass`) does for every row."""
+    kept = log_p_k.logsumexp(-1)
+    rest = log1mexp(kept)
+    confident = (kept > CONFIDENT_KEPT_LOG_MASS).nonzero().squeeze(1)
+    if confident.numel():
+        rows = log_p.index_select(0, confident).scatter_(1, indices.index_select(0, confident), float("-inf"))
+        rest[confident] = rows.logsumexp(-1)
+    return rest
 
 
 def _add_topk_kl(

@@ -154,6 +154,41 @@ def test_topk_targets_through_the_head_equal_the_reference(alpha: float, tempera
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_confident_student_keeps_the_top_k_loss_and_gradient_finite_and_equal_to_the_reference(
+    temperature: float,
+) -> None:
+    """Rows whose top K hold all but ~e^-60 of the student's mass (a student that memorised its blocks): fp32's
+    1 - sum_K p is 0 there, which made the rest's log -inf and the loss and gradient inf and NaN. The fused
+    path sums the rest directly, as the reference does."""
+    from distill.kernels.kd_loss_linear import kd_loss_linear_topk
+    from distill.losses.kd import kd_loss
+    from distill.losses.topk import topk_targets
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 5, 8), torch.randn(40, 8)
+    teacher_logits = torch.randn(3, 5, 40) * 3
+    targets = topk_targets(teacher_logits, 6, temperature)
+    hidden[0] = 0.0
+    weight = weight.clone()
+    weight[targets.indices[0, 0, 0]] = 30.0  # row (0, *): one top-K class e^60 above the rest at T = 1
+    hidden[0, :, :] = 1.0 / 8
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    labels = torch.randint(0, 40, (3, 5))
+    results = []
+    for impl in ("chunked", "reference"):
+        loss = kd_loss_linear_topk(
+            hidden, weight, targets, labels, temperature=temperature, alpha=0.3, impl=impl, chunk_size=4
+        )
+        results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+    expected = kd_loss(hidden @ weight.T, targets, labels, temperature=temperature, alpha=0.3)
+    assert expected.isfinite()
+    for fused, reference in zip(results[0], results[1], strict=True):
+        assert fused.isfinite().all()  # the weight of 30 scales fp32's rounding in the gradients up
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("targets_kind", ["live", "topk"])
 def test_under_bf16_autocast_the_heads_run_in_bf16_and_gradients_keep_fp32(targets_kind: str) -> None:
     """bf16-mixed training: the fused path follows autocast like the reference, within bf16's precision."""
