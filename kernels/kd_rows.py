@@ -40,15 +40,14 @@ def chunk_terms(s, t, y, keep, temperature: float, alpha: float, scale: float) -
     with the rest bucket). In place wherever a temporary can be reused: each chunk-sized fp32 buffer is
     a full pass of memory traffic, and the peak is a handful of them."""
     s32 = s.float()
-    if isinstance(t, TopKTargets) and temperature == 1 and alpha < 1:
-        return _topk_kl_and_ce_at_unit_temperature(s32, t, y, keep, alpha, scale)
+    if isinstance(t, TopKTargets) and alpha < 1:
+        return _topk_kl_and_ce(s32, t, y, keep, temperature, alpha, scale)
     loss = s32.new_zeros(())
     grad = s32.new_zeros(s32.shape)
     if alpha > 0:
         loss = loss + _add_ce(grad, s32, y, keep, alpha)
     if alpha < 1:
-        soft_terms = _add_topk_kl if isinstance(t, TopKTargets) else _add_soft_kl
-        loss = loss + soft_terms(grad, s32, t, keep, temperature, alpha)
+        loss = loss + _add_soft_kl(grad, s32, t, keep, temperature, alpha)
     grad.mul_((keep[:, None] * scale).to(grad.dtype))
     return loss * scale, grad
 
@@ -121,38 +120,32 @@ def _student_rest_log_mass(log_p: Tensor, indices: Tensor, log_p_k: Tensor) -> T
     return rest
 
 
-def _add_topk_kl(
-    grad: Tensor, s32: Tensor, targets: TopKTargets, keep: Tensor, temperature: float, alpha: float
-) -> Tensor:
-    """The same against top-K targets with their rest bucket, the (K + 1)-way KL of :mod:`distill.losses.topk`
-    (gradient: :func:`_topk_terms`)."""
-    log_p = torch.log_softmax(s32 / temperature, dim=-1)
-    terms = _topk_terms(log_p, targets, temperature)
-    soft = log_p.exp_().mul_(terms.outside_factor[:, None])
-    soft.scatter_(1, targets.indices, terms.top_grad)
-    grad.add_(soft, alpha=(1 - alpha) * temperature)
-    return (1 - alpha) * temperature**2 * (terms.kl * keep).sum()
-
-
-def _topk_kl_and_ce_at_unit_temperature(
-    s32: Tensor, targets: TopKTargets, y: Tensor | None, keep: Tensor, alpha: float, scale: float
+def _topk_kl_and_ce(
+    s32: Tensor, targets: TopKTargets, y: Tensor | None, keep: Tensor, temperature: float, alpha: float, scale: float
 ) -> tuple[Tensor, Tensor]:
-    """:func:`chunk_terms` against top-K targets at T = 1, where CE and the KL read one softmax ``p``: the gradient
-    of ``alpha CE + (1 - alpha) KL`` is ``p_j (alpha + (1 - alpha)(1 - q_r / p_r))`` outside the top K,
-    ``p_k - (1 - alpha) q_k`` on it, less ``alpha`` at the label. One exponential pass over the vocabulary
-    instead of two, and the gradient is built in the softmax's buffer."""
-    log_p = torch.log_softmax(s32, dim=-1)
-    terms = _topk_terms(log_p, targets, 1.0)
-    loss = (1 - alpha) * (terms.kl * keep).sum()
+    """:func:`chunk_terms` against top-K targets (the (K + 1)-way KL of :mod:`distill.losses.topk`, gradient in
+    :func:`_topk_terms`), the gradient built in the buffer of the KL's softmax ``p = softmax(s / T)``: in ``s`` it is
+    ``(1 - alpha) T (p_j (1 - q_r / p_r))`` outside the top K and ``(1 - alpha) T (p_k - q_k)`` on it, plus
+    ``alpha (softmax(s) - onehot(y))`` for CE. At T = 1 CE reads the same softmax: one exponential pass over the
+    vocabulary instead of two; at any T, no zero-filled gradient buffer and no separate additions into it."""
+    log_p = torch.log_softmax(s32 if temperature == 1 else s32 / temperature, dim=-1)
+    terms = _topk_terms(log_p, targets, temperature)
+    loss = (1 - alpha) * temperature**2 * (terms.kl * keep).sum()
     row_scale = (keep * scale).to(s32.dtype)[:, None]
-    top_grad = (1 - alpha) * terms.top_grad + alpha * log_p.gather(1, targets.indices).exp()  # p_k - (1 - alpha) q_k
+    kd = (1 - alpha) * temperature  # d(T^2 KL)/ds = T (p - q)
+    shared = temperature == 1 and alpha > 0  # CE's softmax is the KL's
+    safe = torch.where(keep, y, 0)[:, None] if alpha > 0 else None
+    log_p_ce = log_p if shared else torch.log_softmax(s32, dim=-1) if alpha > 0 else None
     if alpha > 0:
-        safe = torch.where(keep, y, 0)[:, None]
-        loss = loss + alpha * (-log_p.gather(1, safe).squeeze(1) * keep).sum()
-    grad = log_p.exp_().mul_((alpha + (1 - alpha) * terms.outside_factor)[:, None] * row_scale)
+        loss = loss + alpha * (-log_p_ce.gather(1, safe).squeeze(1) * keep).sum()
+    top_grad = kd * terms.top_grad + (alpha * log_p.gather(1, targets.indices).exp() if shared else 0.0)
+    outside = kd * terms.outside_factor + (alpha if shared else 0.0)
+    grad = log_p.exp_().mul_(outside[:, None] * row_scale)
     grad.scatter_(1, targets.indices, top_grad * row_scale)
+    if alpha > 0 and not shared:
+        grad.addcmul_(log_p_ce.exp_(), row_scale, value=alpha)
     if alpha > 0:
-        grad.scatter_add_(1, safe, -alpha * row_scale)
+        grad.scatter_add_(1, safe, (-alpha * row_scale).expand_as(safe).to(grad.dtype))
     return loss * scale, grad
 
 

@@ -172,16 +172,22 @@ def scored(arm: str, seed: int, size: dict[str, int | None], overrides: list[str
     return record
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arm", choices=ARMS, required=True)
+def bench_arguments(description: str) -> argparse.ArgumentParser:
+    """The options a run and a sweep share."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--blocks", type=int, help="train on the first N of the experiment's blocks (smoke runs)")
     parser.add_argument("--eval-blocks", type=int, help="score on the first N held-out blocks (smoke runs)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--student", type=Path, help="the initial student's folder (default: the seed's cut)")
     parser.add_argument("--store", type=Path, help="distill: a cache folder whose teacher store runs share")
-    parser.add_argument("--keep", action="store_true", help="keep the trained student and the run's store")
+    parser.add_argument("--keep", action="store_true", help="keep the trained students and the run's store")
+    return parser
+
+
+def main() -> None:
+    parser = bench_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--arm", choices=ARMS, required=True)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (e.g. distill.alpha=0)")
     args = parser.parse_intermixed_args()
     record = run(

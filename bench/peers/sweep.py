@@ -14,7 +14,6 @@ scoring after each fit are left out, as they are for a run of its own; the impor
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from bench.peers.common import RESULTS, compose_experiment, size_overrides, write_record
-from bench.peers.run import distill_command, launch, scored
+from bench.peers.common import compose_experiment, size_overrides, write_record
+from bench.peers.run import bench_arguments, distill_command, launch, scored
 from bench.peers.student import ensure_student
 
 Record = dict[str, Any]
@@ -79,14 +78,7 @@ def sweep(seed: int, blocks: int | None, eval_blocks: int | None, out: Path, ove
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--blocks", type=int, help="train on the first N of the experiment's blocks (smoke runs)")
-    parser.add_argument("--eval-blocks", type=int, help="score on the first N held-out blocks (smoke runs)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--student", type=Path, help="the initial student's folder (default: the seed's cut)")
-    parser.add_argument("--store", type=Path, help="a cache folder for the teacher store (default: the sweep's own)")
-    parser.add_argument("--keep", action="store_true", help="keep the trained students and the sweep's store")
+    parser = bench_arguments(__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="+", help="Hydra overrides, at least one swept (distill.alpha=0.5,0.3)")
     args = parser.parse_intermixed_args()
     found = sweep(
