@@ -69,7 +69,8 @@ def outside_log_masses(logits: Tensor, indices: Tensor, temperatures: tuple[floa
     that stays in cache (one pass over it for the shift and scale, one for the exponential, one for the sum).
     A mass below ``exp(-87)`` of the largest class's is 0 (log -inf), as none is in fp32."""
     vocabulary, kept_count = logits.shape[-1], indices.shape[-1]
-    rows, kept_indices = logits.reshape(-1, vocabulary).float(), indices.reshape(-1, kept_count)
+    # Targets carry no gradient, and the buffer's in-place passes could not record one.
+    rows, kept_indices = logits.detach().reshape(-1, vocabulary).float(), indices.reshape(-1, kept_count)
     masses = rows.new_empty(rows.shape[0], len(temperatures), dtype=torch.float32)
     buffer = rows.new_empty(min(MASS_ROWS, rows.shape[0]), vocabulary, dtype=torch.float32)
     for start in range(0, rows.shape[0], MASS_ROWS):
